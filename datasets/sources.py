@@ -1,0 +1,261 @@
+"""Readers for the raw files of each dataset: ml-100k (ml-latest-small 2018), Amazon beauty/games, custom.
+
+Each reader returns (interactions, titles, raw_files): a DataFrame with string columns user, item,
+a numeric timestamp and an optional rating; a dict raw item id -> title; and the files it read.
+"""
+
+import ast
+import gzip
+import hashlib
+import json
+import re
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from config import REPO_ROOT, InputError
+
+ML_100K_URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
+ML_100K_SHIPPED = REPO_ROOT / "data" / "ml-latest-small"
+# The September 2018 release the paper used (its README.txt is the license; see README).
+ML_100K_SHA256 = {
+    "ratings.csv": "aa289ca83157595d0df6aea1be6a4ded676ddc4385472e8313a8ed9805352646",
+    "movies.csv": "5a5f32dd9bb3797b8e728a1b98958789d2b13f294a69fdfbc5727f8a9611aa07",
+}
+SNAP = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles"
+AMAZON_FILES = {
+    "beauty": {
+        "ratings_Beauty.csv": f"{SNAP}/ratings_Beauty.csv",
+        "meta_Beauty.json.gz": f"{SNAP}/meta_Beauty.json.gz",
+    },
+    "games": {
+        "ratings_Video_Games.csv": f"{SNAP}/ratings_Video_Games.csv",
+        # The 2014 SNAP metadata lacks most Games titles; the original uses the 2018 release.
+        "meta_Video_Games.json.gz": "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_v2/metaFiles2/meta_Video_Games.json.gz",
+    },
+}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, dest: Path) -> None:
+    """Download with a progress bar into a temp file, then rename (no half-written raw file)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    f.write(block)
+                    bar.update(len(block))
+        tmp.replace(dest)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"{dest}: download from {url} failed ({e})") from None
+
+
+# ---------------------------------------------------------------- MovieLens (ml-latest-small)
+
+
+def clean_movielens_title(title: str) -> str:
+    """'Matrix, The (1999)' -> 'The Matrix (1999)': the paper's cleaning (REFERENCE §1).
+
+    The trailing year is split off, other parenthesised parts are removed, a trailing English
+    article (", The" / ", A" / ", An") moves to the front, and the year is re-appended.
+    """
+    title = title.strip()
+    match = re.search(r"\s*(\(\d{4}\))$", title)
+    year = ""
+    if match:
+        year = " " + match.group(1)
+        title = title[: match.start()]
+    title = " ".join(re.sub(r"\(.*?\)", "", title).split())
+    match = re.search(r", (the|a|an)$", title, flags=re.IGNORECASE)
+    if match:
+        title = f"{title[match.start() + 2 :]} {title[: match.start()]}"
+    return title + year
+
+
+def _fetch_movielens(folder: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "ml-latest-small.zip"
+        download(ML_100K_URL, archive)
+        with zipfile.ZipFile(archive) as zf:
+            for member in ("ratings.csv", "movies.csv", "README.txt"):
+                with zf.open(f"ml-latest-small/{member}") as src, open(folder / member, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+
+
+def read_movielens(folder: Path | None, allow_download: bool):
+    """ratings.csv (userId,movieId,rating,timestamp) + movies.csv (movieId,title,genres), UTF-8."""
+    shipped = folder is None
+    folder = ML_100K_SHIPPED if shipped else Path(folder)
+    files = [folder / "ratings.csv", folder / "movies.csv"]
+    if not all(f.is_file() for f in files):
+        if shipped or not allow_download:
+            raise InputError(
+                f"{folder}: expected ratings.csv and movies.csv of ml-latest-small; get them from {ML_100K_URL}"
+                + ("" if shipped else " or pass --download to fetch them")
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        _fetch_movielens(folder)
+    for f in files:
+        digest = sha256_file(f)
+        if digest != ML_100K_SHA256[f.name]:
+            if shipped:
+                raise InputError(
+                    f"{f}: sha256 {digest} differs from the shipped 2018 release ({ML_100K_SHA256[f.name]}); "
+                    "restore it with `git checkout -- data/ml-latest-small`"
+                )
+            print(
+                f"note: {f} is not the September 2018 release the paper used; numbers will differ from the paper",
+                file=sys.stderr,
+            )
+    ratings = read_csv_checked(
+        files[0], {"userId": "user", "movieId": "item", "rating": "rating", "timestamp": "timestamp"}
+    )
+    movies = read_csv_checked(files[1], {"movieId": "item", "title": "title"})
+    titles = {
+        item: clean_movielens_title(title) for item, title in zip(movies["item"], movies["title"], strict=True) if title
+    }
+    return ratings, titles, files
+
+
+# ---------------------------------------------------------------- Amazon (SNAP 2014 ratings + metadata)
+
+
+def parse_amazon_meta(path: Path) -> dict[str, str]:
+    """asin -> title from a gzipped metadata file: JSON lines (2018) or Python dict literals (2014).
+
+    The 2014 files are not JSON; they are parsed with ast.literal_eval, never eval().
+    """
+    titles = {}
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    try:
+                        record = ast.literal_eval(line)
+                    except (ValueError, SyntaxError):
+                        raise InputError(f"{path}:{line_no}: expected a JSON object or Python dict literal") from None
+                if not isinstance(record, dict) or "asin" not in record:
+                    raise InputError(f"{path}:{line_no}: expected a record with an 'asin' field")
+                title = record.get("title")
+                if isinstance(title, str) and title.strip():
+                    titles[str(record["asin"]).strip()] = title.strip()
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a readable gzip text file ({e})") from None
+    return titles
+
+
+def read_amazon_ratings(path: Path) -> pd.DataFrame:
+    """SNAP ratings CSV without header: user,item,rating,unix_timestamp."""
+    try:
+        df = pd.read_csv(path, header=None, dtype={0: str, 1: str})
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{path}: file is empty") from None
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a readable CSV ({e})") from None
+    if df.shape[1] != 4:
+        raise InputError(f"{path}: expected 4 columns (user,item,rating,timestamp) without header, found {df.shape[1]}")
+    df.columns = ["user", "item", "rating", "timestamp"]
+    return _numeric_columns(df, path, ("rating", "timestamp"))
+
+
+def read_amazon(code: str, data_root: Path, allow_download: bool):
+    folder = Path(data_root) / code
+    files = {name: folder / name for name in AMAZON_FILES[code]}
+    missing = [name for name, path in files.items() if not path.is_file()]
+    if missing and not allow_download:
+        sources = "; ".join(f"{name} from {AMAZON_FILES[code][name]}" for name in missing)
+        raise InputError(f"{folder}: missing {', '.join(missing)} (--no-download given); get {sources}")
+    for name in missing:
+        try:
+            download(AMAZON_FILES[code][name], files[name])
+        except InputError as e:
+            raise InputError(
+                f"{e}. Place the files by hand: {', '.join(str(p) for p in files.values())} "
+                f"(sources: {', '.join(AMAZON_FILES[code].values())})"
+            ) from None
+    ratings_path, meta_path = files.values()
+    return read_amazon_ratings(ratings_path), parse_amazon_meta(meta_path), list(files.values())
+
+
+# ---------------------------------------------------------------- custom: interactions.csv + items.csv
+
+
+def _numeric_columns(df: pd.DataFrame, path: Path, columns) -> pd.DataFrame:
+    for column in columns:
+        values = pd.to_numeric(df[column], errors="coerce")
+        bad = values.isna()
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            raise InputError(
+                f"{path}: column {column!r} must be numeric, found {df[column].iloc[row]!r} in data row {row + 1}"
+            )
+        df[column] = values
+    return df
+
+
+def read_csv_checked(path: Path, columns: dict[str, str], optional: dict[str, str] | None = None) -> pd.DataFrame:
+    """Read a CSV with a header, require `columns` (renamed as mapped), keep `optional` when present."""
+    optional = optional or {}
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{path}: file is empty; expected a header with {', '.join(columns)}") from None
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a readable UTF-8 CSV ({e})") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: expected columns {', '.join(columns)}, found {', '.join(map(str, df.columns))}")
+    if df.empty:
+        raise InputError(f"{path}: has a header but no rows")
+    keep = {**columns, **{c: name for c, name in optional.items() if c in df.columns}}
+    df = df[list(keep)].rename(columns=keep)
+    numeric = [c for c in ("timestamp", "rating") if c in df.columns]
+    return _numeric_columns(df, path, numeric)
+
+
+def read_custom(folder: Path):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"--custom_path: {folder} is not a folder (expected interactions.csv and items.csv in it)")
+    interactions_path, items_path = folder / "interactions.csv", folder / "items.csv"
+    interactions = read_csv_checked(
+        interactions_path, {"user_id": "user", "item_id": "item", "timestamp": "timestamp"}, {"rating": "rating"}
+    )
+    items = read_csv_checked(items_path, {"item_id": "item", "title": "title"})
+    titles = {
+        item: title.strip()
+        for item, title in zip(items["item"], items["title"], strict=True)
+        if title and title.strip()
+    }
+    used = set(interactions["item"])
+    untitled = len(used - titles.keys())
+    if untitled == len(used):
+        raise InputError(f"{items_path}: has titles for none of the {len(used)} items in {interactions_path}")
+    if untitled:
+        print(f"note: {untitled} of {len(used)} items have no title in {items_path}; dropped", file=sys.stderr)
+    return interactions, titles, [interactions_path, items_path]

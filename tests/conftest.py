@@ -1,0 +1,59 @@
+"""Shared fixtures: real data (shipped ml-latest-small, ../shared when present) and tiny splits."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from config import REPO_ROOT, parse_config
+from datasets import SplitData, load_split, make_split
+
+SHARED = REPO_ROOT.parent / "shared"
+LLAMA2_TOKENIZER = SHARED / "tokenizers" / "llama-2"
+AMAZON = SHARED / "data" / "amazon"
+
+
+def require_shared(path: Path) -> Path:
+    """Skip (with the reason) when ../shared is absent, as in a user's clone."""
+    if not path.exists():
+        pytest.skip(f"needs {path} (the project's ../shared folder; absent in a user's clone)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_path() -> Path:
+    return require_shared(LLAMA2_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer(llama2_tokenizer_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(llama2_tokenizer_path))
+
+
+@pytest.fixture(scope="session")
+def ml100k_split(tmp_path_factory) -> SplitData:
+    """The real ml-latest-small 2018 split (shipped in data/); cached in a temp data root."""
+    root = tmp_path_factory.mktemp("data_root")
+    return load_split(parse_config(["--dataset_code", "ml-100k", "--data_root", str(root)]))
+
+
+def tiny_interactions(num_users: int = 12, num_items: int = 15, length: int = 9, seed: int = 0) -> pd.DataFrame:
+    """Every user rates `length` distinct items at increasing timestamps (all pass a 5-core)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(num_users):
+        items = rng.choice(num_items, size=length, replace=False)
+        rows += [(f"u{u}", f"i{i}", t) for t, i in enumerate(items)]
+    return pd.DataFrame(rows, columns=["user", "item", "timestamp"])
+
+
+@pytest.fixture
+def tiny_split() -> SplitData:
+    """12 users x 15 items, 9 interactions each; titles 'Item i'."""
+    df = tiny_interactions()
+    titles = {item: f"Item {item[1:]}" for item in df["item"].unique()}
+    return make_split(df, titles, name="tiny", min_uc=5, min_sc=1)

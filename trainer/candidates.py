@@ -1,0 +1,101 @@
+"""The stage-1 -> stage-2 interface: each validation/test user's top-K retrieved items.
+
+One `candidates.npz` (numpy arrays, read with allow_pickle=False) per retriever run:
+  {split}_users int64 [U], {split}_items int32 [U, K] (retriever order, history masked),
+  {split}_scores float32 [U, K], {split}_labels int32 [U], {split}_label_ranks int64 [U]
+  (0-based rank of the true item in the full masked ranking), for split in (val, test),
+  and `meta`, a JSON string: format, dataset, fingerprint, num_users, num_items, topk, metrics.
+Memory and disk are O(users x K), never users x items.
+"""
+
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from config import InputError
+
+FORMAT = "llamarec-candidates-v1"
+FILE_NAME = "candidates.npz"
+ARRAYS = {"users": np.int64, "items": np.int32, "scores": np.float32, "labels": np.int32, "label_ranks": np.int64}
+
+
+@dataclass
+class Candidates:
+    meta: dict
+    val: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+
+
+def save_candidates(
+    path: Path,
+    *,
+    split,
+    topk: int,
+    val: dict[str, np.ndarray],
+    test: dict[str, np.ndarray],
+    val_metrics: dict,
+    test_metrics: dict,
+) -> None:
+    """Write candidates.npz atomically; `val`/`test` map the keys of ARRAYS to arrays."""
+    arrays = {}
+    for split_name, part in (("val", val), ("test", test)):
+        missing = set(ARRAYS) - set(part)
+        if missing:
+            raise ValueError(f"save_candidates: {split_name} lacks {sorted(missing)}")
+        for key, dtype in ARRAYS.items():
+            arrays[f"{split_name}_{key}"] = np.ascontiguousarray(np.asarray(part[key]).astype(dtype, copy=False))
+        if arrays[f"{split_name}_items"].shape[1] != topk:
+            raise ValueError(
+                f"save_candidates: {split_name}_items has {arrays[f'{split_name}_items'].shape[1]} columns, topk={topk}"
+            )
+    meta = {
+        "format": FORMAT,
+        "dataset": split.name,
+        "fingerprint": split.fingerprint,
+        "num_users": split.num_users,
+        "num_items": split.num_items,
+        "topk": topk,
+        "val_metrics": val_metrics,
+        "test_metrics": test_metrics,
+    }
+    arrays["meta"] = np.array(json.dumps(meta))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_candidates(path: Path, split=None) -> Candidates:
+    """Read a candidates file (or a retriever run folder holding one); with `split`, refuse other data."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILE_NAME
+    if not path.is_file():
+        raise InputError(f"{path}: candidates file not found; run train_retriever.py first (it writes {FILE_NAME})")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, io.UnsupportedOperation) as e:
+        raise InputError(f"{path}: not a readable candidates file ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise InputError(f"{path}: expected format {FORMAT}, found {meta.get('format')!r}")
+    if split is not None and (meta["fingerprint"] != split.fingerprint or meta["dataset"] != split.name):
+        raise InputError(
+            f"{path}: built from dataset {meta['dataset']!r} (fingerprint {meta['fingerprint'][:16]}), but this run "
+            f"uses {split.name!r} (fingerprint {split.fingerprint[:16]}); point --llm_retrieved_path at a "
+            "retriever run on the same data and preprocessing flags"
+        )
+    parts = {name: {key: arrays[f"{name}_{key}"] for key in ARRAYS} for name in ("val", "test")}
+    return Candidates(meta=meta, val=parts["val"], test=parts["test"])

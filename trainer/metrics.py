@@ -1,0 +1,45 @@
+"""Ranking metrics with one held-out item per user (Recall@k is then the hit rate).
+
+Ties are counted pessimistically: the label's rank is the number of OTHER entries scoring at
+least as high as it, so a scorer that gives every item the same score earns 0, not 1.
+All metrics are means over users (never means of per-batch means).
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def label_ranks(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each user's label among its row of scores, ties pessimistic. [N, C], [N] -> [N]."""
+    label_scores = scores.gather(1, labels.view(-1, 1).long())
+    # Counting beats sorting: O(C) per row and no [N, C] index tensor.
+    return (scores >= label_scores).sum(dim=1) - 1
+
+
+def metric_sums_from_ranks(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
+    ranks = ranks.double()
+    sums = {}
+    for k in ks:
+        hit = ranks < k
+        sums[f"Recall@{k}"] = hit.sum().item()
+        sums[f"NDCG@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 2.0), 0.0).sum().item()
+        sums[f"MRR@{k}"] = torch.where(hit, 1.0 / (ranks + 1.0), 0.0).sum().item()
+    return sums
+
+
+def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
+    if len(ranks) == 0:
+        return {f"{name}@{k}": math.nan for k in ks for name in ("Recall", "NDCG", "MRR")}
+    return {key: value / len(ranks) for key, value in metric_sums_from_ranks(ranks, ks).items()}
+
+
+def ranking_metric_sums(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
+    """Sums over the users of a batch, to accumulate over batches and divide by the user count."""
+    return metric_sums_from_ranks(label_ranks(scores, labels), ks)
+
+
+def ranking_metrics(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
+    """Recall@k, NDCG@k, MRR@k averaged over users; scores [users, items], labels [users]."""
+    return metrics_from_ranks(label_ranks(scores, labels), ks)
