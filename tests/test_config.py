@@ -1,0 +1,88 @@
+"""config.py: booleans, lists, dataset defaults that never override the user, missing dataset code."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from config import REPO_ROOT, InputError, parse_config
+
+
+def test_dataset_defaults_apply_only_when_not_passed():
+    ml = parse_config(["--dataset_code", "ml-100k"])
+    assert (ml.bert_max_len, ml.train_batch_size) == (200, 16)
+    other = parse_config(["--dataset_code", "custom", "--custom_path", "/tmp/x"])
+    assert (other.bert_max_len, other.train_batch_size) == (50, 64)
+    user = parse_config(["--dataset_code", "ml-100k", "--bert_max_len", "50", "--train_batch_size", "32"])
+    assert (user.bert_max_len, user.train_batch_size) == (50, 32)
+
+
+def test_user_lr_and_weight_decay_survive():
+    cfg = parse_config(["--dataset_code", "ml-100k", "--lr", "0.005", "--weight_decay", "0"])
+    assert (cfg.lr, cfg.weight_decay) == (0.005, 0.0)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], False),
+        (["--use_wandb"], True),
+        (["--use_wandb", "False"], False),
+        (["--use_wandb", "false"], False),
+        (["--use_wandb", "True"], True),
+        (["--use_wandb", "0"], False),
+        (["--no-use_wandb"], False),
+    ],
+)
+def test_booleans(argv, expected):
+    assert parse_config(["--dataset_code", "ml-100k", *argv]).use_wandb is expected
+
+
+def test_bad_boolean_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--dataset_code", "ml-100k", "--use_wandb", "maybe"])
+    assert "expected a boolean" in capsys.readouterr().err
+
+
+def test_lists():
+    cfg = parse_config(
+        ["--dataset_code", "ml-100k", "--lora_target_modules", "q_proj", "k_proj", "v_proj", "--metric_ks", "1", "5"]
+    )
+    assert cfg.lora_target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert cfg.metric_ks == [1, 5]
+
+
+def test_custom_dataset_name_carries_folder(tmp_path):
+    cfg = parse_config(["--dataset_code", "custom", "--custom_path", str(tmp_path / "my_shop")])
+    assert cfg.dataset_name == "custom-my_shop"
+    with pytest.raises(InputError, match="--custom_path"):
+        parse_config(["--dataset_code", "custom"])
+
+
+def test_min_uc_below_three_is_rejected():
+    with pytest.raises(InputError, match="--min_uc"):
+        parse_config(["--dataset_code", "ml-100k", "--min_uc", "2"])
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120
+    )
+
+
+@pytest.mark.parametrize("script", ["train_retriever.py", "train_ranker.py"])
+def test_missing_dataset_code_exits_without_hanging(script):
+    result = run_script(script)
+    assert result.returncode != 0
+    assert "--dataset_code" in result.stderr and "ml-100k, beauty, games, custom" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("script", ["train_retriever.py", "train_ranker.py"])
+def test_print_config(script):
+    result = run_script(script, "--dataset_code", "beauty", "--print_config", "--use_wandb", "False")
+    assert result.returncode == 0, result.stderr
+    cfg = json.loads(result.stdout)
+    assert cfg["use_wandb"] is False and cfg["bert_max_len"] == 50 and cfg["train_batch_size"] == 64
+    assert cfg["lora_target_modules"] == ["q_proj", "v_proj"]

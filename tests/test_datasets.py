@@ -1,0 +1,271 @@
+"""datasets/: real data statistics (paper Table 2), the preprocessing rules, the cache, raw formats, bad input."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from config import REPO_ROOT, InputError, parse_config
+from datasets import load_split, make_split
+from datasets.sources import clean_movielens_title, parse_amazon_meta
+from tests.conftest import AMAZON, require_shared
+
+
+def prepare(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "datasets", *argv],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_ml100k_matches_paper_table2(ml100k_split):
+    assert ml100k_split.stats() == {
+        "dataset": "ml-100k",
+        "users": 610,
+        "items": 3650,
+        "interactions": 90274,
+        "avg_length": 147.99,
+    }
+    # UTF-8 decoding: the original's ISO-8859-1 garbled 15 titles ("LÃ©on")
+    assert "Léon: The Professional (1994)" in ml100k_split.titles
+    assert not any("Ã" in title for title in ml100k_split.titles)
+
+
+@pytest.mark.parametrize(
+    "name, stats", [("beauty", (22332, 12086, 198215, 8.88)), ("games", (15264, 7676, 147861, 9.69))]
+)
+def test_amazon_csvs_match_paper_table2(name, stats, tmp_path):
+    folder = require_shared(AMAZON / name)
+    result = prepare("--dataset_code", "custom", "--custom_path", str(folder), "--data_root", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["dataset"] == f"custom-{name}"
+    assert (out["users"], out["items"], out["interactions"], out["avg_length"]) == stats
+
+
+@pytest.mark.parametrize(
+    "raw, clean",
+    [
+        ("Matrix, The (1999)", "The Matrix (1999)"),
+        ("City of Lost Children, The (Cité des enfants perdus, La) (1995)", "The City of Lost Children (1995)"),
+        ("Léon: The Professional (a.k.a. The Professional) (Léon) (1994)", "Léon: The Professional (1994)"),
+        ("American President, The (1995)", "The American President (1995)"),
+        ("Babylon 5", "Babylon 5"),
+        ("Toy Story (1995)", "Toy Story (1995)"),
+        ("Bourne, Abc (2001)", "Bourne, Abc (2001)"),  # not an article: the original would have rotated it
+        ("Christmas Carol, A (1938)", "A Christmas Carol (1938)"),
+    ],
+)
+def test_movielens_title_cleaning(raw, clean):
+    assert clean_movielens_title(raw) == clean
+
+
+def frame(rows, columns=("user", "item", "timestamp")) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=list(columns))
+
+
+def test_leave_one_out_order_and_tie_break():
+    # user a: items at t=1,2,2(tie: '10' < '9'? numeric ids -> 9 before 10),3
+    rows = [("a", "10", 2), ("a", "9", 2), ("a", "3", 1), ("a", "4", 3), ("b", "3", 5), ("b", "9", 1), ("b", "4", 7)]
+    split = make_split(frame(rows), {i: f"t{i}" for i in ("3", "4", "9", "10")}, name="x", min_uc=3, min_sc=1)
+    assert split.item_raw_ids == ["", "3", "4", "9", "10"]  # numeric, not lexicographic or set() order
+    a, b = split.user_raw_ids.index("a"), split.user_raw_ids.index("b")
+    ids = {raw: i for i, raw in enumerate(split.item_raw_ids)}
+    assert split.train[a] == [ids["3"], ids["9"]] and split.val[a] == ids["10"] and split.test[a] == ids["4"]
+    assert split.train[b] == [ids["9"]] and split.val[b] == ids["3"] and split.test[b] == ids["4"]
+
+
+def test_iterative_k_core_and_title_filter():
+    # With min_uc=3, min_sc=2: item z has one user -> dropped; then user c has 2 items -> dropped;
+    # then item y (only a, c) keeps a only -> dropped; then user a has 2 items -> dropped... until stable.
+    rows = [("a", "x", 1), ("a", "w", 2), ("a", "y", 3)]
+    rows += [("b", "x", 1), ("b", "w", 2), ("b", "v", 3), ("b", "u", 4)]
+    rows += [("c", "y", 1), ("c", "z", 2), ("c", "v", 3)]
+    rows += [("d", "x", 1), ("d", "w", 2), ("d", "v", 3), ("d", "u", 4), ("d", "notitle", 5)]
+    titles = {i: i.upper() for i in "uvwxyz"}
+    split = make_split(frame(rows), titles, name="x", min_uc=3, min_sc=2)
+    assert split.user_raw_ids == ["b", "d"]
+    assert split.item_raw_ids == ["", "u", "v", "w", "x"]
+    assert split.stats()["interactions"] == 8
+
+
+def test_min_rating_filter():
+    rows = [(u, i, t, 1.0 if i == "low" else 5.0) for u in "ab" for t, i in enumerate(["p", "q", "low", "r"])]
+    df = frame(rows, ("user", "item", "timestamp", "rating"))
+    split = make_split(df, {i: i for i in ("p", "q", "r", "low")}, name="x", min_rating=3, min_uc=3, min_sc=1)
+    assert "low" not in split.item_raw_ids
+
+
+def test_fingerprint_independent_of_hash_seed(tmp_path):
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    rows = [(f"user{u}", f"sku{(u * 7 + k) % 11}", k // 2) for u in range(8) for k in range(6)]
+    frame(rows, ("user_id", "item_id", "timestamp")).to_csv(folder / "interactions.csv", index=False)
+    pd.DataFrame({"item_id": [f"sku{i}" for i in range(11)], "title": [f"T{i}" for i in range(11)]}).to_csv(
+        folder / "items.csv", index=False
+    )
+    code = (
+        "from config import parse_config; from datasets import load_split; "
+        f"print(load_split(parse_config(['--dataset_code','custom','--custom_path',{str(folder)!r},"
+        f"'--data_root',{str(tmp_path / 'cache')!r},'--min_sc','1'])).fingerprint)"
+    )
+    prints = set()
+    for seed in ("1", "2", "3"):
+        (tmp_path / "cache").mkdir(exist_ok=True)
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        prints.add(result.stdout.strip())
+        subprocess.run(["rm", "-rf", str(tmp_path / "cache")], check=True)
+    assert len(prints) == 1
+
+
+def write_custom(folder: Path, interactions: str, items: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "interactions.csv").write_text(interactions)
+    (folder / "items.csv").write_text(items)
+    return folder
+
+
+GOOD_ITEMS = "item_id,title\n" + "".join(f"{i},Title {i}\n" for i in range(6))
+GOOD_INTERACTIONS = "user_id,item_id,timestamp\n" + "".join(f"{u},{i},{i}\n" for u in range(6) for i in range(6))
+
+
+def test_cache_reused_and_invalidated(tmp_path):
+    folder = write_custom(tmp_path / "shop", GOOD_INTERACTIONS, GOOD_ITEMS)
+    argv = ["--dataset_code", "custom", "--custom_path", str(folder), "--data_root", str(tmp_path / "root")]
+    first = load_split(parse_config(argv))
+    caches = list((tmp_path / "root" / "preprocessed").iterdir())
+    assert len(caches) == 1
+    again = load_split(parse_config(argv))
+    assert again == first
+    # another option -> another cache entry
+    load_split(parse_config([*argv, "--min_sc", "1"]))
+    assert len(list((tmp_path / "root" / "preprocessed").iterdir())) == 2
+    # an edited raw file -> preprocessed anew, with the new content
+    (folder / "items.csv").write_text(GOOD_ITEMS.replace("Title 0", "Renamed"))
+    changed = load_split(parse_config(argv))
+    assert "Renamed" in changed.titles
+    assert len(list((tmp_path / "root" / "preprocessed").iterdir())) == 3
+
+
+@pytest.mark.parametrize(
+    "interactions, items, message",
+    [
+        (None, GOOD_ITEMS, "interactions.csv: file not found"),
+        ("", GOOD_ITEMS, "interactions.csv: file is empty"),
+        ("user,item,time\n1,2,3\n", GOOD_ITEMS, "interactions.csv: expected columns user_id, item_id, timestamp"),
+        (GOOD_INTERACTIONS.replace("0,1,1\n", "0,1,yesterday\n"), GOOD_ITEMS, "'timestamp' must be numeric"),
+        (GOOD_INTERACTIONS, "item_id,title\n99,Other\n", "items.csv: has titles for none of the 6 items"),
+        (GOOD_INTERACTIONS, "item_id,name\n1,x\n", "items.csv: expected columns item_id, title"),
+        ("user_id,item_id,timestamp\n1,1,1\n1,2,2\n", GOOD_ITEMS, "no interactions left after the k-core filter"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tmp_path, interactions, items, message):
+    folder = write_custom(tmp_path / "bad", interactions or "", items)
+    if interactions is None:
+        (folder / "interactions.csv").unlink()
+    result = prepare("--dataset_code", "custom", "--custom_path", str(folder), "--data_root", str(tmp_path))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_missing_custom_folder_is_named(tmp_path):
+    with pytest.raises(InputError, match="is not a folder"):
+        load_split(parse_config(["--dataset_code", "custom", "--custom_path", str(tmp_path / "nope")]))
+
+
+def write_amazon_raw(root: Path) -> None:
+    """Tiny files in the raw SNAP formats: a headerless ratings CSV and a gzipped meta file."""
+    folder = root / "beauty"
+    folder.mkdir(parents=True)
+    rows = [f"U{u},B{i:03d},{(u + i) % 5 + 1}.0,{1_300_000_000 + 86400 * i}" for u in range(6) for i in range(7)]
+    (folder / "ratings_Beauty.csv").write_text("\n".join(rows) + "\n")
+    with gzip.open(folder / "meta_Beauty.json.gz", "wt", encoding="utf-8") as f:
+        for i in range(7):
+            if i == 6:  # no title -> item dropped
+                f.write(f"{{'asin': 'B{i:03d}', 'categories': [['Beauty']]}}\n")
+            else:  # 2014 files hold Python dict literals, not JSON
+                f.write(f"{{'asin': 'B{i:03d}', 'title': \"Crème n°{i} 'Deluxe'\", 'price': 9.99}}\n")
+
+
+def test_amazon_raw_formats(tmp_path):
+    write_amazon_raw(tmp_path)
+    cfg = parse_config(["--dataset_code", "beauty", "--data_root", str(tmp_path), "--no-download", "--min_sc", "1"])
+    split = load_split(cfg)
+    assert split.stats()["users"] == 6 and split.num_items == 6  # B006 has no title
+    assert split.titles[1] == "Crème n°0 'Deluxe'"
+    assert split.item_raw_ids[1:] == [f"B{i:03d}" for i in range(6)]
+
+
+def test_amazon_meta_json_lines(tmp_path):
+    path = tmp_path / "meta_Video_Games.json.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"asin": "X1", "title": "Zelda", "also_buy": []}) + "\n")
+        f.write(json.dumps({"asin": "X2", "title": ""}) + "\n")
+    assert parse_amazon_meta(path) == {"X1": "Zelda"}
+
+
+def test_amazon_meta_refuses_code(tmp_path):
+    path = tmp_path / "meta.json.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("__import__('os').system('echo pwned')\n")
+    with pytest.raises(InputError, match="meta.json.gz:1"):
+        parse_amazon_meta(path)
+
+
+def test_amazon_offline_names_files_and_sources(tmp_path):
+    result = prepare("--dataset_code", "games", "--data_root", str(tmp_path), "--no-download")
+    assert result.returncode == 2
+    assert "ratings_Video_Games.csv" in result.stderr and "meta_Video_Games.json.gz" in result.stderr
+    assert "snap.stanford.edu" in result.stderr
+
+
+def test_shipped_movielens_is_checked(tmp_path):
+    folder = tmp_path / "ml"
+    folder.mkdir()
+    shipped = REPO_ROOT / "data" / "ml-latest-small"
+    (folder / "movies.csv").write_bytes((shipped / "movies.csv").read_bytes())
+    (folder / "ratings.csv").write_bytes((shipped / "ratings.csv").read_bytes()[:-200])  # another copy
+    result = prepare("--dataset_code", "ml-100k", "--ml_100k_path", str(folder), "--data_root", str(tmp_path))
+    assert "not the September 2018 release" in result.stderr
+
+
+def test_transformers_trainer_beside_hf_datasets(tmp_path):
+    """Our package shadows HF `datasets`; transformers' Trainer must still train and evaluate."""
+    try:
+        metadata.version("datasets")
+    except metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face `datasets` is not installed here (requirements-dev.txt installs it)")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = LlamaForCausalLM(config)
+    data = [{"input_ids": torch.arange(6) + i, "labels": torch.arange(6) + i} for i in range(8)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to="none", use_cpu=True
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    assert "eval_loss" in trainer.evaluate()

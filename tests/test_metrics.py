@@ -1,0 +1,60 @@
+"""Metrics against cases computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from trainer.metrics import label_ranks, metrics_from_ranks, ranking_metric_sums, ranking_metrics
+
+
+def test_hand_computed_case():
+    scores = torch.tensor(
+        [
+            [0.9, 0.1, 0.5, 0.3],  # label 0 -> rank 0
+            [0.9, 0.1, 0.5, 0.3],  # label 2 -> rank 1
+            [0.9, 0.1, 0.5, 0.3],  # label 1 -> rank 3
+        ]
+    )
+    labels = torch.tensor([0, 2, 1])
+    assert label_ranks(scores, labels).tolist() == [0, 1, 3]
+    m = ranking_metrics(scores, labels, [1, 2, 4])
+    assert m["Recall@1"] == pytest.approx(1 / 3)
+    assert m["Recall@2"] == pytest.approx(2 / 3)
+    assert m["Recall@4"] == pytest.approx(1.0)
+    assert m["NDCG@2"] == pytest.approx((1 + 1 / math.log2(3)) / 3)
+    assert m["NDCG@4"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(5)) / 3)
+    assert m["MRR@2"] == pytest.approx((1 + 1 / 2) / 3)
+    assert m["MRR@4"] == pytest.approx((1 + 1 / 2 + 1 / 4) / 3)
+
+
+def test_ties_are_pessimistic():
+    scores = torch.zeros(2, 5)  # a constant scorer
+    labels = torch.tensor([0, 3])
+    assert label_ranks(scores, labels).tolist() == [4, 4]
+    assert ranking_metrics(scores, labels, [1, 4])["Recall@4"] == 0.0
+    # a tie with one other item costs one place
+    tied = torch.tensor([[1.0, 1.0, 0.0]])
+    assert label_ranks(tied, torch.tensor([0])).tolist() == [1]
+
+
+def test_masked_items_rank_below_everything():
+    scores = torch.tensor([[5.0, -math.inf, 1.0, 2.0]])
+    assert label_ranks(scores, torch.tensor([2])).tolist() == [2]
+
+
+def test_mean_over_users_not_over_batches():
+    """Accumulating sums over uneven batches equals the mean over all users (the original averaged batch means)."""
+    torch.manual_seed(0)
+    scores, labels = torch.randn(10, 30), torch.randint(0, 30, (10,))
+    full = ranking_metrics(scores, labels, [5, 10])
+    sums = {}
+    for start, stop in ((0, 8), (8, 10)):  # batches of 8 and 2 users
+        for key, value in ranking_metric_sums(scores[start:stop], labels[start:stop], [5, 10]).items():
+            sums[key] = sums.get(key, 0.0) + value
+    for key, value in full.items():
+        assert sums[key] / 10 == pytest.approx(value)
+
+
+def test_empty_ranks_give_nan():
+    assert math.isnan(metrics_from_ranks(torch.tensor([], dtype=torch.long), [1])["Recall@1"])
