@@ -25,6 +25,9 @@ DATASET_DEFAULTS = {
         "val_batch_size": 16,
         "test_batch_size": 16,
         "lora_micro_batch_size": 16,
+        # ~1 epoch (46 steps). The paper's 500 steps is 11 epochs here: validation (0.3 s) then misses the
+        # peak (epochs 15-25), and a patience of 20 validations trains ~200 epochs past it.
+        "val_iterations": 50,
     },
     "other": {
         "bert_max_len": 50,
@@ -32,6 +35,7 @@ DATASET_DEFAULTS = {
         "val_batch_size": 64,
         "test_batch_size": 64,
         "lora_micro_batch_size": 12,
+        "val_iterations": 500,
     },
 }
 
@@ -53,9 +57,7 @@ def str2bool(value: str) -> bool:
 def add_bool_arg(parser: argparse.ArgumentParser, name: str, default: bool | None, help: str) -> None:
     """`--name`, `--no-name` and `--name True/False` all work."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        f"--{name}", dest=name, nargs="?", const=True, default=default, type=str2bool, help=help
-    )
+    group.add_argument(f"--{name}", dest=name, nargs="?", const=True, default=default, type=str2bool, help=help)
     group.add_argument(f"--no-{name}", dest=name, action="store_false", help=f"set --{name} to False")
 
 
@@ -81,9 +83,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start anew")
     add_bool_arg(parser, "use_wandb", False, "log to Weights & Biases (works with WANDB_MODE=offline)")
     group.add_argument("--wandb_project", default="llamarec", help="wandb project name")
-    group.add_argument(
-        "--print_config", action="store_true", help="print the fully resolved config as JSON and exit"
-    )
+    group.add_argument("--print_config", action="store_true", help="print the fully resolved config as JSON and exit")
     group.add_argument(
         "--metric_ks", type=int, nargs="+", default=[1, 5, 10, 20, 50], help="cut-offs k of Recall/NDCG/MRR@k"
     )
@@ -124,7 +124,42 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def add_retriever_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("retriever (LRURec)")
-    # retriever helper: flags go here
+    # Dataset-dependent flags default to None; parse_config fills them from DATASET_DEFAULTS.
+    group.add_argument(
+        "--bert_max_len", type=int, default=None, help="max sequence length (default 200 ml-100k, else 50)"
+    )
+    group.add_argument("--bert_hidden_units", type=int, default=64, help="embedding / hidden size d")
+    group.add_argument("--bert_num_blocks", type=int, default=2, help="LRU blocks (LRU layer + feed-forward)")
+    group.add_argument("--bert_dropout", type=float, default=0.2, help="dropout of embeddings and feed-forward")
+    group.add_argument("--bert_attn_dropout", type=float, default=0.2, help="dropout on the LRU layer's output")
+    group.add_argument(
+        "--sliding_window_size",
+        type=float,
+        default=1.0,
+        help="training windows over sequences longer than max_len step by this fraction of max_len",
+    )
+    group.add_argument(
+        "--train_batch_size", type=int, default=None, help="sequences per step (default 16 ml-100k, else 64)"
+    )
+    group.add_argument("--val_batch_size", type=int, default=None, help="users per validation batch (default as train)")
+    group.add_argument(
+        "--test_batch_size", type=int, default=None, help="users per test/export batch (default as train)"
+    )
+    group.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    group.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorms)")
+    group.add_argument("--adam_epsilon", type=float, default=1e-9, help="AdamW epsilon")
+    group.add_argument("--max_grad_norm", type=float, default=5.0, help="gradient-norm clipping")
+    add_bool_arg(parser, "enable_lr_schedule", False, "linear warm-up then linear decay to 0 over --num_epochs")
+    group.add_argument("--warmup_steps", type=int, default=100, help="warm-up steps of the schedule")
+    group.add_argument("--num_epochs", type=int, default=500, help="upper bound on training epochs")
+    group.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (tests, benchmarks)")
+    group.add_argument(
+        "--val_iterations", type=int, default=None, help="validate every this many steps (default 50 ml-100k, else 500)"
+    )
+    add_bool_arg(parser, "early_stopping", True, "stop after --early_stopping_patience validations without gain")
+    group.add_argument("--early_stopping_patience", type=int, default=20, help="validations without gain before stop")
+    group.add_argument("--retrieved_topk", type=int, default=50, help="candidates kept per user in candidates.npz")
+    group.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
 def add_ranker_args(parser: argparse.ArgumentParser) -> None:
@@ -178,9 +213,7 @@ def add_ranker_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="cap on validation users ranked by the LLM during training (seeded subset; test always uses all)",
     )
-    add_bool_arg(
-        parser, "llm_shuffle_eval_candidates", False, "shuffle val/test candidates (position-bias studies)"
-    )
+    add_bool_arg(parser, "llm_shuffle_eval_candidates", False, "shuffle val/test candidates (position-bias studies)")
     group.add_argument("--llm_eval_batch_size", type=int, default=None, help="prompts per eval forward pass")
     group.add_argument("--lora_r", type=int, default=8, help="LoRA rank")
     group.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha")
@@ -249,7 +282,9 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
         if cfg.custom_path is None:
             raise InputError("--custom_path: required with --dataset_code custom (a folder with interactions.csv)")
     elif cfg.custom_path is not None:
-        raise InputError(f"--custom_path: only used with --dataset_code custom, found --dataset_code {cfg.dataset_code}")
+        raise InputError(
+            f"--custom_path: only used with --dataset_code custom, found --dataset_code {cfg.dataset_code}"
+        )
     if cfg.min_uc < 3:
         raise InputError(
             f"--min_uc: expected >= 3 (leave-one-out needs a training, a validation and a test item), found {cfg.min_uc}"

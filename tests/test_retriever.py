@@ -1,0 +1,117 @@
+"""Retriever training/evaluation/export on tiny data: windows, masking, run folder, export round trip, resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model.lru import LRURec
+from tests.conftest import tiny_interactions
+from train_retriever import main
+from trainer.candidates import load_candidates
+from trainer.retriever import EvalData, evaluate, training_windows
+
+
+def test_training_windows_match_the_original_layout():
+    tokens, labels = training_windows([[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]], max_len=4, sliding_step=4)
+    # short sequence: first item predicted from padding
+    assert tokens[0].tolist() == [0, 0, 1, 2] and labels[0].tolist() == [0, 1, 2, 3]
+    # 9 items >= max_len + step: windows of 4 ending at the last item, stepping back by 4 (item 4 is dropped)
+    assert labels[1:].tolist() == [[9, 10, 11, 12], [5, 6, 7, 8]]
+    assert tokens[1:].tolist() == [[0, 9, 10, 11], [0, 5, 6, 7]]
+    # between max_len and max_len + step: one example of the last max_len labels, full context
+    tokens, labels = training_windows([[1, 2, 3, 4, 5, 6]], max_len=4, sliding_step=4)
+    assert tokens.tolist() == [[2, 3, 4, 5]] and labels.tolist() == [[3, 4, 5, 6]]
+
+
+def test_evaluate_masks_full_history_and_padding():
+    torch.manual_seed(0)
+    model = LRURec(num_items=20, hidden_units=8, num_blocks=1)
+    # user 0's history (7 items) is longer than max_len (3): all 7 must be masked, not only the last 3
+    histories = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10]]
+    data = EvalData(histories, labels=[11, 12], max_len=3)
+    metrics, arrays = evaluate(model, data, batch_size=1, ks=[1, 5, 10], device=torch.device("cpu"), topk=13)
+    for u, hist in enumerate(histories):
+        items = arrays["items"][u]
+        real = items[np.isfinite(arrays["scores"][u])]
+        assert not set(real.tolist()) & (set(hist) | {0})
+        rank = arrays["label_ranks"][u]
+        assert items[rank] == data.labels[u]  # the label's rank in the full ranking agrees with the top-k list
+        assert np.all(np.diff(arrays["scores"][u][np.isfinite(arrays["scores"][u])]) <= 0)
+    assert metrics["Recall@10"] == np.mean(arrays["label_ranks"] < 10)
+
+
+def write_custom_dataset(folder):
+    folder.mkdir()
+    df = tiny_interactions(num_users=12, num_items=15, length=9)
+    df.rename(columns={"user": "user_id", "item": "item_id"}).to_csv(folder / "interactions.csv", index=False)
+    items = sorted(df["item"].unique())
+    with open(folder / "items.csv", "w") as f:
+        f.write("item_id,title\n" + "".join(f"{i},Item {i}\n" for i in items))
+    return folder
+
+
+@pytest.fixture
+def tiny_args(tmp_path):
+    data = write_custom_dataset(tmp_path / "tiny")
+    return [
+        "--dataset_code", "custom", "--custom_path", str(data), "--data_root", str(tmp_path / "data"),
+        "--experiment_root", str(tmp_path / "exp"), "--bert_max_len", "5", "--bert_hidden_units", "8",
+        "--train_batch_size", "4", "--val_batch_size", "5", "--test_batch_size", "5", "--val_iterations", "2",
+        "--num_epochs", "4", "--retrieved_topk", "6", "--early_stopping_patience", "100",
+    ]  # fmt: skip
+
+
+def run_dir_of(tmp_path, name="seed42"):
+    return tmp_path / "exp" / "retriever" / "custom-tiny" / name
+
+
+def test_end_to_end_run_folder_and_candidates_round_trip(tmp_path, tiny_args):
+    assert main(tiny_args) == 0
+    run = run_dir_of(tmp_path)
+    for name in ("config.json", "environment.json", "checkpoint_best.pt", "checkpoint_last.pt", "val_history.jsonl"):
+        assert (run / name).is_file(), name
+    # 12 windows / batch 4 = 3 steps per epoch, 4 epochs, validation every 2 steps
+    history = [json.loads(line) for line in (run / "val_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [2, 4, 6, 8, 10, 12]
+    test_metrics = json.loads((run / "test_metrics.json").read_text())
+    assert set(test_metrics) == {f"{m}@{k}" for m in ("Recall", "NDCG", "MRR") for k in (1, 5, 10, 20, 50)}
+    for path in run.glob("*.pt"):
+        torch.load(path, weights_only=True)
+
+    from config import parse_config
+    from datasets import load_split
+
+    split = load_split(parse_config(tiny_args))
+    cands = load_candidates(run, split)
+    assert cands.meta["topk"] == 6 and cands.meta["test_metrics"] == test_metrics
+    assert cands.test["items"].shape == (12, 6) and cands.test["items"].dtype == np.int32
+    assert cands.val["labels"].tolist() == split.val and cands.test["labels"].tolist() == split.test
+    for u in range(12):  # test candidates exclude the test history: train[u] + [val[u]]
+        assert not set(cands.test["items"][u].tolist()) & set(split.train[u] + [split.val[u]])
+    hits = cands.test["label_ranks"] < 6
+    assert np.all(cands.test["items"][hits, cands.test["label_ranks"][hits]] == cands.test["labels"][hits])
+
+    # an existing run folder needs --resume or --overwrite
+    assert main(tiny_args) == 2
+
+
+def test_resume_ends_with_the_same_best_model(tmp_path, tiny_args):
+    assert main(tiny_args + ["--run_name", "full"]) == 0
+    # interrupted mid-epoch and between validations (step 5 of 12), then resumed
+    assert main(tiny_args + ["--run_name", "cut", "--max_steps", "5"]) == 0
+    assert main(tiny_args + ["--run_name", "cut", "--resume"]) == 0
+    full, cut = run_dir_of(tmp_path, "full"), run_dir_of(tmp_path, "cut")
+    best_full = torch.load(full / "checkpoint_best.pt", weights_only=True)
+    best_cut = torch.load(cut / "checkpoint_best.pt", weights_only=True)
+    assert best_full["step"] == best_cut["step"]
+    for key, value in best_full["model"].items():
+        assert torch.equal(value, best_cut["model"][key]), key
+
+    def history(run):
+        rows = [json.loads(line) for line in (run / "val_history.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if k != "val_seconds"} for row in rows]
+
+    assert history(full) == history(cut)
+    assert json.loads((full / "test_metrics.json").read_text()) == json.loads((cut / "test_metrics.json").read_text())

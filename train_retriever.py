@@ -1,0 +1,60 @@
+"""Stage 1 of LlamaRec: train the LRURec retriever and export candidates for the ranker.
+
+    python train_retriever.py --dataset_code ml-100k
+
+Run folder: experiments/retriever/<dataset_name>/<run_name>/ (see README, "Retriever").
+"""
+
+import sys
+import time
+
+import torch
+
+from config import InputError, config_to_json, parse_config, write_run_info
+from datasets import load_split
+from trainer.retriever import build_model, export, train
+from trainer.utils import prepare_run_dir, resolve_device, set_seed
+
+
+def run(cfg) -> dict:
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    split = load_split(cfg)
+    run_dir = prepare_run_dir(
+        cfg.experiment_root, "retriever", cfg.dataset_name, cfg.run_name, cfg.resume, cfg.overwrite
+    )
+    write_run_info(run_dir, cfg)
+    model = build_model(cfg, split.num_items).to(device)
+    start = time.time()
+    state = train(cfg, split, model, run_dir, device)
+    train_seconds = time.time() - start
+    val_metrics, test_metrics = export(cfg, split, model, run_dir, device)
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": state["step"],
+        "best_step": state["best_step"],
+        "train_seconds_this_session": round(train_seconds, 1),
+        "val": {k: round(val_metrics[k], 4) for k in ("Recall@10", "NDCG@10", "Recall@20")},
+        "test": {k: round(test_metrics[k], 4) for k in ("Recall@10", "NDCG@10", "Recall@20")},
+    }
+    print(summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+        if cfg.print_config:
+            print(config_to_json(cfg))
+            return 0
+        run(cfg)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

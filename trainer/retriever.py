@@ -1,0 +1,371 @@
+"""Stage 1: train LRURec, rank all items for validation/test users, export candidates.
+
+Training: every position of a (left-padded) window predicts its next item, cross-entropy over all items,
+padding ignored. Evaluation: the user's history (validation: train[u]; test: train[u] + [val[u]]) and
+padding are masked out of a full ranking over all items, at validation and at test alike (the original
+masked only at test, so its model selection optimised another metric than the one it reported).
+"""
+
+import json
+import math
+import random
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.lru import LRURec
+from trainer.candidates import save_candidates
+from trainer.metrics import label_ranks, metrics_from_ranks
+from trainer.utils import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text
+
+
+def build_model(cfg: Namespace, num_items: int) -> LRURec:
+    return LRURec(
+        num_items,
+        hidden_units=cfg.bert_hidden_units,
+        num_blocks=cfg.bert_num_blocks,
+        dropout=cfg.bert_dropout,
+        attn_dropout=cfg.bert_attn_dropout,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def training_windows(train: list[list[int]], max_len: int, sliding_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (tokens, labels) [N, max_len] training examples, as the original LRURec dataloader.
+
+    A sequence shorter than max_len + sliding_step is one example: labels = its last max_len items,
+    tokens = the items before each label (padding before the first item, so the first item is predicted
+    from an empty history). Longer sequences are cut into windows of max_len items ending at the last
+    item, stepping back by sliding_step; a window's first item is predicted from padding.
+    """
+    examples = []
+    for seq in train:
+        if len(seq) < max_len + sliding_step:
+            examples.append((seq[:-1][-max_len:], seq[-max_len:]))
+        else:
+            for start in range(len(seq) - max_len, -1, -sliding_step):
+                window = seq[start : start + max_len]
+                examples.append((window[:-1], window))
+    tokens = torch.zeros(len(examples), max_len, dtype=torch.long)
+    labels = torch.zeros(len(examples), max_len, dtype=torch.long)
+    for row, (tok, lab) in enumerate(examples):
+        if tok:
+            tokens[row, -len(tok) :] = torch.tensor(tok)
+        labels[row, -len(lab) :] = torch.tensor(lab)
+    return tokens, labels
+
+
+class EvalData:
+    """Inputs of one evaluation split: left-padded last max_len history items, labels, masked history (CSR)."""
+
+    def __init__(self, histories: list[list[int]], labels: list[int], max_len: int):
+        self.num_users = len(histories)
+        self.tokens = torch.zeros(self.num_users, max_len, dtype=torch.long)
+        for u, hist in enumerate(histories):
+            tail = hist[-max_len:]
+            if tail:
+                self.tokens[u, -len(tail) :] = torch.tensor(tail)
+        self.labels = torch.tensor(labels, dtype=torch.long)
+        lengths = torch.tensor([len(h) for h in histories], dtype=torch.long)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        self.history_items = torch.tensor([i for h in histories for i in h], dtype=torch.long)
+
+    def history_mask_index(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, item) index pairs of the full histories of users start..end-1, rows relative to start."""
+        lengths = self.offsets[start + 1 : end + 1] - self.offsets[start:end]
+        rows = torch.repeat_interleave(torch.arange(end - start), lengths)
+        return rows, self.history_items[self.offsets[start] : self.offsets[end]]
+
+
+def eval_data(split, mode: str, max_len: int) -> EvalData:
+    if mode == "val":
+        return EvalData(split.train, split.val, max_len)
+    return EvalData([seq + [v] for seq, v in zip(split.train, split.val, strict=True)], split.test, max_len)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: LRURec, data: EvalData, batch_size: int, ks: list[int], device: torch.device, topk: int = 0
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Full-ranking metrics (means over users) and, with topk > 0, each user's top-k items and scores.
+
+    Scores exist for one batch of users at a time: memory is O(batch x items + users x topk).
+    """
+    model.eval()
+    ranks, top_items, top_scores = [], [], []
+    for start in range(0, data.num_users, batch_size):
+        end = min(start + batch_size, data.num_users)
+        scores = model(data.tokens[start:end].to(device))
+        rows, items = data.history_mask_index(start, end)
+        scores[rows.to(device), items.to(device)] = -math.inf
+        scores[:, 0] = -math.inf  # padding id
+        ranks.append(label_ranks(scores, data.labels[start:end].to(device)).cpu())
+        if topk:
+            values, indices = scores.topk(topk, dim=1)
+            top_items.append(indices.cpu())
+            top_scores.append(values.cpu())
+    ranks = torch.cat(ranks)
+    arrays = {"labels": data.labels.numpy(), "label_ranks": ranks.numpy(), "users": np.arange(data.num_users)}
+    if topk:
+        arrays["items"] = torch.cat(top_items).numpy()
+        arrays["scores"] = torch.cat(top_scores).numpy()
+    return metrics_from_ranks(ranks, ks), arrays
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def build_optimizer(model: LRURec, cfg: Namespace) -> torch.optim.AdamW:
+    # As the original: no decay on parameters whose name contains "bias" or "layer_norm"; the LRU's
+    # params_log (nu, theta, gamma) is decayed.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if "bias" in name or "layer_norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.adam_epsilon)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Namespace, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then linear decay to 0 at total_steps; a constant factor 1 when disabled."""
+    warmup = cfg.warmup_steps
+
+    def factor(step: int) -> float:
+        if not cfg.enable_lr_schedule:
+            return 1.0
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The shuffled batches of one epoch; a function of (seed, epoch) only, so resuming mid-epoch is exact."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return list(torch.randperm(num_examples, generator=generator).split(batch_size))
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy_key": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": (int(np_state[3]), float(np_state[4])),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    has_gauss, gauss = state["numpy_gauss"]
+    np.random.set_state(("MT19937", state["numpy_key"].numpy().astype(np.uint32), state["numpy_pos"], has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def train_step(
+    model: LRURec,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    max_grad_norm: float,
+) -> float:
+    model.train()
+    # Drop the columns that are padding in every row of this batch: real positions do not depend on
+    # padding (tested), so this only saves time.
+    width = int((labels > 0).sum(1).max())
+    tokens, labels = tokens[:, -width:], labels[:, -width:]
+    hidden = model.encode(tokens)
+    real = labels > 0
+    # Scores only at positions with a label: the [positions, items] product dominates the step's cost.
+    loss = model.next_item_loss(hidden[real], labels[real])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
+def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.device) -> dict:
+    """Train with validation every cfg.val_iterations steps and early stopping; return the final state.
+
+    Writes checkpoint_best.pt (best validation cfg.best_metric), checkpoint_last.pt (everything --resume
+    needs, saved at each validation and when training stops) and val_history.jsonl. Stopping at
+    cfg.max_steps leaves a state that --resume continues exactly as if it had not stopped.
+    """
+    max_len = cfg.bert_max_len
+    tokens, labels = training_windows(split.train, max_len, max(1, int(cfg.sliding_window_size * max_len)))
+    val_data = eval_data(split, "val", max_len)
+    steps_per_epoch = math.ceil(len(tokens) / cfg.train_batch_size)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.num_epochs)
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "batch": 0,
+        "best_value": -math.inf,
+        "best_step": None,
+        "patience": 0,
+        "done": False,
+        "loss_sum": 0.0,
+        "loss_count": 0,
+    }
+    last_path, best_path, history_path = (
+        run_dir / "checkpoint_last.pt",
+        run_dir / "checkpoint_best.pt",
+        run_dir / "val_history.jsonl",
+    )
+
+    if cfg.resume and last_path.exists():
+        ckpt = torch.load(last_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        state = ckpt["state"]
+        # Validation lines written after the checkpoint belong to the lost part of the run.
+        if history_path.exists():
+            lines = history_path.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [line for line in lines if json.loads(line)["step"] <= state["step"]]
+            atomic_write_text(history_path, "".join(kept))
+        print(f"resumed from {last_path} at step {state['step']} (epoch {state['epoch'] + 1})")
+
+    def save_last() -> None:
+        atomic_torch_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "state": state,
+            },
+            last_path,
+        )
+
+    wandb_run = None
+    if cfg.use_wandb:
+        import wandb
+
+        wandb_run = wandb.init(
+            project=cfg.wandb_project,
+            name=f"retriever-{cfg.dataset_name}-{cfg.run_name}",
+            config=vars(cfg),
+            dir=str(run_dir),
+            resume="allow",
+        )
+
+    last_val: dict[str, float] = {}
+    stop = state["done"]
+    while not stop and state["epoch"] < cfg.num_epochs:
+        batches = epoch_batches(len(tokens), cfg.train_batch_size, cfg.seed, state["epoch"])
+        bar = tqdm(
+            total=len(batches), initial=state["batch"], desc=f"epoch {state['epoch'] + 1}", leave=False, mininterval=2
+        )
+        while True:
+            index = batches[state["batch"]]
+            loss = train_step(
+                model, optimizer, scheduler, tokens[index].to(device), labels[index].to(device), cfg.max_grad_norm
+            )
+            state["loss_sum"], state["loss_count"] = state["loss_sum"] + loss, state["loss_count"] + 1
+            state["step"] += 1
+            state["batch"] += 1
+            end_of_epoch = state["batch"] == len(batches)
+            if end_of_epoch:  # the state a resumed run starts from: the next epoch's first batch
+                state["epoch"], state["batch"] = state["epoch"] + 1, 0
+            bar.update(1)
+            postfix = {"loss": f"{loss:.3f}"}
+            if last_val:
+                postfix.update(
+                    {
+                        k.replace("Recall", "R").replace("NDCG", "N"): f"{last_val[k]:.4f}"
+                        for k in ("Recall@10", "NDCG@10")
+                    }
+                )
+            bar.set_postfix(postfix, refresh=False)
+
+            if state["step"] % cfg.val_iterations == 0:
+                start = time.time()
+                last_val, _ = evaluate(model, val_data, cfg.val_batch_size, cfg.metric_ks, device)
+                value = last_val[cfg.best_metric]
+                improved = value > state["best_value"]
+                if improved:
+                    state["best_value"], state["best_step"], state["patience"] = value, state["step"], 0
+                    atomic_torch_save({"model": model.state_dict(), "step": state["step"], "value": value}, best_path)
+                else:
+                    state["patience"] += 1
+                record = {
+                    "step": state["step"],
+                    "epoch": state["epoch"],
+                    "train_loss": state["loss_sum"] / max(1, state["loss_count"]),
+                    **last_val,
+                    "best": improved,
+                    "val_seconds": round(time.time() - start, 3),
+                }
+                append_jsonl(history_path, record)
+                if wandb_run is not None:
+                    wandb_run.log(
+                        {"train/loss": record["train_loss"], **{f"val/{k}": v for k, v in last_val.items()}},
+                        step=state["step"],
+                    )
+                state["loss_sum"], state["loss_count"] = 0.0, 0
+                tqdm.write(
+                    f"step {state['step']} epoch {state['epoch']}: {cfg.best_metric} {value:.4f} (best {state['best_value']:.4f} at {state['best_step']}) NDCG@10 {last_val.get('NDCG@10', math.nan):.4f}"
+                )
+                if cfg.early_stopping and state["patience"] >= cfg.early_stopping_patience:
+                    tqdm.write(f"early stopping: {state['patience']} validations without a better {cfg.best_metric}")
+                    state["done"] = stop = True
+                save_last()
+                if stop:
+                    break
+            if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
+                stop = True
+            if stop or end_of_epoch:
+                break
+        bar.close()
+    if not state["done"] and state["epoch"] >= cfg.num_epochs:
+        state["done"] = True
+    save_last()
+    if wandb_run is not None:
+        wandb_run.finish()
+    return state
+
+
+def export(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.device) -> tuple[dict, dict]:
+    """With the best checkpoint: val/test metrics, test_metrics.json and candidates.npz (top cfg.retrieved_topk)."""
+    best_path = run_dir / "checkpoint_best.pt"
+    if best_path.exists():
+        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
+    else:
+        print(f"warning: no validation ran, so no {best_path.name}; exporting the last model")
+    topk = min(cfg.retrieved_topk, split.num_items)
+    val_metrics, val_arrays = evaluate(
+        model, eval_data(split, "val", cfg.bert_max_len), cfg.test_batch_size, cfg.metric_ks, device, topk
+    )
+    test_metrics, test_arrays = evaluate(
+        model, eval_data(split, "test", cfg.bert_max_len), cfg.test_batch_size, cfg.metric_ks, device, topk
+    )
+    atomic_write_json(run_dir / "test_metrics.json", test_metrics)
+    save_candidates(
+        run_dir / "candidates.npz",
+        split=split,
+        topk=topk,
+        val=val_arrays,
+        test=test_arrays,
+        val_metrics=val_metrics,
+        test_metrics=test_metrics,
+    )
+    return val_metrics, test_metrics
