@@ -1,0 +1,90 @@
+"""The paper's ranking prompt (alpaca_short template), built from cached, truncated item titles.
+
+Each title is tokenised once (to cut it to --llm_max_title_len tokens) and the cut text is cached;
+a prompt is assembled from those cached pieces and tokenised once as a whole, so the model sees
+exactly `tokenizer(prompt_text)` (assembling token pieces would differ from that at piece
+boundaries with SentencePiece tokenizers). Whole-prompt tokenisation costs ~0.4 ms for a
+700-token prompt with a fast tokenizer, against ~300 ms for the model's forward pass.
+"""
+
+from collections.abc import Sequence
+
+from config import InputError
+
+# alpaca_short, as the original's templates/alpaca_short.json
+PROMPT_TEMPLATE = "### Instruction:\n{system}\n\n### Input:\n{input}\n\n### Response:\n"
+DEFAULT_SYSTEM = (
+    "Given user history in chronological order, recommend an item from the candidate pool with its index letter."
+)
+DEFAULT_INPUT = "User history: {}; \n Candidate pool: {}"
+
+
+def candidate_letters(count: int) -> list[str]:
+    """'A', 'B', ... one per candidate."""
+    if not 1 <= count <= 26:
+        raise InputError(f"--llm_negative_sample_size: expected 0..25 (candidates A..Z), found {count - 1}")
+    return [chr(ord("A") + i) for i in range(count)]
+
+
+class PromptBuilder:
+    """Prompt text and token ids for (history, candidates); titles cut once and cached per item."""
+
+    def __init__(
+        self,
+        tokenizer,
+        titles: Sequence[str],
+        *,
+        system: str = DEFAULT_SYSTEM,
+        input_template: str = DEFAULT_INPUT,
+        max_title_len: int = 32,
+        max_text_len: int = 1536,
+        max_history: int = 20,
+    ) -> None:
+        if input_template.count("{}") != 2:
+            raise InputError(f"--llm_input_template: expected two {{}} (history, candidates), found {input_template!r}")
+        self.tokenizer = tokenizer
+        self.titles = titles
+        self.system = system
+        self.input_template = input_template
+        self.max_title_len = max_title_len
+        self.max_text_len = max_text_len
+        self.max_history = max_history
+        self._cut_titles: dict[int, str] = {}
+
+    def title(self, item: int) -> str:
+        """The item's title cut to max_title_len tokens (tokenised once per item, then cached)."""
+        cut = self._cut_titles.get(item)
+        if cut is None:
+            title = self.titles[item]
+            ids = self.tokenizer(title, add_special_tokens=False).input_ids
+            if len(ids) > self.max_title_len:
+                title = self.tokenizer.decode(ids[: self.max_title_len]).strip()
+            cut = self._cut_titles[item] = title
+        return cut
+
+    def text(self, history: Sequence[int], candidates: Sequence[int]) -> str:
+        """The prompt text, ending with the response marker; history = all earlier items, oldest first."""
+        shown = list(history)[-self.max_history :] if self.max_history > 0 else []
+        history_text = " \n ".join(f"({i + 1}) {self.title(item)}" for i, item in enumerate(shown))
+        letters = candidate_letters(len(candidates)) if candidates else []
+        candidate_text = " \n ".join(f"({letters[i]}) {self.title(item)}" for i, item in enumerate(candidates))
+        return PROMPT_TEMPLATE.format(
+            system=self.system, input=self.input_template.format(history_text, candidate_text)
+        )
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of a prompt, cut from the left to max_text_len (keeping a leading BOS, if any).
+
+        The end (candidates and the response marker) is what the model must see; the oldest history
+        goes first, as the original's truncation_side='left'.
+        """
+        ids = self.tokenizer(text).input_ids
+        if len(ids) <= self.max_text_len:
+            return ids
+        bos = self.tokenizer.bos_token_id
+        keep_bos = bos is not None and ids[0] == bos
+        head = [bos] if keep_bos else []
+        return head + ids[len(ids) - (self.max_text_len - len(head)) :]
+
+    def encode(self, history: Sequence[int], candidates: Sequence[int]) -> list[int]:
+        return self.encode_text(self.text(history, candidates))

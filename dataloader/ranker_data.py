@@ -1,0 +1,184 @@
+"""Ranker examples: training prompts (every prefix + sampled negatives) and val/test prompts (retrieved
+candidates), with left-padding collation so every prompt ends at the last position."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from config import InputError
+from dataloader.prompts import PromptBuilder, candidate_letters
+
+
+def sample_negatives(rng: np.random.Generator, num_items: int, exclude: set[int], count: int) -> list[int]:
+    """`count` distinct items from 1..num_items, none in `exclude` (uniform, without replacement).
+
+    The original sampled with replacement, so ~5% of its ML-100k prompts listed an item twice.
+    """
+    if num_items - len(exclude) < count:
+        raise InputError(
+            f"--llm_negative_sample_size: expected at most {num_items - len(exclude)} negatives for a user "
+            f"who has seen {len(exclude)} of {num_items} items, found {count}"
+        )
+    chosen: list[int] = []
+    seen = set(exclude)
+    while len(chosen) < count:
+        for item in rng.integers(1, num_items + 1, size=2 * count).tolist():
+            if item not in seen:
+                seen.add(item)
+                chosen.append(item)
+                if len(chosen) == count:
+                    break
+    return chosen
+
+
+def training_prefixes(train: Sequence[Sequence[int]], max_samples: int | None, seed: int) -> list[tuple[int, int]]:
+    """(user, prefix length) for every prefix of every training sequence, or a seeded random subset."""
+    pairs = [(u, i) for u, seq in enumerate(train) for i in range(1, len(seq))]
+    if max_samples is not None and max_samples < len(pairs):
+        if max_samples < 1:
+            raise InputError(f"--llm_max_train_samples: expected >= 1, found {max_samples}")
+        rng = np.random.default_rng(seed)
+        keep = np.sort(rng.choice(len(pairs), size=max_samples, replace=False))
+        pairs = [pairs[k] for k in keep]
+    return pairs
+
+
+class TrainPrompts(Dataset):
+    """One training prompt per (user, prefix): the next item plus negatives, shuffled; target = its letter.
+
+    Negatives and order come from a generator seeded by (seed, user, prefix length), so an example is
+    the same whichever subset or order it is drawn in, and nothing is kept in memory per example.
+    """
+
+    def __init__(
+        self,
+        builder: PromptBuilder,
+        train: Sequence[Sequence[int]],
+        num_items: int,
+        pairs: list[tuple[int, int]],
+        num_negatives: int,
+        letter_ids: Sequence[int],
+        eos_id: int,
+        seed: int,
+    ) -> None:
+        self.builder = builder
+        self.train = train
+        self.num_items = num_items
+        self.pairs = pairs
+        self.num_negatives = num_negatives
+        self.letter_ids = list(letter_ids)
+        self.eos_id = eos_id
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def example(self, index: int) -> tuple[list[int], list[int], int]:
+        """(history, candidates, index of the true item among the candidates)."""
+        user, length = self.pairs[index]
+        history = list(self.train[user][:length])
+        target = self.train[user][length]
+        rng = np.random.default_rng((self.seed, user, length))
+        negatives = sample_negatives(rng, self.num_items, set(history) | {target}, self.num_negatives)
+        candidates = [target] + negatives
+        order = rng.permutation(len(candidates)).tolist()
+        candidates = [candidates[k] for k in order]
+        return history, candidates, candidates.index(target)
+
+    def __getitem__(self, index: int) -> dict:
+        history, candidates, label = self.example(index)
+        prompt_ids = self.builder.encode(history, candidates)
+        # Trained tokens: the answer letter (predicted at the last prompt position) and EOS (after it).
+        return {"prompt_ids": prompt_ids, "targets": [self.letter_ids[label], self.eos_id]}
+
+
+@dataclass
+class EvalExample:
+    user: int  # user index (SplitData order)
+    history: list[int]
+    candidates: list[int]  # as shown to the LLM (retriever order unless shuffled)
+    label: int  # index of the true item in `candidates`
+    retriever_rank: int  # 0-based rank of the true item in the retriever's own order
+    input_ids: list[int]
+
+
+def eval_examples(
+    builder: PromptBuilder,
+    split,
+    part: dict[str, np.ndarray],
+    which: str,
+    num_candidates: int,
+    shuffle: bool,
+    seed: int,
+) -> list[EvalExample]:
+    """Prompts for the users whose true item is among the retriever's top `num_candidates`.
+
+    Validation history = train[u]; test history = train[u] + [val[u]].
+    """
+    items = part["items"]
+    if items.shape[1] < num_candidates:
+        raise InputError(
+            f"--llm_retrieved_path: expected at least {num_candidates} candidates per user "
+            f"(--llm_negative_sample_size + 1), found {items.shape[1]}"
+        )
+    rng = np.random.default_rng((seed, 1 if which == "test" else 0))
+    examples = []
+    for row, user in enumerate(part["users"].tolist()):
+        candidates = items[row, :num_candidates].tolist()
+        true_item = int(part["labels"][row])
+        if true_item not in candidates:
+            continue
+        retriever_rank = candidates.index(true_item)
+        if shuffle:
+            candidates = [candidates[k] for k in rng.permutation(num_candidates).tolist()]
+        history = list(split.train[user]) + ([split.val[user]] if which == "test" else [])
+        examples.append(
+            EvalExample(
+                user=user,
+                history=history,
+                candidates=candidates,
+                label=candidates.index(true_item),
+                retriever_rank=retriever_rank,
+                input_ids=builder.encode(history, candidates),
+            )
+        )
+    return examples
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad to a rectangle; position ids count real tokens only, so padding shifts nothing."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, width - len(seq) :] = 1
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+class TrainCollator:
+    """Batch = prompt + answer letter (EOS is only a target: no position predicts anything after it)."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        sequences = [f["prompt_ids"] + f["targets"][:-1] for f in features]
+        batch = left_pad(sequences, self.pad_id)
+        batch["targets"] = torch.tensor([f["targets"] for f in features], dtype=torch.long)
+        return batch
+
+
+def eval_batches(examples: list[EvalExample], batch_size: int) -> list[list[int]]:
+    """Indices grouped by similar prompt length (longest first), so batches carry little padding."""
+    order = sorted(range(len(examples)), key=lambda k: -len(examples[k].input_ids))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def true_letter(example: EvalExample) -> str:
+    return candidate_letters(len(example.candidates))[example.label]

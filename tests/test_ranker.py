@@ -1,0 +1,251 @@
+"""Verbalizer scoring, training loss, test report and whole ranker runs with a tiny random Llama-2
+(real Llama-2 tokenizer, vocab 32000) on a small custom dataset."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import train_ranker
+from config import parse_config
+from dataloader.prompts import PromptBuilder
+from dataloader.ranker_data import EvalExample, TrainCollator, TrainPrompts, training_prefixes
+from datasets import load_split
+from trainer.candidates import save_candidates
+from trainer.ranker import rank_examples
+from trainer.verbalizer import letter_token_ids, verbalizer_scores
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(llama2_tokenizer_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(llama2_tokenizer_path), add_bos_token=True)
+    tok.padding_side = "left"
+    tok.pad_token = tok.unk_token
+    return tok
+
+
+def test_verbalizer_reads_the_letter_logits():
+    logits = torch.zeros(2, 32000)
+    letter_ids = torch.tensor([29909, 29933, 29907])
+    logits[0, 29933] = 5.0  # 'B' in context
+    logits[0, 319] = 9.0  # '▁A' (the original's token): must be ignored
+    logits[1, 29907] = 1.0
+    scores = verbalizer_scores(logits, letter_ids)
+    assert scores.tolist() == [[0.0, 5.0, 0.0], [0.0, 0.0, 1.0]]
+
+
+def test_rank_examples_left_padding_matches_single_prompts(tokenizer):
+    model = tiny_llama()
+    builder = PromptBuilder(tokenizer, [""] + [f"Film {i}" for i in range(1, 31)])
+    letters = letter_token_ids(builder, 20)
+    letter_ids = torch.tensor(list(letters.values()))
+    histories = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12]]
+    examples = [
+        EvalExample(u, h, list(range(11, 31)), 0, 0, builder.encode(h, list(range(11, 31))))
+        for u, h in enumerate(histories)
+    ]
+    batched = rank_examples(model, examples, letter_ids, tokenizer.pad_token_id, 3, torch.device("cpu"))
+    for k, example in enumerate(examples):
+        with torch.no_grad():
+            full = model(torch.tensor([example.input_ids])).logits[0, -1]
+        assert torch.allclose(batched[k], full[letter_ids], atol=1e-4), k
+
+
+def test_training_steps_lower_the_loss(tokenizer):
+    from model.llm import add_lora
+
+    model = add_lora(tiny_llama(), 8, 32, 0.0, ["q_proj", "v_proj"], quantized=False)
+    builder = PromptBuilder(tokenizer, [""] + [f"Film {i}" for i in range(1, 41)], max_history=3)
+    letters = letter_token_ids(builder, 20)
+    train = [list(range(1, 12)), list(range(12, 20))]
+    pairs = training_prefixes(train, None, 0)[:4]
+    dataset = TrainPrompts(builder, train, 40, pairs, 19, list(letters.values()), tokenizer.eos_token_id, seed=0)
+    batch = TrainCollator(tokenizer.pad_token_id)([dataset[k] for k in range(len(dataset))])
+    targets = batch.pop("targets")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(10):
+        logits = model(**batch, logits_to_keep=targets.shape[1]).logits
+        assert logits.shape[:2] == targets.shape  # LM head only at the answer positions
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.15 and losses[-1] == min(losses), losses
+
+
+def test_test_report_overall_formula():
+    split = type("S", (), {"user_raw_ids": ["a", "b", "c", "d"], "item_raw_ids": [""] + [str(i) for i in range(30)]})
+    examples = [EvalExample(0, [], list(range(1, 21)), 2, 2, []), EvalExample(2, [], list(range(1, 21)), 0, 0, [])]
+    scores = torch.zeros(2, 20)
+    scores[0, 2] = 1.0  # LLM puts user 0's item first (retriever had it third)
+    scores[1, 5] = 1.0  # and user 2's item (retriever first) sixth... ties: 0-based rank counts equal scores
+    part = {"users": np.array([0, 1, 2, 3]), "label_ranks": np.array([2, 30, 0, 45])}
+    report, rankings = train_ranker.test_report(scores, examples, part, split, (1, 5, 10))
+    assert report["coverage"] == 0.5
+    assert report["subset"]["llm"]["Recall@1"] == 0.5
+    assert report["subset"]["retriever"]["Recall@1"] == 0.5
+    # paper formula: subset metric x subset share (others contribute 0 at k <= 20)
+    assert report["overall"]["llm"]["Recall@1"] == pytest.approx(0.5 * 0.5)
+    assert report["overall"]["retriever"]["NDCG@5"] == pytest.approx((1 / np.log2(4) + 1) / 4)
+    first = json.loads(rankings[0])
+    assert first["llm_rank"] == 0 and first["candidates"][0]["item"] == "2"
+    assert json.loads(rankings[1])["llm_rank"] == 19  # pessimistic ties: 19 other candidates score 0
+
+
+def write_tiny_project(root, tokenizer, num_users: int = 40, num_items: int = 36):
+    """A custom dataset, a popularity 'retriever' candidates file and a tiny Llama-2 folder."""
+    rng = np.random.default_rng(0)
+    rows = [
+        (f"u{u}", f"i{i}", t)
+        for u in range(num_users)
+        for t, i in enumerate(rng.choice(num_items, size=int(rng.integers(7, 12)), replace=False))
+    ]
+    data = root / "data"
+    data.mkdir(parents=True)
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(data / "interactions.csv", index=False)
+    titles = [(f"i{i}", f"Movie number {i} (19{i:02d})") for i in range(num_items)]
+    pd.DataFrame(titles, columns=["item_id", "title"]).to_csv(data / "items.csv", index=False)
+    flags = ["--dataset_code", "custom", "--custom_path", str(data), "--data_root", str(root / "cache")]
+    split = load_split(parse_config(flags))
+    popularity = np.bincount([i for s in split.train for i in s], minlength=split.num_items + 1).astype(float)
+
+    def part(which):
+        out = {"users": [], "items": [], "scores": [], "labels": [], "label_ranks": []}
+        for u in range(split.num_users):
+            seen = set(split.train[u]) | ({split.val[u]} if which == "test" else set())
+            scores = popularity + rng.random(len(popularity)) * 0.01
+            scores[0] = -np.inf
+            scores[list(seen)] = -np.inf
+            label = split.test[u] if which == "test" else split.val[u]
+            top = np.argsort(-scores)[:20]
+            out["users"].append(u)
+            out["items"].append(top)
+            out["scores"].append(scores[top])
+            out["labels"].append(label)
+            out["label_ranks"].append(int((scores > scores[label]).sum()))
+        return {key: np.array(value) for key, value in out.items()}
+
+    save_candidates(
+        root / "retriever" / "candidates.npz",
+        split=split,
+        topk=20,
+        val=part("val"),
+        test=part("test"),
+        val_metrics={},
+        test_metrics={},
+    )
+    tiny_llama().save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    return flags + [
+        "--llm_retrieved_path",
+        str(root / "retriever"),
+        "--llm_base_model",
+        str(root / "llm"),
+        "--experiment_root",
+        str(root / "experiments"),
+    ]
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # the run below sets 1 thread for speed on a shared CPU
+
+
+def test_ranker_run_end_to_end(tmp_path, tokenizer, capsys, restore_threads):
+    flags = write_tiny_project(tmp_path, tokenizer)
+    caps = [
+        "--lora_max_steps",
+        "4",
+        "--lora_val_iterations",
+        "2",
+        "--lora_micro_batch_size",
+        "2",
+        "--llm_max_history",
+        "5",
+        "--llm_max_eval_users",
+        "6",
+        "--num_threads",
+        "1",
+    ]
+    assert train_ranker.main(flags + caps + ["--lora_warmup_steps", "1", "--llm_max_train_samples", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "LlamaRec (retriever + ranker), all" in out
+    run = tmp_path / "experiments" / "ranker" / "custom-data" / "seed42"
+    for name in ("config.json", "verbalizer.json", "prompts_sample.jsonl", "val_history.jsonl", "test_rankings.jsonl"):
+        assert (run / name).is_file(), name
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((run / "verbalizer.json").read_text())["letters"]["A"] == 29909
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert metrics["trained"] and metrics["timing"]["train_steps"] == 4
+    assert 0 < metrics["users_subset"] <= metrics["users_all"] == 40
+    history = [json.loads(line) for line in (run / "val_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [2, 4]  # no validation of the untrained model
+    sample = [json.loads(line) for line in (run / "prompts_sample.jsonl").read_text().splitlines()]
+    assert sample[0]["prompt"].endswith("### Response:\n") and sample[0]["user"].startswith("u")
+    assert sample[0]["candidates"][ord(sample[0]["true_letter"]) - ord("A")] == sample[0]["true_item"]
+    # an existing run folder needs --resume or --overwrite; --resume reuses the finished adapter
+    assert train_ranker.main(flags + caps) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert train_ranker.main(flags + caps + ["--resume"]) == 0
+
+
+def test_ranker_refuses_a_mismatched_candidates_file(tmp_path, tokenizer, capsys):
+    flags = write_tiny_project(tmp_path, tokenizer)
+    other = tmp_path / "other"
+    (other / "data").mkdir(parents=True)
+    interactions = pd.read_csv(tmp_path / "data" / "interactions.csv")
+    interactions[interactions["user_id"] != "u0"].to_csv(other / "data" / "interactions.csv", index=False)
+    (other / "data" / "items.csv").write_text((tmp_path / "data" / "items.csv").read_text())
+    flags[flags.index("--custom_path") + 1] = str(other / "data")
+    assert train_ranker.main(flags + ["--lora_max_steps", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "fingerprint" in err
+
+
+def test_ranker_resumes_an_interrupted_training(tmp_path, tokenizer, capsys, restore_threads):
+    flags = write_tiny_project(tmp_path, tokenizer)
+    caps = ["--lora_val_iterations", "2", "--lora_micro_batch_size", "2", "--llm_max_history", "5"]
+    caps += ["--llm_max_eval_users", "4", "--num_threads", "1", "--llm_max_train_samples", "16"]
+    assert train_ranker.main(flags + caps + ["--lora_max_steps", "2"]) == 0
+    run = tmp_path / "experiments" / "ranker" / "custom-data" / "seed42"
+    # simulate an interruption after the checkpoint at step 2: no final adapter yet
+    for name in ("adapter", "test_metrics.json"):
+        path = run / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    capsys.readouterr()
+    assert train_ranker.main(flags + caps + ["--lora_max_steps", "4", "--resume"]) == 0
+    assert "continuing from" in capsys.readouterr().out
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert metrics["timing"]["train_steps"] == 4
+    assert [json.loads(line)["step"] for line in (run / "val_history.jsonl").read_text().splitlines()] == [2, 4]

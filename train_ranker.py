@@ -1,0 +1,356 @@
+"""Stage 2 of LlamaRec: an LLM (QLoRA) ranks the retriever's top-20 candidates with a verbalizer.
+
+    python train_ranker.py --dataset_code ml-100k --llm_base_model smollm2-135m [caps]
+
+Run folder experiments/ranker/<dataset>/<run_name>/: config.json, environment.json, verbalizer.json,
+prompts_sample.jsonl, checkpoints/ (Trainer, for --resume), adapter/ (best LoRA, PEFT format),
+val_history.jsonl, test_metrics.json, test_rankings.jsonl.
+"""
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from config import InputError, config_to_json, parse_config, write_run_info
+from dataloader.prompts import PromptBuilder, candidate_letters
+from dataloader.ranker_data import (
+    EvalExample,
+    TrainCollator,
+    TrainPrompts,
+    eval_examples,
+    training_prefixes,
+    true_letter,
+)
+from trainer.candidates import load_candidates
+from trainer.metrics import label_ranks, metrics_from_ranks
+from trainer.utils import atomic_write_json, atomic_write_text, prepare_run_dir, resolve_device, set_seed
+
+REPORT_KS = (1, 5, 10)
+CPU_EVAL_BATCH = 1  # bench/bench_ranker.py: on CPU, batch 1 beat 4 and 8 (no padding, smaller activations)
+
+
+def write_prompts_sample(path: Path, examples: list[EvalExample], builder: PromptBuilder, split) -> None:
+    """The exact prompt text of the first 20 test users, with raw user/item ids (what the LLM sees)."""
+    lines = []
+    for e in examples[:20]:
+        record = {
+            "user": split.user_raw_ids[e.user],
+            "candidates": [split.item_raw_ids[i] for i in e.candidates],
+            "true_item": split.item_raw_ids[e.candidates[e.label]],
+            "true_letter": true_letter(e),
+            "prompt_tokens": len(e.input_ids),
+            "prompt": builder.tokenizer.decode(e.input_ids, skip_special_tokens=True)
+            if len(e.input_ids) >= builder.max_text_len
+            else builder.text(e.history, e.candidates),
+        }
+        lines.append(json.dumps(record, ensure_ascii=False))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def test_report(
+    scores: torch.Tensor, examples: list[EvalExample], test_part: dict, split, ks: tuple[int, ...]
+) -> tuple[dict, list[str]]:
+    """LLM vs retriever on the subset, overall metrics over all test users, coverage, per-user rankings."""
+    llm_ranks = label_ranks(scores, torch.tensor([e.label for e in examples], dtype=torch.long))
+    retriever_subset_ranks = torch.tensor([e.retriever_rank for e in examples], dtype=torch.long)
+    # Overall: every test user's rank of the true item; outside the subset it is the retriever's rank
+    # in its full ranking (>= the candidate count), inside it the LLM's rank among the candidates.
+    # This is the paper's "subset metric x share + retriever metric of the others x their share".
+    all_retriever_ranks = torch.as_tensor(test_part["label_ranks"], dtype=torch.long)
+    row_of_user = {u: row for row, u in enumerate(test_part["users"].tolist())}
+    all_llm_ranks = all_retriever_ranks.clone()
+    for e, rank in zip(examples, llm_ranks.tolist(), strict=True):
+        all_llm_ranks[row_of_user[e.user]] = rank
+    report = {
+        "users_all": len(all_retriever_ranks),
+        "users_subset": len(examples),
+        "coverage": len(examples) / len(all_retriever_ranks),
+        "subset": {
+            "llm": metrics_from_ranks(llm_ranks, ks),
+            "retriever": metrics_from_ranks(retriever_subset_ranks, ks),
+        },
+        "overall": {
+            "llm": metrics_from_ranks(all_llm_ranks, ks),
+            "retriever": metrics_from_ranks(all_retriever_ranks, ks),
+        },
+    }
+    rankings = []
+    for e, row, rank in zip(examples, scores.tolist(), llm_ranks.tolist(), strict=True):
+        order = sorted(range(len(row)), key=lambda k: -row[k])
+        rankings.append(
+            json.dumps(
+                {
+                    "user": split.user_raw_ids[e.user],
+                    "true_item": split.item_raw_ids[e.candidates[e.label]],
+                    "llm_rank": rank,  # ties pessimistic, as in the metrics
+                    "retriever_rank": e.retriever_rank,
+                    "candidates": [
+                        {"item": split.item_raw_ids[e.candidates[k]], "letter": chr(ord("A") + k), "score": row[k]}
+                        for k in order
+                    ],
+                },
+                ensure_ascii=False,
+            )
+        )
+    return report, rankings
+
+
+def format_table(report: dict, ks: tuple[int, ...], llm_name: str) -> str:
+    names = [f"{m}@{k}" for k in ks for m in ("Recall", "NDCG", "MRR") if not (m != "Recall" and k == 1)]
+    short = [n.replace("Recall", "R").replace("NDCG", "N").replace("MRR", "M") for n in names]
+    lines = [f"{'':42}" + "".join(f"{s:>8}" for s in short)]
+    rows = [
+        (f"retriever, subset ({report['users_subset']} users)", report["subset"]["retriever"]),
+        (f"{llm_name} ranker, subset", report["subset"]["llm"]),
+        (f"retriever, all {report['users_all']} users", report["overall"]["retriever"]),
+        ("LlamaRec (retriever + ranker), all", report["overall"]["llm"]),
+    ]
+    for label, metrics in rows:
+        lines.append(f"{label[:42]:42}" + "".join(f"{metrics[n]:8.4f}" for n in names))
+    lines.append(
+        f"coverage (true item in the candidates): {report['users_subset']}/{report['users_all']}"
+        f" = {report['coverage']:.4f}"
+    )
+    return "\n".join(lines)
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+def run(cfg) -> dict:
+    from datasets import load_split
+    from model.llm import add_lora, load_adapter, load_model, load_tokenizer, resolve_model_path
+    from trainer.ranker import rank_examples
+    from trainer.verbalizer import check_training_target, letter_token_ids
+
+    device = resolve_device(cfg.device)
+    set_seed(cfg.seed)
+    if cfg.num_threads > 0:
+        # On a CPU shared with other jobs, 1 thread avoids OpenMP oversubscription, which was measured
+        # 5-7x slower than 1 thread for a forward pass here.
+        torch.set_num_threads(cfg.num_threads)
+    load_in_4bit = cfg.llm_load_in_4bit if cfg.llm_load_in_4bit is not None else device.type == "cuda"
+    num_candidates = cfg.llm_negative_sample_size + 1
+    candidate_letters(num_candidates)  # validates the count early
+    for name in (cfg.llm_base_model, cfg.llm_base_tokenizer):
+        if name:
+            resolve_model_path(name)  # a missing .gguf / embedded model fails before any run folder exists
+
+    split = load_split(cfg)
+    retrieved = cfg.llm_retrieved_path or cfg.experiment_root / "retriever" / cfg.dataset_name / f"seed{cfg.seed}"
+    candidates = load_candidates(retrieved, split=split)
+    run_dir = prepare_run_dir(cfg.experiment_root, "ranker", cfg.dataset_name, cfg.run_name, cfg.resume, cfg.overwrite)
+    write_run_info(run_dir, cfg)
+    print(f"run folder: {run_dir}", flush=True)
+
+    tokenizer = load_tokenizer(cfg.llm_base_tokenizer or cfg.llm_base_model, cfg.llm_cache_dir)
+    builder = PromptBuilder(
+        tokenizer,
+        split.titles,
+        system=cfg.llm_system_template,
+        input_template=cfg.llm_input_template,
+        max_title_len=cfg.llm_max_title_len,
+        max_text_len=cfg.llm_max_text_len,
+        max_history=cfg.llm_max_history,
+    )
+    letters = letter_token_ids(builder, num_candidates)
+    atomic_write_json(
+        run_dir / "verbalizer.json",
+        {
+            "letters": letters,
+            "eos_token_id": tokenizer.eos_token_id,
+            "derived_from": "tokenise(prompt + letter): the token after the prompt's '### Response:\\n'",
+            "tokenizer": cfg.llm_base_tokenizer or cfg.llm_base_model,
+        },
+    )
+    letter_ids = torch.tensor([letters[c] for c in candidate_letters(num_candidates)], dtype=torch.long)
+
+    start = time.time()
+    test_set = eval_examples(
+        builder, split, candidates.test, "test", num_candidates, cfg.llm_shuffle_eval_candidates, cfg.seed
+    )
+    write_prompts_sample(run_dir / "prompts_sample.jsonl", test_set, builder, split)
+    val_set = eval_examples(
+        builder, split, candidates.val, "val", num_candidates, cfg.llm_shuffle_eval_candidates, cfg.seed
+    )
+    if cfg.llm_max_eval_users is not None and cfg.llm_max_eval_users < len(val_set):
+        keep = torch.randperm(len(val_set), generator=torch.Generator().manual_seed(cfg.seed))
+        val_set = [val_set[k] for k in sorted(keep[: cfg.llm_max_eval_users].tolist())]
+    print(
+        f"prompts: {len(val_set)} validation users, {len(test_set)}/{len(candidates.test['users'])} test users "
+        f"with the true item among the {num_candidates} candidates ({time.time() - start:.1f} s)",
+        flush=True,
+    )
+    if not test_set:
+        raise InputError(f"{retrieved}: no test user has the true item among the top {num_candidates}")
+
+    pairs = training_prefixes(split.train, cfg.llm_max_train_samples, cfg.seed)
+    train_set = TrainPrompts(
+        builder,
+        split.train,
+        split.num_items,
+        pairs,
+        cfg.llm_negative_sample_size,
+        letter_ids.tolist(),
+        tokenizer.eos_token_id,
+        cfg.seed,
+    )
+    check_training_target(train_set, letters)
+
+    model = load_model(cfg.llm_base_model, device, load_in_4bit, cfg.llm_cache_dir)
+    print(
+        f"model: {cfg.llm_base_model} ({type(model).__name__}, {'NF4 4-bit' if load_in_4bit else model.dtype}) "
+        f"on {device}",
+        flush=True,
+    )
+    eval_batch = cfg.llm_eval_batch_size or (cfg.lora_micro_batch_size if device.type == "cuda" else CPU_EVAL_BATCH)
+    adapter_dir = run_dir / "adapter"
+    timing: dict = {}
+    if cfg.resume and (adapter_dir / "adapter_config.json").is_file():
+        print(f"--resume: training finished before; loading the best adapter from {adapter_dir}", flush=True)
+        model = load_adapter(model, adapter_dir)
+        trained = True
+    elif cfg.lora_max_steps == 0 or not pairs:
+        print("--lora_max_steps 0: no training; the test below is ZERO-SHOT (base model, no adapter)", flush=True)
+        trained = False
+    else:
+        model = add_lora(
+            model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, quantized=load_in_4bit
+        )
+        if not val_set:
+            raise InputError(f"{retrieved}: no validation user has the true item among the top {num_candidates}")
+        model, timing = train(cfg, model, train_set, val_set, letter_ids, tokenizer, eval_batch, device, run_dir)
+        # written beside and renamed, so an adapter/ folder always means "training finished" (--resume)
+        tmp_dir = run_dir / "adapter.tmp"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        model.save_pretrained(str(tmp_dir))
+        tmp_dir.rename(adapter_dir)
+        trained = True
+
+    start = time.time()
+    scores = rank_examples(model, test_set, letter_ids, tokenizer.pad_token_id, eval_batch, device)
+    test_seconds = time.time() - start
+    report, rankings = test_report(scores, test_set, candidates.test, split, REPORT_KS)
+    timing.update({"test_seconds": round(test_seconds, 2), "test_users_per_s": round(len(test_set) / test_seconds, 3)})
+    result = {
+        "dataset": split.name,
+        "llm": cfg.llm_base_model,
+        "load_in_4bit": load_in_4bit,
+        "trained": trained,
+        "num_candidates": num_candidates,
+        "candidates_file": str(retrieved),
+        **report,
+        "timing": timing,
+    }
+    atomic_write_json(run_dir / "test_metrics.json", result)
+    atomic_write_text(run_dir / "test_rankings.jsonl", "\n".join(rankings) + "\n")
+    name = Path(cfg.llm_base_model).name + ("" if trained else " (zero-shot)")
+    print(format_table(report, REPORT_KS, name), flush=True)
+    print(f"test: {len(test_set)} users in {test_seconds:.1f} s ({len(test_set) / test_seconds:.2f} users/s)")
+    print(f"results: {run_dir / 'test_metrics.json'}", flush=True)
+    return result
+
+
+def train(cfg, model, train_set, val_set, letter_ids, tokenizer, eval_batch, device, run_dir: Path):
+    """HF Trainer run: eval/save every --lora_val_iterations steps, best adapter (NDCG@10) loaded at the end."""
+    from transformers import EarlyStoppingCallback, TrainingArguments
+
+    from model.llm import bf16_supported
+    from trainer.ranker import SELECTION_METRIC, RankerTrainer
+
+    cuda = device.type == "cuda"
+    args = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=cfg.lora_micro_batch_size,
+        gradient_accumulation_steps=cfg.lora_gradient_accumulation_steps,
+        num_train_epochs=cfg.lora_num_epochs,
+        max_steps=cfg.lora_max_steps,
+        learning_rate=cfg.lora_lr,
+        warmup_steps=cfg.lora_warmup_steps,
+        lr_scheduler_type="linear",
+        # paged AdamW is a CUDA memory feature; on CPU plain AdamW (fused kernels need no GPU either)
+        optim="paged_adamw_32bit" if cuda else "adamw_torch",
+        bf16=cuda and bf16_supported(device),  # autocast for 4-bit on GPU; CPU runs bf16 weights directly
+        logging_steps=max(1, min(10, cfg.lora_val_iterations)),
+        eval_strategy="steps",
+        eval_steps=cfg.lora_val_iterations,
+        save_strategy="steps",
+        save_steps=cfg.lora_val_iterations,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model=SELECTION_METRIC,
+        greater_is_better=True,
+        # explicit: transformers 4.x read report_to=None as "every installed integration" and
+        # crashed at wandb.init on offline machines
+        report_to=["wandb"] if cfg.use_wandb else "none",
+        run_name=f"ranker-{cfg.dataset_name}-{cfg.run_name}",
+        remove_unused_columns=False,
+        dataloader_num_workers=cfg.num_workers,
+        dataloader_pin_memory=cuda,
+        use_cpu=not cuda,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+    trainer = RankerTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,  # only its presence is checked; evaluate() ranks val_examples itself
+        data_collator=TrainCollator(tokenizer.pad_token_id),
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=cfg.lora_early_stopping_patience)],
+        val_examples=val_set,
+        letter_ids=letter_ids,
+        pad_id=tokenizer.pad_token_id,
+        eval_batch_size=eval_batch,
+        # NDCG@10 drives model selection, so 10 is always computed
+        ks=sorted({k for k in cfg.metric_ks if k < len(letter_ids)} | {10}),
+        history_path=run_dir / "val_history.jsonl",
+    )
+    resume_from = last_checkpoint(run_dir / "checkpoints") if cfg.resume else None
+    if resume_from:
+        print(f"--resume: continuing from {resume_from}", flush=True)
+    start = time.time()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.time() - start
+    steps = output.global_step
+    samples = steps * cfg.lora_micro_batch_size * cfg.lora_gradient_accumulation_steps
+    best = trainer.state.best_model_checkpoint
+    print(f"best adapter (validation {SELECTION_METRIC} {trainer.state.best_metric}): {best}", flush=True)
+    samples = min(samples, math.ceil(len(train_set) * cfg.lora_num_epochs))
+    train_seconds = seconds - trainer.eval_seconds
+    timing = {
+        "train_steps": steps,
+        "train_samples_seen": samples,
+        "train_prompts_available": len(train_set),
+        "train_seconds_incl_validation": round(seconds, 2),
+        "validation_seconds": round(trainer.eval_seconds, 2),
+        "train_s_per_sample": round(train_seconds / max(samples, 1), 3),
+        "best_checkpoint": best,
+        "best_val_metric": {SELECTION_METRIC: trainer.state.best_metric},
+    }
+    return trainer.model, timing
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+        if cfg.print_config:
+            print(config_to_json(cfg))
+            return 0
+        run(cfg)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
