@@ -67,7 +67,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available, else cpu"
     )
-    group.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    group.add_argument(
+        "--num_workers",
+        type=int,
+        default=0,
+        help="worker processes of the ranker's training DataLoader (the retriever's data are in-memory tensors)",
+    )
+    group.add_argument(
+        "--num_threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default; 1 on a CPU shared with other jobs)",
+    )
     group.add_argument(
         "--experiment_root",
         type=Path,
@@ -159,7 +170,6 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
     add_bool_arg(parser, "early_stopping", True, "stop after --early_stopping_patience validations without gain")
     group.add_argument("--early_stopping_patience", type=int, default=20, help="validations without gain before stop")
     group.add_argument("--retrieved_topk", type=int, default=50, help="candidates kept per user in candidates.npz")
-    group.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
 def add_ranker_args(parser: argparse.ArgumentParser) -> None:
