@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from config import InputError, parse_config  # noqa: E402
 from datasets import load_split  # noqa: E402
-from trainer.candidates import save_candidates  # noqa: E402
 from trainer.retriever import (  # noqa: E402
     build_model,
     build_optimizer,
@@ -29,6 +28,7 @@ from trainer.retriever import (  # noqa: E402
     epoch_batches,
     eval_data,
     evaluate,
+    export_candidates,
     train_step,
     training_windows,
 )
@@ -78,25 +78,11 @@ def bench(cfg: argparse.Namespace, bench_epochs: int) -> dict:
     result["eval_users_per_second"] = val.num_users / result["eval_seconds"]
 
     start = time.perf_counter()
-    topk = min(cfg.retrieved_topk, split.num_items)
-    val_metrics, val_arrays = evaluate(model, val, cfg.test_batch_size, cfg.metric_ks, device, topk)
-    test_metrics, test_arrays = evaluate(
-        model, eval_data(split, "test", max_len), cfg.test_batch_size, cfg.metric_ks, device, topk
-    )
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "candidates.npz"
-        save_candidates(
-            path,
-            split=split,
-            topk=topk,
-            val=val_arrays,
-            test=test_arrays,
-            val_metrics=val_metrics,
-            test_metrics=test_metrics,
-        )
-        result["candidates_file_bytes"] = path.stat().st_size
+        export_candidates(cfg, split, model, Path(tmp), device)
+        result["candidates_file_bytes"] = (Path(tmp) / "candidates.npz").stat().st_size
     result["export_seconds"] = time.perf_counter() - start
-    result["retrieved_topk"] = topk
+    result["retrieved_topk"] = min(cfg.retrieved_topk, split.num_items)
     result["peak_rss_mib"] = peak_rss_mib()
     return result
 

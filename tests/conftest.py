@@ -39,6 +39,26 @@ def ml100k_split(tmp_path_factory) -> SplitData:
     return load_split(parse_config(["--dataset_code", "ml-100k", "--data_root", str(root)]))
 
 
+def tiny_llama(seed: int = 0, hidden_size: int = 32):
+    """A randomly initialised Llama-2-shaped model (vocab 32000, the real tokenizer's ids), tiny."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
 def tiny_interactions(num_users: int = 12, num_items: int = 15, length: int = 9, seed: int = 0) -> pd.DataFrame:
     """Every user rates `length` distinct items at increasing timestamps (all pass a 5-core)."""
     import numpy as np

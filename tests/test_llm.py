@@ -9,26 +9,16 @@ import torch
 from config import InputError
 from dataloader.prompts import PromptBuilder
 from model.llm import DEFAULT_CACHE_DIR, add_lora, load_model, load_tokenizer, resolve_model_path
+from tests.conftest import tiny_llama
 from trainer.verbalizer import letter_token_ids
 
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory, llama2_tokenizer_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
     folder = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_llama(hidden_size=64).save_pretrained(folder)
     AutoTokenizer.from_pretrained(str(llama2_tokenizer_path), add_bos_token=True).save_pretrained(folder)
     return folder
 

@@ -14,27 +14,10 @@ from config import parse_config
 from dataloader.prompts import PromptBuilder
 from dataloader.ranker_data import EvalExample, TrainCollator, TrainPrompts, training_prefixes
 from datasets import load_split
+from tests.conftest import tiny_llama
 from trainer.candidates import save_candidates
 from trainer.ranker import rank_examples
 from trainer.verbalizer import letter_token_ids, verbalizer_scores
-
-
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

@@ -344,13 +344,8 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
     return state
 
 
-def export(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.device) -> tuple[dict, dict]:
-    """With the best checkpoint: val/test metrics, test_metrics.json and candidates.npz (top cfg.retrieved_topk)."""
-    best_path = run_dir / "checkpoint_best.pt"
-    if best_path.exists():
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
-    else:
-        print(f"warning: no validation ran, so no {best_path.name}; exporting the last model")
+def export_candidates(cfg: Namespace, split, model: LRURec, out_dir: Path, device: torch.device) -> tuple[dict, dict]:
+    """With `model` as it is: val/test metrics, test_metrics.json and candidates.npz (top cfg.retrieved_topk)."""
     topk = min(cfg.retrieved_topk, split.num_items)
     val_metrics, val_arrays = evaluate(
         model, eval_data(split, "val", cfg.bert_max_len), cfg.test_batch_size, cfg.metric_ks, device, topk
@@ -358,9 +353,9 @@ def export(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.de
     test_metrics, test_arrays = evaluate(
         model, eval_data(split, "test", cfg.bert_max_len), cfg.test_batch_size, cfg.metric_ks, device, topk
     )
-    atomic_write_json(run_dir / "test_metrics.json", test_metrics)
+    atomic_write_json(out_dir / "test_metrics.json", test_metrics)
     save_candidates(
-        run_dir / "candidates.npz",
+        out_dir / "candidates.npz",
         split=split,
         topk=topk,
         val=val_arrays,
@@ -369,3 +364,13 @@ def export(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.de
         test_metrics=test_metrics,
     )
     return val_metrics, test_metrics
+
+
+def export(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.device) -> tuple[dict, dict]:
+    """Load the best checkpoint, then export_candidates into the run folder."""
+    best_path = run_dir / "checkpoint_best.pt"
+    if best_path.exists():
+        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
+    else:
+        print(f"warning: no validation ran, so no {best_path.name}; exporting the last model")
+    return export_candidates(cfg, split, model, run_dir, device)
