@@ -9,6 +9,7 @@ val_history.jsonl, test_metrics.json, test_rankings.jsonl.
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -266,6 +267,10 @@ def train(cfg, model, train_set, val_set, letter_ids, tokenizer, eval_batch, dev
     from trainer.ranker import SELECTION_METRIC, RankerTrainer
 
     cuda = device.type == "cuda"
+    if cfg.use_wandb:
+        # transformers' wandb integration reads these; the retriever passes the same to wandb.init.
+        os.environ.setdefault("WANDB_PROJECT", cfg.wandb_project)
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
     args = TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=cfg.lora_micro_batch_size,
