@@ -366,3 +366,17 @@ def write_run_info(run_dir: Path, cfg: argparse.Namespace) -> None:
 
     atomic_write_json(run_dir / "config.json", config_to_dict(cfg))
     atomic_write_json(run_dir / "environment.json", environment_info(cfg))
+
+
+def run_cli(run, argv: list[str] | None = None) -> int:
+    """Shared `main` of both scripts: parse, --print_config, run; bad input -> one `error:` line, exit 2."""
+    try:
+        cfg = parse_config(argv)
+        if cfg.print_config:
+            print(config_to_json(cfg))
+            return 0
+        run(cfg)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

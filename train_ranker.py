@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from config import InputError, config_to_json, parse_config, write_run_info
+from config import InputError, run_cli, write_run_info
 from dataloader.prompts import PromptBuilder, candidate_letters
 from dataloader.ranker_data import (
     EvalExample,
@@ -345,16 +345,7 @@ def train(cfg, model, train_set, val_set, letter_ids, tokenizer, eval_batch, dev
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_config(argv)
-        if cfg.print_config:
-            print(config_to_json(cfg))
-            return 0
-        run(cfg)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from config import InputError, config_to_json, parse_config, write_run_info
+from config import run_cli, write_run_info
 from datasets import load_split
 from trainer.retriever import build_model, export, train
 from trainer.utils import prepare_run_dir, resolve_device, set_seed
@@ -44,16 +44,7 @@ def run(cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_config(argv)
-        if cfg.print_config:
-            print(config_to_json(cfg))
-            return 0
-        run(cfg)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":
