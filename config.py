@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent
+LLM_CACHE_DIR = REPO_ROOT / ".cache" / "llm"
 DATASET_CODES = ("ml-100k", "beauty", "games", "custom")
 
 # The paper's per-dataset settings (REFERENCE §2, §3). Flags listed here default to None in the
@@ -189,7 +190,7 @@ def add_ranker_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--llm_cache_dir",
         type=Path,
-        default=REPO_ROOT / ".cache" / "llm",
+        default=LLM_CACHE_DIR,
         help="where GGUF models are converted to plain transformers folders (once)",
     )
     group.add_argument("--llm_max_title_len", type=int, default=32, help="tokens kept of each item title")

