@@ -16,6 +16,9 @@ def test_dataset_defaults_apply_only_when_not_passed():
     assert (other.bert_max_len, other.train_batch_size) == (50, 64)
     user = parse_config(["--dataset_code", "ml-100k", "--bert_max_len", "50", "--train_batch_size", "32"])
     assert (user.bert_max_len, user.train_batch_size) == (50, 32)
+    assert (ml.bert_dropout, ml.bert_attn_dropout, other.bert_dropout, other.bert_attn_dropout) == (0.5, 0.5, 0.2, 0.2)
+    user = parse_config(["--dataset_code", "ml-100k", "--bert_dropout", "0.2", "--bert_attn_dropout", "0.2"])
+    assert (user.bert_dropout, user.bert_attn_dropout) == (0.2, 0.2)
 
 
 def test_user_lr_and_weight_decay_survive():

@@ -10,7 +10,7 @@ from model.lru import LRURec
 from tests.conftest import tiny_interactions
 from train_retriever import main
 from trainer.candidates import load_candidates
-from trainer.retriever import EvalData, evaluate, training_windows
+from trainer.retriever import EvalData, evaluate, train_step, training_windows
 
 
 def test_training_windows_match_the_original_layout():
@@ -23,6 +23,51 @@ def test_training_windows_match_the_original_layout():
     # between max_len and max_len + step: one example of the last max_len labels, full context
     tokens, labels = training_windows([[1, 2, 3, 4, 5, 6]], max_len=4, sliding_step=4)
     assert tokens.tolist() == [[2, 3, 4, 5]] and labels.tolist() == [[3, 4, 5, 6]]
+
+
+def test_training_windows_all_items_label_every_item_once_with_its_real_context():
+    seqs = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18]]
+    tokens, labels = training_windows(seqs, max_len=4, sliding_step=4, all_items=True)
+    assert labels.tolist() == [
+        [0, 1, 2, 3],
+        [9, 10, 11, 12],
+        [5, 6, 7, 8],
+        [0, 0, 0, 4],  # the head the original drops
+        [15, 16, 17, 18],
+        [0, 0, 13, 14],
+    ]
+    # only a sequence's own first item is predicted from padding; window starts see the item before
+    assert tokens.tolist() == [
+        [0, 0, 1, 2],
+        [8, 9, 10, 11],
+        [4, 5, 6, 7],
+        [0, 0, 0, 0],
+        [14, 15, 16, 17],
+        [0, 0, 0, 13],
+    ]
+    # overlapping windows (step 2): context overlaps, labels do not
+    tokens, labels = training_windows([[1, 2, 3, 4, 5, 6, 7]], max_len=4, sliding_step=2, all_items=True)
+    assert labels.tolist() == [[4, 5, 6, 7], [2, 3, 0, 0], [0, 1, 0, 0]]
+    assert tokens.tolist() == [[3, 4, 5, 6], [1, 2, 3, 4], [0, 0, 1, 2]]
+    every_label = sorted(x for row in labels.tolist() for x in row if x)
+    assert every_label == list(range(1, 8))
+
+
+def test_train_step_loss_covers_every_label_of_the_batch():
+    # train_step drops columns left of the first label; masked labels (all_items windows) must not
+    # make it drop real ones. With dropout 0, its loss equals the loss over the full-width batch.
+    seqs = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10]]
+    tokens, labels = training_windows(seqs, max_len=6, sliding_step=3, all_items=True)
+    assert labels[1:].tolist() == [[0, 0, 1, 0, 0, 0], [0, 0, 0, 8, 9, 10]]
+    tokens, labels = tokens[1:], labels[1:]  # a batch whose widest row has fewer labels than its span
+    torch.manual_seed(0)
+    model = LRURec(num_items=12, hidden_units=8, num_blocks=1, dropout=0.0, attn_dropout=0.0)
+    real = labels > 0
+    expected = model.next_item_loss(model.encode(tokens)[real], labels[real]).item()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss = train_step(model, optimizer, scheduler, tokens, labels, max_grad_norm=5.0)
+    assert loss == pytest.approx(expected, rel=1e-6)
 
 
 def test_evaluate_masks_full_history_and_padding():

@@ -36,17 +36,35 @@ def build_model(cfg: Namespace, num_items: int) -> LRURec:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def training_windows(train: list[list[int]], max_len: int, sliding_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded (tokens, labels) [N, max_len] training examples, as the original LRURec dataloader.
+def training_windows(
+    train: list[list[int]], max_len: int, sliding_step: int, all_items: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (tokens, labels) [N, max_len] training examples.
 
-    A sequence shorter than max_len + sliding_step is one example: labels = its last max_len items,
-    tokens = the items before each label (padding before the first item, so the first item is predicted
-    from an empty history). Longer sequences are cut into windows of max_len items ending at the last
-    item, stepping back by sliding_step; a window's first item is predicted from padding.
+    all_items=False is the original LRURec dataloader: a sequence shorter than max_len + sliding_step is
+    one example (labels = its last max_len items, tokens = the items before each label, padding before the
+    first item, so the first item is predicted from an empty history). Longer sequences are cut into windows
+    of max_len items ending at the last item, stepping back by sliding_step; a window's first item is
+    predicted from padding and a leftover head shorter than a window is never a label.
+
+    all_items=True makes every training item a label exactly once: windows end at the last item and step
+    back by sliding_step until the sequence start is covered; labels already used by a later window are
+    masked (0), and every label is predicted from the items actually before it (only the sequence's own
+    first item is predicted from padding).
     """
     examples = []
     for seq in train:
-        if len(seq) < max_len + sliding_step:
+        if all_items:
+            label_end = len(seq)  # items at index >= label_end are labels of a later window
+            for end in range(len(seq), 0, -sliding_step):
+                start = max(0, end - max_len)
+                tok = seq[max(0, start - 1) : end - 1]
+                lab = [item if start + i < label_end else 0 for i, item in enumerate(seq[start:end])]
+                examples.append((tok, lab))
+                label_end = start
+                if start == 0:
+                    break
+        elif len(seq) < max_len + sliding_step:
             examples.append((seq[:-1][-max_len:], seq[-max_len:]))
         else:
             for start in range(len(seq) - max_len, -1, -sliding_step):
@@ -184,9 +202,9 @@ def train_step(
     max_grad_norm: float,
 ) -> float:
     model.train()
-    # Drop the columns that are padding in every row of this batch: real positions do not depend on
-    # padding (tested), so this only saves time.
-    width = int((labels > 0).sum(1).max())
+    # Drop the columns left of every row's first label (padding, or context no label uses): real
+    # positions do not depend on padding (tested), so this only saves time.
+    width = labels.shape[1] - int((labels > 0).int().argmax(1).min())
     tokens, labels = tokens[:, -width:], labels[:, -width:]
     hidden = model.encode(tokens)
     real = labels > 0
@@ -208,7 +226,9 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
     cfg.max_steps leaves a state that --resume continues exactly as if it had not stopped.
     """
     max_len = cfg.bert_max_len
-    tokens, labels = training_windows(split.train, max_len, max(1, int(cfg.sliding_window_size * max_len)))
+    tokens, labels = training_windows(
+        split.train, max_len, max(1, int(cfg.sliding_window_size * max_len)), cfg.train_all_items
+    )
     val_data = eval_data(split, "val", max_len)
     steps_per_epoch = math.ceil(len(tokens) / cfg.train_batch_size)
     optimizer = build_optimizer(model, cfg)
