@@ -26,12 +26,12 @@ from trainer.retriever import (  # noqa: E402
     build_model,
     build_optimizer,
     build_scheduler,
+    config_training_windows,
     epoch_batches,
     eval_data,
     evaluate,
     export_candidates,
     train_step,
-    training_windows,
 )
 from trainer.utils import atomic_write_json, set_seed  # noqa: E402
 
@@ -47,9 +47,7 @@ def bench(cfg: argparse.Namespace, bench_epochs: int) -> dict:
     device = torch.device("cpu")
     model = build_model(cfg, split.num_items)
     max_len = cfg.bert_max_len
-    tokens, labels = training_windows(
-        split.train, max_len, max(1, int(cfg.sliding_window_size * max_len)), cfg.train_all_items
-    )
+    tokens, labels = config_training_windows(cfg, split.train)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, 10**9)
     result = {

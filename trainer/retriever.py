@@ -79,6 +79,12 @@ def training_windows(
     return tokens, labels
 
 
+def config_training_windows(cfg: Namespace, train: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """training_windows with the run's --bert_max_len, --sliding_window_size and --train_all_items."""
+    step = max(1, int(cfg.sliding_window_size * cfg.bert_max_len))
+    return training_windows(train, cfg.bert_max_len, step, cfg.train_all_items)
+
+
 class EvalData:
     """Inputs of one evaluation split: left-padded last max_len history items, labels, masked history (CSR)."""
 
@@ -202,8 +208,8 @@ def train_step(
     max_grad_norm: float,
 ) -> float:
     model.train()
-    # Drop the columns left of every row's first label (padding, or context no label uses): real
-    # positions do not depend on padding (tested), so this only saves time.
+    # Drop the columns left of every row's first label (padding in every row; counting labels instead
+    # would cut rows whose later labels are masked): real positions do not depend on padding (tested).
     width = labels.shape[1] - int((labels > 0).int().argmax(1).min())
     tokens, labels = tokens[:, -width:], labels[:, -width:]
     hidden = model.encode(tokens)
@@ -226,9 +232,7 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
     cfg.max_steps leaves a state that --resume continues exactly as if it had not stopped.
     """
     max_len = cfg.bert_max_len
-    tokens, labels = training_windows(
-        split.train, max_len, max(1, int(cfg.sliding_window_size * max_len)), cfg.train_all_items
-    )
+    tokens, labels = config_training_windows(cfg, split.train)
     val_data = eval_data(split, "val", max_len)
     steps_per_epoch = math.ceil(len(tokens) / cfg.train_batch_size)
     optimizer = build_optimizer(model, cfg)
