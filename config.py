@@ -188,6 +188,19 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorms)")
     group.add_argument("--adam_epsilon", type=float, default=1e-9, help="AdamW epsilon")
     group.add_argument("--max_grad_norm", type=float, default=5.0, help="gradient-norm clipping")
+    group.add_argument(
+        "--label_smoothing",
+        type=float,
+        default=0.0,
+        help="share of the next-item target spread uniformly over all items (0 = plain cross-entropy)",
+    )
+    group.add_argument(
+        "--ema_decay",
+        type=float,
+        default=0.0,
+        help="validate, keep and export an exponential moving average of the weights with this decay per step "
+        "(0 = off: the trained weights themselves)",
+    )
     add_bool_arg(parser, "enable_lr_schedule", False, "linear warm-up then linear decay to 0 over --num_epochs")
     group.add_argument("--warmup_steps", type=int, default=100, help="warm-up steps of the schedule")
     group.add_argument("--num_epochs", type=int, default=500, help="upper bound on training epochs")
@@ -329,6 +342,9 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if cfg.min_sc < 1:
         raise InputError(f"--min_sc: expected >= 1, found {cfg.min_sc}")
+    for flag in ("ema_decay", "label_smoothing"):
+        if not 0.0 <= getattr(cfg, flag) < 1.0:
+            raise InputError(f"--{flag}: expected a value in [0, 1), found {getattr(cfg, flag)}")
     if cfg.resume and cfg.overwrite:
         raise InputError("--resume and --overwrite: pass at most one")
     defaults = DATASET_DEFAULTS["ml-100k" if cfg.dataset_code == "ml-100k" else "other"]

@@ -61,12 +61,16 @@ def bench(cfg: argparse.Namespace, bench_epochs: int) -> dict:
     }
     # One warm-up step (allocator, thread pool) outside the timing.
     batches = epoch_batches(len(tokens), cfg.train_batch_size, cfg.seed, 0)
-    train_step(model, optimizer, scheduler, tokens[batches[0]], labels[batches[0]], cfg.max_grad_norm)
+    train_step(
+        model, optimizer, scheduler, tokens[batches[0]], labels[batches[0]], cfg.max_grad_norm, cfg.label_smoothing
+    )
     epoch_seconds = []
     for epoch in range(bench_epochs):
         start = time.perf_counter()
         for index in epoch_batches(len(tokens), cfg.train_batch_size, cfg.seed, epoch):
-            train_step(model, optimizer, scheduler, tokens[index], labels[index], cfg.max_grad_norm)
+            train_step(
+                model, optimizer, scheduler, tokens[index], labels[index], cfg.max_grad_norm, cfg.label_smoothing
+            )
         epoch_seconds.append(time.perf_counter() - start)
     result["train_seconds_per_epoch"] = min(epoch_seconds)
     result["train_seconds_per_epoch_all"] = [round(s, 3) for s in epoch_seconds]

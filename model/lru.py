@@ -111,10 +111,14 @@ class ScoreCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels):  # noqa: ANN001, ANN205 - autograd.Function signature
+    def forward(ctx, hidden, weight, bias, labels, smoothing):  # noqa: ANN001, ANN205 - autograd.Function signature
         logits = torch.addmm(bias, hidden, weight.t())
         lse = torch.logsumexp(logits, dim=1)
-        loss = (lse - logits.gather(1, labels.view(-1, 1)).squeeze(1)).mean()
+        target = logits.gather(1, labels.view(-1, 1)).squeeze(1)
+        if smoothing:  # the target distribution puts `smoothing` uniformly on the real items (not column 0)
+            target = (1 - smoothing) * target + smoothing * logits[:, 1:].mean(1)
+        loss = (lse - target).mean()
+        ctx.smoothing = smoothing
         ctx.save_for_backward(hidden, weight, logits, lse, labels)
         return loss
 
@@ -122,9 +126,11 @@ class ScoreCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         hidden, weight, logits, lse, labels = ctx.saved_tensors
         grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
-        grad_logits[torch.arange(len(labels), device=labels.device), labels] -= 1
+        if ctx.smoothing:
+            grad_logits[:, 1:] -= ctx.smoothing / (logits.shape[1] - 1)
+        grad_logits[torch.arange(len(labels), device=labels.device), labels] -= 1 - ctx.smoothing
         grad_logits.mul_(grad / len(labels))
-        return grad_logits @ weight, grad_logits.t() @ hidden, grad_logits.sum(0), None
+        return grad_logits @ weight, grad_logits.t() @ hidden, grad_logits.sum(0), None, None
 
 
 class LRULayer(nn.Module):
@@ -212,10 +218,11 @@ class LRURec(nn.Module):
         """Scores over all item ids (column 0 = padding) for hidden states [..., d]."""
         return hidden @ self.token.weight.T + self.bias
 
-    def next_item_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def next_item_loss(self, hidden: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         """Mean cross-entropy over all items of hidden states [N, d] against item ids [N]; equals
-        F.cross_entropy(self.score(hidden), labels) (tested) at a lower cost."""
-        return ScoreCrossEntropy.apply(hidden, self.token.weight, self.bias, labels)
+        F.cross_entropy(self.score(hidden), labels) (tested) at a lower cost. label_smoothing moves that
+        share of the target uniformly onto the real items (ids 1..num_items)."""
+        return ScoreCrossEntropy.apply(hidden, self.token.weight, self.bias, labels, label_smoothing)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Next-item scores [B, num_items + 1] after the last position of each sequence."""

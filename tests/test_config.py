@@ -68,6 +68,13 @@ def test_min_uc_below_three_is_rejected():
         parse_config(["--dataset_code", "ml-100k", "--min_uc", "2"])
 
 
+@pytest.mark.parametrize("flag", ["ema_decay", "label_smoothing"])
+@pytest.mark.parametrize("value", ["1", "-0.1"])
+def test_fractions_outside_zero_one_are_rejected(flag, value):
+    with pytest.raises(InputError, match=f"--{flag}: expected a value in \\[0, 1\\), found {float(value)}"):
+        parse_config(["--dataset_code", "ml-100k", f"--{flag}", value])
+
+
 def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120

@@ -139,16 +139,21 @@ def test_dropout_rate_scale_and_eval_identity():
     assert drop.eval()(x) is x
 
 
-def test_fused_next_item_loss_matches_cross_entropy():
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_next_item_loss_matches_cross_entropy(smoothing):
     torch.manual_seed(0)
     model = LRURec(num_items=50, hidden_units=16)
     hidden = torch.randn(30, 16, requires_grad=True)
     labels = torch.randint(1, 51, (30,))
-    fused = model.next_item_loss(hidden, labels)
+    fused = model.next_item_loss(hidden, labels, smoothing)
     fused.backward()
     fused_grads = [hidden.grad.clone(), model.token.weight.grad.clone(), model.bias.grad.clone()]
     hidden.grad, model.token.weight.grad, model.bias.grad = None, None, None
-    reference = torch.nn.functional.cross_entropy(model.score(hidden), labels)
+    # target: 1 - smoothing on the label, smoothing spread over the real items 1..50, nothing on padding (0)
+    logits = model.score(hidden)
+    target = (1 - smoothing) * torch.nn.functional.one_hot(labels, 51).float()
+    target[:, 1:] += smoothing / 50
+    reference = -(target * logits.log_softmax(1)).sum(1).mean()
     reference.backward()
     assert torch.allclose(fused, reference, atol=1e-6)
     for got, want in zip(fused_grads, [hidden.grad, model.token.weight.grad, model.bias.grad], strict=True):

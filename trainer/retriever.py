@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from config import InputError
 from model.lru import LRURec
 from trainer.candidates import save_candidates
 from trainer.metrics import label_ranks, metrics_from_ranks
@@ -206,6 +208,7 @@ def train_step(
     tokens: torch.Tensor,
     labels: torch.Tensor,
     max_grad_norm: float,
+    label_smoothing: float = 0.0,
 ) -> float:
     model.train()
     # Drop the columns left of every row's first label (padding in every row; counting labels instead
@@ -215,7 +218,7 @@ def train_step(
     hidden = model.encode(tokens)
     real = labels > 0
     # Scores only at positions with a label: the [positions, items] product dominates the step's cost.
-    loss = model.next_item_loss(hidden[real], labels[real])
+    loss = model.next_item_loss(hidden[real], labels[real], label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -230,6 +233,8 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
     Writes checkpoint_best.pt (best validation cfg.best_metric), checkpoint_last.pt (everything --resume
     needs, saved at each validation and when training stops) and val_history.jsonl. Stopping at
     cfg.max_steps leaves a state that --resume continues exactly as if it had not stopped.
+    With cfg.ema_decay > 0, validation and checkpoint_best.pt use the moving average of the weights, and
+    `model` ends holding that average.
     """
     max_len = cfg.bert_max_len
     tokens, labels = config_training_windows(cfg, split.train)
@@ -237,6 +242,8 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
     steps_per_epoch = math.ceil(len(tokens) / cfg.train_batch_size)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.num_epochs)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay > 0 else None
+    eval_model = model if ema is None else ema.module
     state = {
         "step": 0,
         "epoch": 0,
@@ -259,6 +266,10 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None:
+            if "ema" not in ckpt:
+                raise InputError(f"--ema_decay {cfg.ema_decay}: {last_path} was trained without --ema_decay")
+            ema.load_state_dict(ckpt["ema"])
         set_rng_state(ckpt["rng"])
         state = ckpt["state"]
         # Validation lines written after the checkpoint belong to the lost part of the run.
@@ -276,6 +287,7 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),
                 "state": state,
+                **({} if ema is None else {"ema": ema.state_dict()}),
             },
             last_path,
         )
@@ -302,8 +314,16 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
         while True:
             index = batches[state["batch"]]
             loss = train_step(
-                model, optimizer, scheduler, tokens[index].to(device), labels[index].to(device), cfg.max_grad_norm
+                model,
+                optimizer,
+                scheduler,
+                tokens[index].to(device),
+                labels[index].to(device),
+                cfg.max_grad_norm,
+                cfg.label_smoothing,
             )
+            if ema is not None:
+                ema.update_parameters(model)
             state["loss_sum"], state["loss_count"] = state["loss_sum"] + loss, state["loss_count"] + 1
             state["step"] += 1
             state["batch"] += 1
@@ -323,12 +343,14 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
 
             if state["step"] % cfg.val_iterations == 0:
                 start = time.time()
-                last_val, _ = evaluate(model, val_data, cfg.val_batch_size, cfg.metric_ks, device)
+                last_val, _ = evaluate(eval_model, val_data, cfg.val_batch_size, cfg.metric_ks, device)
                 value = last_val[cfg.best_metric]
                 improved = value > state["best_value"]
                 if improved:
                     state["best_value"], state["best_step"], state["patience"] = value, state["step"], 0
-                    atomic_torch_save({"model": model.state_dict(), "step": state["step"], "value": value}, best_path)
+                    atomic_torch_save(
+                        {"model": eval_model.state_dict(), "step": state["step"], "value": value}, best_path
+                    )
                 else:
                     state["patience"] += 1
                 record = {
@@ -365,6 +387,8 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
     save_last()
     if wandb_run is not None:
         wandb_run.finish()
+    if ema is not None:
+        model.load_state_dict(ema.module.state_dict())
     return state
 
 
