@@ -194,13 +194,6 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="share of the next-item target spread uniformly over all items (0 = plain cross-entropy)",
     )
-    group.add_argument(
-        "--ema_decay",
-        type=float,
-        default=0.0,
-        help="validate, keep and export an exponential moving average of the weights with this decay per step "
-        "(0 = off: the trained weights themselves)",
-    )
     add_bool_arg(parser, "enable_lr_schedule", False, "linear warm-up then linear decay to 0 over --num_epochs")
     group.add_argument("--warmup_steps", type=int, default=100, help="warm-up steps of the schedule")
     group.add_argument("--num_epochs", type=int, default=500, help="upper bound on training epochs")
@@ -342,9 +335,8 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if cfg.min_sc < 1:
         raise InputError(f"--min_sc: expected >= 1, found {cfg.min_sc}")
-    for flag in ("ema_decay", "label_smoothing"):
-        if not 0.0 <= getattr(cfg, flag) < 1.0:
-            raise InputError(f"--{flag}: expected a value in [0, 1), found {getattr(cfg, flag)}")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise InputError(f"--label_smoothing: expected a value in [0, 1), found {cfg.label_smoothing}")
     if cfg.resume and cfg.overwrite:
         raise InputError("--resume and --overwrite: pass at most one")
     defaults = DATASET_DEFAULTS["ml-100k" if cfg.dataset_code == "ml-100k" else "other"]

@@ -15,10 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from config import InputError
 from model.lru import LRURec
 from trainer.candidates import save_candidates
 from trainer.metrics import label_ranks, metrics_from_ranks
@@ -233,8 +231,6 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
     Writes checkpoint_best.pt (best validation cfg.best_metric), checkpoint_last.pt (everything --resume
     needs, saved at each validation and when training stops) and val_history.jsonl. Stopping at
     cfg.max_steps leaves a state that --resume continues exactly as if it had not stopped.
-    With cfg.ema_decay > 0, validation and checkpoint_best.pt use the moving average of the weights, and
-    `model` ends holding that average.
     """
     max_len = cfg.bert_max_len
     tokens, labels = config_training_windows(cfg, split.train)
@@ -242,8 +238,6 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
     steps_per_epoch = math.ceil(len(tokens) / cfg.train_batch_size)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.num_epochs)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay > 0 else None
-    eval_model = model if ema is None else ema.module
     state = {
         "step": 0,
         "epoch": 0,
@@ -266,10 +260,6 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        if ema is not None:
-            if "ema" not in ckpt:
-                raise InputError(f"--ema_decay {cfg.ema_decay}: {last_path} was trained without --ema_decay")
-            ema.load_state_dict(ckpt["ema"])
         set_rng_state(ckpt["rng"])
         state = ckpt["state"]
         # Validation lines written after the checkpoint belong to the lost part of the run.
@@ -287,7 +277,6 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),
                 "state": state,
-                **({} if ema is None else {"ema": ema.state_dict()}),
             },
             last_path,
         )
@@ -322,8 +311,6 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
                 cfg.max_grad_norm,
                 cfg.label_smoothing,
             )
-            if ema is not None:
-                ema.update_parameters(model)
             state["loss_sum"], state["loss_count"] = state["loss_sum"] + loss, state["loss_count"] + 1
             state["step"] += 1
             state["batch"] += 1
@@ -343,14 +330,12 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
 
             if state["step"] % cfg.val_iterations == 0:
                 start = time.time()
-                last_val, _ = evaluate(eval_model, val_data, cfg.val_batch_size, cfg.metric_ks, device)
+                last_val, _ = evaluate(model, val_data, cfg.val_batch_size, cfg.metric_ks, device)
                 value = last_val[cfg.best_metric]
                 improved = value > state["best_value"]
                 if improved:
                     state["best_value"], state["best_step"], state["patience"] = value, state["step"], 0
-                    atomic_torch_save(
-                        {"model": eval_model.state_dict(), "step": state["step"], "value": value}, best_path
-                    )
+                    atomic_torch_save({"model": model.state_dict(), "step": state["step"], "value": value}, best_path)
                 else:
                     state["patience"] += 1
                 record = {
@@ -387,8 +372,6 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
     save_last()
     if wandb_run is not None:
         wandb_run.finish()
-    if ema is not None:
-        model.load_state_dict(ema.module.state_dict())
     return state
 
 
