@@ -37,6 +37,9 @@ DATASET_DEFAULTS = {
         # Also selected on validation (seeds 1, 2; dropout 0.5): 0.1705 against 0.1656 without. 120 of the 610
         # users have more than 200 training items; the original's windows never predict 9,489 of 89,054 items.
         "train_all_items": True,
+        # Selected on validation over seeds 5-8 (see README, "Choices made on validation"): mean best validation
+        # Recall@10 0.1832 against 0.1799 without, NDCG@10 0.0999 against 0.0963.
+        "label_smoothing": 0.1,
     },
     "other": {
         "bert_max_len": 50,
@@ -48,6 +51,7 @@ DATASET_DEFAULTS = {
         "bert_dropout": 0.2,
         "bert_attn_dropout": 0.2,
         "train_all_items": False,
+        "label_smoothing": 0.0,
     },
 }
 
@@ -191,8 +195,8 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--label_smoothing",
         type=float,
-        default=0.0,
-        help="share of the next-item target spread uniformly over all items (0 = plain cross-entropy)",
+        default=None,
+        help="share of the next-item target spread uniformly over all items (0.1 ml-100k, else 0 = plain cross-entropy)",
     )
     add_bool_arg(parser, "enable_lr_schedule", False, "linear warm-up then linear decay to 0 over --num_epochs")
     group.add_argument("--warmup_steps", type=int, default=100, help="warm-up steps of the schedule")
@@ -335,14 +339,14 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if cfg.min_sc < 1:
         raise InputError(f"--min_sc: expected >= 1, found {cfg.min_sc}")
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise InputError(f"--label_smoothing: expected a value in [0, 1), found {cfg.label_smoothing}")
     if cfg.resume and cfg.overwrite:
         raise InputError("--resume and --overwrite: pass at most one")
     defaults = DATASET_DEFAULTS["ml-100k" if cfg.dataset_code == "ml-100k" else "other"]
     for key, value in defaults.items():
         if getattr(cfg, key, None) is None:
             setattr(cfg, key, value)
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise InputError(f"--label_smoothing: expected a value in [0, 1), found {cfg.label_smoothing}")
     if cfg.run_name is None:
         cfg.run_name = f"seed{cfg.seed}"
     cfg.dataset_name = dataset_name(cfg)

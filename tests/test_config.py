@@ -19,6 +19,8 @@ def test_dataset_defaults_apply_only_when_not_passed():
     assert (ml.bert_dropout, ml.bert_attn_dropout, other.bert_dropout, other.bert_attn_dropout) == (0.5, 0.5, 0.2, 0.2)
     user = parse_config(["--dataset_code", "ml-100k", "--bert_dropout", "0.2", "--bert_attn_dropout", "0.2"])
     assert (user.bert_dropout, user.bert_attn_dropout) == (0.2, 0.2)
+    assert (ml.label_smoothing, other.label_smoothing) == (0.1, 0.0)
+    assert parse_config(["--dataset_code", "ml-100k", "--label_smoothing", "0"]).label_smoothing == 0.0
 
 
 def test_user_lr_and_weight_decay_survive():
