@@ -196,7 +196,7 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
         "--label_smoothing",
         type=float,
         default=None,
-        help="share of the next-item target spread uniformly over all items (0.1 ml-100k, else 0 = plain cross-entropy)",
+        help="share of the next-item target spread evenly over all real items (0.1 ml-100k, else 0 = plain cross-entropy)",
     )
     add_bool_arg(parser, "enable_lr_schedule", False, "linear warm-up then linear decay to 0 over --num_epochs")
     group.add_argument("--warmup_steps", type=int, default=100, help="warm-up steps of the schedule")
