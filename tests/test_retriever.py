@@ -160,3 +160,21 @@ def test_resume_ends_with_the_same_best_model(tmp_path, tiny_args):
 
     assert history(full) == history(cut)
     assert json.loads((full / "test_metrics.json").read_text()) == json.loads((cut / "test_metrics.json").read_text())
+
+
+def test_validation_frequency_does_not_change_training(tmp_path, tiny_args):
+    # The defaults validate more often than the paper (50/100 steps, not 500) on the grounds that this only
+    # refines model selection: validation must not consume the training RNG (dropout > 0 here) or state.
+    assert main(tiny_args + ["--run_name", "every2"]) == 0
+    assert main(tiny_args + ["--run_name", "every4", "--val_iterations", "4"]) == 0
+
+    def metrics_by_step(run):
+        rows = [json.loads(line) for line in (run_dir_of(tmp_path, run) / "val_history.jsonl").read_text().splitlines()]
+        return {r["step"]: {k: v for k, v in r.items() if k not in ("train_loss", "best", "val_seconds")} for r in rows}
+
+    every2, every4 = metrics_by_step("every2"), metrics_by_step("every4")
+    assert sorted(every4) == [4, 8, 12] and set(every4) < set(every2)
+    assert all(every4[step] == every2[step] for step in every4)
+    last2 = torch.load(run_dir_of(tmp_path, "every2") / "checkpoint_last.pt", weights_only=True)["model"]
+    last4 = torch.load(run_dir_of(tmp_path, "every4") / "checkpoint_last.pt", weights_only=True)["model"]
+    assert all(torch.equal(value, last4[key]) for key, value in last2.items())
