@@ -20,6 +20,7 @@ def test_dataset_defaults_apply_only_when_not_passed():
     user = parse_config(["--dataset_code", "ml-100k", "--bert_dropout", "0.2", "--bert_attn_dropout", "0.2"])
     assert (user.bert_dropout, user.bert_attn_dropout) == (0.2, 0.2)
     assert (ml.label_smoothing, other.label_smoothing) == (0.1, 0.0)
+    assert (ml.val_iterations, other.val_iterations) == (50, 100)
     assert parse_config(["--dataset_code", "ml-100k", "--label_smoothing", "0"]).label_smoothing == 0.0
 
 

@@ -112,6 +112,12 @@ def run_dir_of(tmp_path, name="seed42"):
     return tmp_path / "exp" / "retriever" / "custom-tiny" / name
 
 
+def val_history(run, drop=("val_seconds",)):
+    """val_history.jsonl rows of a run folder, without the keys in `drop` (timings differ between runs)."""
+    rows = [json.loads(line) for line in (run / "val_history.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in drop} for row in rows]
+
+
 def test_end_to_end_run_folder_and_candidates_round_trip(tmp_path, tiny_args):
     assert main(tiny_args) == 0
     run = run_dir_of(tmp_path)
@@ -153,12 +159,7 @@ def test_resume_ends_with_the_same_best_model(tmp_path, tiny_args):
     assert best_full["step"] == best_cut["step"]
     for key, value in best_full["model"].items():
         assert torch.equal(value, best_cut["model"][key]), key
-
-    def history(run):
-        rows = [json.loads(line) for line in (run / "val_history.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in row.items() if k != "val_seconds"} for row in rows]
-
-    assert history(full) == history(cut)
+    assert val_history(full) == val_history(cut)
     assert json.loads((full / "test_metrics.json").read_text()) == json.loads((cut / "test_metrics.json").read_text())
 
 
@@ -168,9 +169,10 @@ def test_validation_frequency_does_not_change_training(tmp_path, tiny_args):
     assert main(tiny_args + ["--run_name", "every2"]) == 0
     assert main(tiny_args + ["--run_name", "every4", "--val_iterations", "4"]) == 0
 
-    def metrics_by_step(run):
-        rows = [json.loads(line) for line in (run_dir_of(tmp_path, run) / "val_history.jsonl").read_text().splitlines()]
-        return {r["step"]: {k: v for k, v in r.items() if k not in ("train_loss", "best", "val_seconds")} for r in rows}
+    def metrics_by_step(run):  # train_loss averages over the steps since the previous validation
+        return {
+            r["step"]: r for r in val_history(run_dir_of(tmp_path, run), drop=("train_loss", "best", "val_seconds"))
+        }
 
     every2, every4 = metrics_by_step("every2"), metrics_by_step("every4")
     assert sorted(every4) == [4, 8, 12] and set(every4) < set(every2)
