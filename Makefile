@@ -20,7 +20,7 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
-# Both stages on ml-100k, offline on a CPU: the retriever with the paper's settings, then SmolLM2-135M
+# Both stages on ml-100k, offline on a CPU: the retriever with its ml-100k defaults, then SmolLM2-135M
 # as the ranker with CPU caps (128 training prompts, 32 optimizer steps, validation on 64 users; the
 # test ranks every test user whose true item was retrieved). See README, "The demo".
 DEMO_RANKER_CAPS := --llm_max_train_samples 128 --lora_micro_batch_size 1 --lora_gradient_accumulation_steps 4 \

@@ -6,6 +6,7 @@ dataset-dependent defaults of the paper only for the flags the user did not pass
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -16,6 +17,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent
 LLM_CACHE_DIR = REPO_ROOT / ".cache" / "llm"
 DATASET_CODES = ("ml-100k", "beauty", "games", "custom")
+# The paper's prompt texts (REFERENCE §3); the prompt template around them is in dataloader/prompts.py.
+DEFAULT_SYSTEM = (
+    "Given user history in chronological order, recommend an item from the candidate pool with its index letter."
+)
+DEFAULT_INPUT = "User history: {}; \n Candidate pool: {}"
 
 # Per-dataset defaults: the paper's (REFERENCE §2, §3) except where a comment says why. Flags listed here
 # default to None in the parser, so "not passed" is distinguishable from "passed the default value".
@@ -116,9 +122,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--wandb_project", default="llamarec", help="wandb project name")
     group.add_argument("--print_config", action="store_true", help="print the fully resolved config as JSON and exit")
     group.add_argument(
-        "--metric_ks", type=int, nargs="+", default=[1, 5, 10, 20, 50], help="cut-offs k of Recall/NDCG/MRR@k"
+        "--metric_ks",
+        type=int,
+        nargs="+",
+        default=[1, 5, 10, 20, 50],
+        help="cut-offs k of the retriever's Recall/NDCG/MRR@k (the ranker reports k = 1, 5, 10)",
     )
-    group.add_argument("--best_metric", default="Recall@10", help="validation metric used for model selection")
+    group.add_argument(
+        "--best_metric",
+        default="Recall@10",
+        help="retriever: validation metric (Recall/NDCG/MRR@k, k in --metric_ks) of model selection; "
+        "the ranker always selects on NDCG@10, as the paper",
+    )
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -148,7 +163,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         help="folder with ml-latest-small ratings.csv/movies.csv (default: the shipped 2018 release)",
     )
     add_bool_arg(parser, "download", True, "download missing raw files (beauty, games, --ml_100k_path)")
-    group.add_argument("--min_rating", type=float, default=0, help="drop interactions rated below this")
+    group.add_argument(
+        "--min_rating", type=float, default=0, help="drop interactions rated below this (data with a rating column)"
+    )
     group.add_argument("--min_uc", type=int, default=5, help="k-core: minimum interactions per user (>= 3)")
     group.add_argument("--min_sc", type=int, default=5, help="k-core: minimum interactions per item")
 
@@ -188,9 +205,11 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--train_batch_size", type=int, default=None, help="sequences per step (default 16 ml-100k, else 64)"
     )
-    group.add_argument("--val_batch_size", type=int, default=None, help="users per validation batch (default as train)")
     group.add_argument(
-        "--test_batch_size", type=int, default=None, help="users per test/export batch (default as train)"
+        "--val_batch_size", type=int, default=None, help="users per validation batch (default 16 ml-100k, else 64)"
+    )
+    group.add_argument(
+        "--test_batch_size", type=int, default=None, help="users per test/export batch (default 16 ml-100k, else 64)"
     )
     group.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     group.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorms)")
@@ -212,7 +231,12 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="validate every this many steps (default 50 ml-100k, else 100; the paper: 500)",
     )
-    add_bool_arg(parser, "early_stopping", True, "stop after --early_stopping_patience validations without gain")
+    add_bool_arg(
+        parser,
+        "early_stopping",
+        True,
+        "retriever: stop after --early_stopping_patience validations without gain (ranker: see --lora_early_stopping_patience)",
+    )
     group.add_argument("--early_stopping_patience", type=int, default=20, help="validations without gain before stop")
     group.add_argument("--retrieved_topk", type=int, default=50, help="candidates kept per user in candidates.npz")
 
@@ -245,12 +269,12 @@ def add_ranker_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--llm_system_template",
-        default="Given user history in chronological order, recommend an item from the candidate pool with its index letter.",
+        default=DEFAULT_SYSTEM,
         help="instruction text of the prompt",
     )
     group.add_argument(
         "--llm_input_template",
-        default="User history: {}; \n Candidate pool: {}",
+        default=DEFAULT_INPUT,
         help="input text of the prompt; the two {} take the history and the candidates",
     )
     add_bool_arg(
@@ -328,6 +352,47 @@ def dataset_name(cfg: argparse.Namespace) -> str:
     return f"custom-{folder}"
 
 
+# Flags that must be > 0 (None, where allowed, means "no cap" or "use the default").
+POSITIVE_INT_FLAGS = (
+    "bert_max_len", "bert_hidden_units", "bert_num_blocks", "train_batch_size", "val_batch_size", "test_batch_size",
+    "num_epochs", "max_steps", "val_iterations", "early_stopping_patience", "retrieved_topk", "llm_max_title_len",
+    "llm_max_text_len", "llm_max_history", "llm_negative_sample_size", "llm_max_train_samples", "llm_max_eval_users",
+    "llm_eval_batch_size", "lora_r", "lora_micro_batch_size", "lora_gradient_accumulation_steps",
+    "lora_val_iterations", "lora_early_stopping_patience",
+)  # fmt: skip
+METRIC_NAMES = ("Recall", "NDCG", "MRR")
+
+
+def check_numbers(cfg: argparse.Namespace) -> None:
+    """Reject flag values that would fail (or silently mean something else) deep inside a run."""
+    for name in POSITIVE_INT_FLAGS:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise InputError(f"--{name}: expected a positive integer, found {value}")
+    if min(cfg.metric_ks) <= 0:
+        raise InputError(f"--metric_ks: expected positive cut-offs, found {cfg.metric_ks}")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise InputError(f"--label_smoothing: expected a value in [0, 1), found {cfg.label_smoothing}")
+    for name in ("lr", "lora_lr", "lora_num_epochs"):
+        if getattr(cfg, name) <= 0:
+            raise InputError(f"--{name}: expected a positive number, found {getattr(cfg, name)}")
+    for name in ("bert_dropout", "bert_attn_dropout", "lora_dropout"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise InputError(f"--{name}: expected a value in [0, 1), found {getattr(cfg, name)}")
+    # Windows step back by this fraction of max_len; above 1 they leave gaps, so "every item a label once"
+    # would not hold.
+    upper = 1.0 if cfg.train_all_items else math.inf
+    if not 0.0 < cfg.sliding_window_size <= upper:
+        expected = "(0, 1] with --train_all_items" if cfg.train_all_items else "> 0"
+        raise InputError(f"--sliding_window_size: expected {expected}, found {cfg.sliding_window_size}")
+    name, _, k = cfg.best_metric.partition("@")
+    if name not in METRIC_NAMES or not k.isdigit() or int(k) not in cfg.metric_ks:
+        raise InputError(
+            f"--best_metric: expected Recall@k, NDCG@k or MRR@k with k in --metric_ks {cfg.metric_ks}, "
+            f"found {cfg.best_metric!r}"
+        )
+
+
 def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse `argv` (default sys.argv[1:]) and resolve the dataset-dependent defaults."""
     cfg = build_parser().parse_args(argv)
@@ -352,8 +417,7 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(cfg, key, None) is None:
             setattr(cfg, key, value)
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise InputError(f"--label_smoothing: expected a value in [0, 1), found {cfg.label_smoothing}")
+    check_numbers(cfg)
     if cfg.run_name is None:
         cfg.run_name = f"seed{cfg.seed}"
     cfg.dataset_name = dataset_name(cfg)

@@ -10,6 +10,7 @@ val_history.jsonl, test_metrics.json, test_rankings.jsonl.
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -27,15 +28,33 @@ from dataloader.ranker_data import (
     training_prefixes,
     true_letter,
 )
+from datasets.split import SplitData
 from trainer.candidates import load_candidates
 from trainer.metrics import label_ranks, metrics_from_ranks
-from trainer.utils import atomic_write_json, atomic_write_text, prepare_run_dir, resolve_device, set_seed
+from trainer.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    check_resume_config,
+    prepare_run_dir,
+    resolve_device,
+    set_seed,
+    truncate_history,
+)
 
 REPORT_KS = (1, 5, 10)
 CPU_EVAL_BATCH = 1  # bench/bench_ranker.py: on CPU, batch 1 beat 4 and 8 (no padding, smaller activations)
+# Flags that define the training of a ranker run: --resume refuses to change them (--lora_max_steps may change).
+RESUME_KEYS = (
+    "dataset_name", "min_rating", "min_uc", "min_sc", "seed", "llm_base_model", "llm_base_tokenizer",
+    "llm_retrieved_path", "llm_max_title_len", "llm_max_text_len", "llm_max_history", "llm_negative_sample_size",
+    "llm_system_template", "llm_input_template", "llm_load_in_4bit", "llm_max_train_samples", "llm_max_eval_users",
+    "llm_shuffle_eval_candidates", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_num_epochs",
+    "lora_lr", "lora_warmup_steps", "lora_micro_batch_size", "lora_gradient_accumulation_steps",
+    "lora_val_iterations",
+)  # fmt: skip
 
 
-def write_prompts_sample(path: Path, examples: list[EvalExample], builder: PromptBuilder, split) -> None:
+def write_prompts_sample(path: Path, examples: list[EvalExample], builder: PromptBuilder, split: SplitData) -> None:
     """The exact prompt text of the first 20 test users, with raw user/item ids (what the LLM sees)."""
     lines = []
     for e in examples[:20]:
@@ -54,7 +73,7 @@ def write_prompts_sample(path: Path, examples: list[EvalExample], builder: Promp
 
 
 def test_report(
-    scores: torch.Tensor, examples: list[EvalExample], test_part: dict, split, ks: tuple[int, ...]
+    scores: torch.Tensor, examples: list[EvalExample], test_part: dict, split: SplitData, ks: tuple[int, ...]
 ) -> tuple[dict, list[str]]:
     """LLM vs retriever on the subset, overall metrics over all test users, coverage, per-user rankings."""
     llm_ranks = label_ranks(scores, torch.tensor([e.label for e in examples], dtype=torch.long))
@@ -121,9 +140,14 @@ def format_table(report: dict, ks: tuple[int, ...], llm_name: str) -> str:
     return "\n".join(lines)
 
 
-def last_checkpoint(folder: Path) -> str | None:
-    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(checkpoints[-1]) if checkpoints else None
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete HF Trainer checkpoint (trainer_state.json is written last)."""
+    checkpoints = [
+        p
+        for p in folder.glob("checkpoint-*")
+        if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").is_file()
+    ]
+    return max(checkpoints, key=lambda p: int(p.name.split("-")[1])) if checkpoints else None
 
 
 def run(cfg) -> dict:
@@ -149,6 +173,8 @@ def run(cfg) -> dict:
     retrieved = cfg.llm_retrieved_path or cfg.experiment_root / "retriever" / cfg.dataset_name / f"seed{cfg.seed}"
     candidates = load_candidates(retrieved, split=split)
     run_dir = prepare_run_dir(cfg.experiment_root, "ranker", cfg.dataset_name, cfg.run_name, cfg.resume, cfg.overwrite)
+    if cfg.resume:
+        check_resume_config(run_dir, cfg, RESUME_KEYS)
     write_run_info(run_dir, cfg)
     print(f"run folder: {run_dir}", flush=True)
 
@@ -220,7 +246,8 @@ def run(cfg) -> dict:
         model = load_adapter(model, adapter_dir)
         trained = True
     elif cfg.lora_max_steps == 0 or not pairs:
-        print("--lora_max_steps 0: no training; the test below is ZERO-SHOT (base model, no adapter)", flush=True)
+        why = "--lora_max_steps 0" if cfg.lora_max_steps == 0 else "no training prefixes in the data"
+        print(f"{why}: no training; the test below is ZERO-SHOT (base model, no adapter)", flush=True)
         trained = False
     else:
         model = add_lora(
@@ -323,6 +350,8 @@ def train(cfg, model, train_set, val_set, letter_ids, tokenizer, eval_batch, dev
     resume_from = last_checkpoint(run_dir / "checkpoints") if cfg.resume else None
     if resume_from:
         print(f"--resume: continuing from {resume_from}", flush=True)
+        truncate_history(run_dir / "val_history.jsonl", int(resume_from.name.split("-")[1]))
+        resume_from = str(resume_from)
     start = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.time() - start

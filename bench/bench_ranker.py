@@ -28,7 +28,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def popular_candidates(split, user: int, history: list[int], popularity: np.ndarray, count: int) -> list[int]:
+def popular_candidates(history: list[int], popularity: np.ndarray, count: int) -> list[int]:
     seen = set(history)
     return [int(i) for i in np.argsort(-popularity) if i != 0 and i not in seen][:count]
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     examples = []
     for user in range(args.eval_users):
         history = split.train[user] + [split.val[user]]
-        candidates = popular_candidates(split, user, history, popularity, 20)
+        candidates = popular_candidates(history, popularity, 20)
         examples.append(EvalExample(user, history, candidates, 0, 0, builder.encode(history, candidates)))
     letters = letter_token_ids(builder, 20)
     letter_ids = torch.tensor(list(letters.values()))

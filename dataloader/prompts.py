@@ -7,16 +7,13 @@ boundaries with SentencePiece tokenizers). Whole-prompt tokenisation costs ~0.4 
 700-token prompt with a fast tokenizer, against ~300 ms for the model's forward pass.
 """
 
+import string
 from collections.abc import Sequence
 
-from config import InputError
+from config import DEFAULT_INPUT, DEFAULT_SYSTEM, InputError
 
 # alpaca_short, as the original's templates/alpaca_short.json
 PROMPT_TEMPLATE = "### Instruction:\n{system}\n\n### Input:\n{input}\n\n### Response:\n"
-DEFAULT_SYSTEM = (
-    "Given user history in chronological order, recommend an item from the candidate pool with its index letter."
-)
-DEFAULT_INPUT = "User history: {}; \n Candidate pool: {}"
 
 
 def candidate_letters(count: int) -> list[str]:
@@ -40,8 +37,15 @@ class PromptBuilder:
         max_text_len: int = 1536,
         max_history: int = 20,
     ) -> None:
-        if input_template.count("{}") != 2:
-            raise InputError(f"--llm_input_template: expected two {{}} (history, candidates), found {input_template!r}")
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(input_template) if field is not None]
+        except ValueError:  # an unmatched brace
+            fields = None
+        if fields != ["", ""]:
+            raise InputError(
+                f"--llm_input_template: expected exactly two {{}} (history, candidates) and no other braces "
+                f"(write {{{{ }}}} for literal ones), found {input_template!r}"
+            )
         self.tokenizer = tokenizer
         self.titles = titles
         self.system = system

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from config import InputError
 from dataloader.prompts import PromptBuilder, candidate_letters
+from datasets.split import SplitData
 
 
 def sample_negatives(rng: np.random.Generator, num_items: int, exclude: set[int], count: int) -> list[int]:
@@ -107,7 +108,7 @@ class EvalExample:
 
 def eval_examples(
     builder: PromptBuilder,
-    split,
+    split: SplitData,
     part: dict[str, np.ndarray],
     which: str,
     num_candidates: int,
@@ -123,6 +124,13 @@ def eval_examples(
         raise InputError(
             f"--llm_retrieved_path: expected at least {num_candidates} candidates per user "
             f"(--llm_negative_sample_size + 1), found {items.shape[1]}"
+        )
+    masked = np.isneginf(part["scores"][:, :num_candidates]).any(axis=1)
+    if masked.any():
+        raise InputError(
+            f"--llm_retrieved_path: {int(masked.sum())} {which} users have fewer than {num_candidates} items outside "
+            "their history, so their candidates would include masked (history or padding) items; lower "
+            "--llm_negative_sample_size"
         )
     rng = np.random.default_rng((seed, 1 if which == "test" else 0))
     examples = []

@@ -62,6 +62,11 @@ def load_cached_split(folder: Path) -> SplitData | None:
             val, test = data["val"].tolist(), data["test"].tolist()
     except (OSError, ValueError, KeyError):
         return None
+    if (
+        not isinstance(meta, dict)
+        or not {"name", "titles", "user_raw_ids", "item_raw_ids", "fingerprint"} <= meta.keys()
+    ):
+        return None
     train = [seq.tolist() for seq in np.split(flat, np.cumsum(lengths)[:-1])]
     return SplitData(
         name=meta["name"],

@@ -8,6 +8,7 @@ import ast
 import gzip
 import hashlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -15,6 +16,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 import pandas as pd
@@ -91,13 +93,22 @@ def clean_movielens_title(title: str) -> str:
 
 
 def _fetch_movielens(folder: Path) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+    # Extracted beside the archive, moved into `folder` only once every member is complete.
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
         archive = Path(tmp) / "ml-latest-small.zip"
         download(ML_100K_URL, archive)
-        with zipfile.ZipFile(archive) as zf:
-            for member in ("ratings.csv", "movies.csv", "README.txt"):
-                with zf.open(f"ml-latest-small/{member}") as src, open(folder / member, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+        members = ("ratings.csv", "movies.csv", "README.txt")
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                for member in members:
+                    with zf.open(f"ml-latest-small/{member}") as src, open(Path(tmp) / member, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise InputError(
+                f"{ML_100K_URL}: expected a zip with ml-latest-small/{{{','.join(members)}}} ({e})"
+            ) from None
+        for member in members:
+            os.replace(Path(tmp) / member, folder / member)
 
 
 def read_movielens(folder: Path | None, allow_download: bool):
@@ -162,7 +173,7 @@ def parse_amazon_meta(path: Path) -> dict[str, str]:
                 title = record.get("title")
                 if isinstance(title, str) and title.strip():
                     titles[str(record["asin"]).strip()] = title.strip()
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
         raise InputError(f"{path}: not a readable gzip text file ({e})") from None
     return titles
 
@@ -170,7 +181,7 @@ def parse_amazon_meta(path: Path) -> dict[str, str]:
 def read_amazon_ratings(path: Path) -> pd.DataFrame:
     """SNAP ratings CSV without header: user,item,rating,unix_timestamp."""
     try:
-        df = pd.read_csv(path, header=None, dtype={0: str, 1: str})
+        df = pd.read_csv(path, header=None, dtype={0: str, 1: str}, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise InputError(f"{path}: file is empty") from None
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
@@ -178,6 +189,7 @@ def read_amazon_ratings(path: Path) -> pd.DataFrame:
     if df.shape[1] != 4:
         raise InputError(f"{path}: expected 4 columns (user,item,rating,timestamp) without header, found {df.shape[1]}")
     df.columns = ["user", "item", "rating", "timestamp"]
+    _require_ids(df, path, ("user", "item"))
     return _numeric_columns(df, path, ("rating", "timestamp"))
 
 
@@ -201,6 +213,14 @@ def read_amazon(code: str, data_root: Path, allow_download: bool):
 
 
 # ---------------------------------------------------------------- custom: interactions.csv + items.csv
+
+
+def _require_ids(df: pd.DataFrame, path: Path, columns: tuple[str, ...]) -> None:
+    for column in columns:
+        empty = df[column].str.strip() == ""
+        if empty.any():
+            row = int(empty.to_numpy().nonzero()[0][0])
+            raise InputError(f"{path}: column {column!r} must not be empty, found an empty value in data row {row + 1}")
 
 
 def _numeric_columns(df: pd.DataFrame, path: Path, columns) -> pd.DataFrame:
@@ -234,6 +254,7 @@ def read_csv_checked(path: Path, columns: dict[str, str], optional: dict[str, st
         raise InputError(f"{path}: has a header but no rows")
     keep = {**columns, **{c: name for c, name in optional.items() if c in df.columns}}
     df = df[list(keep)].rename(columns=keep)
+    _require_ids(df, path, tuple(c for c in ("user", "item") if c in df.columns))
     numeric = [c for c in ("timestamp", "rating") if c in df.columns]
     return _numeric_columns(df, path, numeric)
 

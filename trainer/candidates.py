@@ -11,6 +11,7 @@ Memory and disk are O(users x K), never users x items.
 import io
 import json
 import os
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,13 +67,14 @@ def save_candidates(
     arrays["meta"] = np.array(json.dumps(meta))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, **arrays)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -89,8 +91,13 @@ def load_candidates(path: Path, split=None) -> Candidates:
         meta = json.loads(str(arrays.pop("meta")))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, io.UnsupportedOperation) as e:
         raise InputError(f"{path}: not a readable candidates file ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise InputError(f"{path}: expected format {FORMAT}, found {meta.get('format')!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise InputError(f"{path}: expected format {FORMAT}, found {found!r}")
+    expected = {f"{name}_{key}" for name in ("val", "test") for key in ARRAYS}
+    missing = sorted(expected - arrays.keys()) + sorted({"fingerprint", "dataset"} - meta.keys())
+    if missing:
+        raise InputError(f"{path}: incomplete candidates file, missing {missing}")
     if split is not None and (meta["fingerprint"] != split.fingerprint or meta["dataset"] != split.name):
         raise InputError(
             f"{path}: built from dataset {meta['dataset']!r} (fingerprint {meta['fingerprint'][:16]}), but this run "

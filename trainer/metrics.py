@@ -15,7 +15,9 @@ def label_ranks(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """0-based rank of each user's label among its row of scores, ties pessimistic. [N, C], [N] -> [N]."""
     label_scores = scores.gather(1, labels.view(-1, 1).long())
     # Counting beats sorting: O(C) per row and no [N, C] index tensor.
-    return (scores >= label_scores).sum(dim=1) - 1
+    ranks = (scores >= label_scores).sum(dim=1) - 1
+    # NaN compares false with everything, so a NaN label score would rank first: rank it last.
+    return torch.where(label_scores.squeeze(1).isnan(), scores.shape[1] - 1, ranks)
 
 
 def metric_sums_from_ranks(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:

@@ -6,7 +6,6 @@ padding are masked out of a full ranking over all items, at validation and at te
 masked only at test, so its model selection optimised another metric than the one it reported).
 """
 
-import json
 import math
 import random
 import time
@@ -17,10 +16,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from config import InputError
+from datasets.split import SplitData
 from model.lru import LRURec
 from trainer.candidates import save_candidates
 from trainer.metrics import label_ranks, metrics_from_ranks
-from trainer.utils import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text
+from trainer.utils import append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint, truncate_history
 
 
 def build_model(cfg: Namespace, num_items: int) -> LRURec:
@@ -107,7 +108,7 @@ class EvalData:
         return rows, self.history_items[self.offsets[start] : self.offsets[end]]
 
 
-def eval_data(split, mode: str, max_len: int) -> EvalData:
+def eval_data(split: SplitData, mode: str, max_len: int) -> EvalData:
     if mode == "val":
         return EvalData(split.train, split.val, max_len)
     return EvalData([seq + [v] for seq, v in zip(split.train, split.val, strict=True)], split.test, max_len)
@@ -182,17 +183,22 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> 
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy_key": torch.from_numpy(np_state[1].astype(np.int64)),
         "numpy_pos": int(np_state[2]),
         "numpy_gauss": (int(np_state[3]), float(np_state[4])),
         "python": random.getstate(),
     }
+    if torch.cuda.is_available():  # dropout on a GPU draws from the CUDA generators
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
     has_gauss, gauss = state["numpy_gauss"]
     np.random.set_state(("MT19937", state["numpy_key"].numpy().astype(np.uint32), state["numpy_pos"], has_gauss, gauss))
     version, internal, gauss_next = state["python"]
@@ -225,7 +231,7 @@ def train_step(
     return loss.item()
 
 
-def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.device) -> dict:
+def train(cfg: Namespace, split: SplitData, model: LRURec, run_dir: Path, device: torch.device) -> dict:
     """Train with validation every cfg.val_iterations steps and early stopping; return the final state.
 
     Writes checkpoint_best.pt (best validation cfg.best_metric), checkpoint_last.pt (everything --resume
@@ -256,17 +262,16 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
     )
 
     if cfg.resume and last_path.exists():
-        ckpt = torch.load(last_path, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        state = ckpt["state"]
-        # Validation lines written after the checkpoint belong to the lost part of the run.
-        if history_path.exists():
-            lines = history_path.read_text(encoding="utf-8").splitlines(keepends=True)
-            kept = [line for line in lines if json.loads(line)["step"] <= state["step"]]
-            atomic_write_text(history_path, "".join(kept))
+        ckpt = load_checkpoint(last_path, device)
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            set_rng_state(ckpt["rng"])
+            state = ckpt["state"]
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise InputError(f"{last_path}: does not fit this run's model ({str(e)[:300]})") from None
+        truncate_history(history_path, state["step"])
         print(f"resumed from {last_path} at step {state['step']} (epoch {state['epoch'] + 1})")
 
     def save_last() -> None:
@@ -295,6 +300,8 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
 
     last_val: dict[str, float] = {}
     stop = state["done"]
+    if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
+        stop = True  # e.g. --resume of a run that stopped at this --max_steps
     while not stop and state["epoch"] < cfg.num_epochs:
         batches = epoch_batches(len(tokens), cfg.train_batch_size, cfg.seed, state["epoch"])
         bar = tqdm(
@@ -375,7 +382,9 @@ def train(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.dev
     return state
 
 
-def export_candidates(cfg: Namespace, split, model: LRURec, out_dir: Path, device: torch.device) -> tuple[dict, dict]:
+def export_candidates(
+    cfg: Namespace, split: SplitData, model: LRURec, out_dir: Path, device: torch.device
+) -> tuple[dict, dict]:
     """With `model` as it is: val/test metrics, test_metrics.json and candidates.npz (top cfg.retrieved_topk)."""
     topk = min(cfg.retrieved_topk, split.num_items)
     val_metrics, val_arrays = evaluate(
@@ -384,7 +393,6 @@ def export_candidates(cfg: Namespace, split, model: LRURec, out_dir: Path, devic
     test_metrics, test_arrays = evaluate(
         model, eval_data(split, "test", cfg.bert_max_len), cfg.test_batch_size, cfg.metric_ks, device, topk
     )
-    atomic_write_json(out_dir / "test_metrics.json", test_metrics)
     save_candidates(
         out_dir / "candidates.npz",
         split=split,
@@ -394,14 +402,16 @@ def export_candidates(cfg: Namespace, split, model: LRURec, out_dir: Path, devic
         val_metrics=val_metrics,
         test_metrics=test_metrics,
     )
+    # Written last: a run folder with test_metrics.json also has its candidates.
+    atomic_write_json(out_dir / "test_metrics.json", test_metrics)
     return val_metrics, test_metrics
 
 
-def export(cfg: Namespace, split, model: LRURec, run_dir: Path, device: torch.device) -> tuple[dict, dict]:
+def export(cfg: Namespace, split: SplitData, model: LRURec, run_dir: Path, device: torch.device) -> tuple[dict, dict]:
     """Load the best checkpoint, then export_candidates into the run folder."""
     best_path = run_dir / "checkpoint_best.pt"
     if best_path.exists():
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
+        model.load_state_dict(load_checkpoint(best_path, device)["model"])
     else:
         print(f"warning: no validation ran, so no {best_path.name}; exporting the last model")
     return export_candidates(cfg, split, model, run_dir, device)

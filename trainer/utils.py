@@ -1,6 +1,7 @@
 """Small helpers shared by both stages: atomic result files, seeding, devices, run folders."""
 
 import json
+import math
 import os
 import random
 import shutil
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import InputError
+from config import InputError, config_to_dict
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -35,19 +36,63 @@ def atomic_write_json(path: Path, obj) -> None:
 def atomic_torch_save(obj, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """torch.load(weights_only=True) with a clear error for a file that is not one of our checkpoints."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # unpickling, zip and I/O errors all mean "not a readable checkpoint"
+        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def append_jsonl(path: Path, obj) -> None:
     """Append one JSON line (a log: a crash can at worst lose the line being written)."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def truncate_history(path: Path, max_step: int) -> None:
+    """Keep the validation lines of steps <= max_step: the rest belong to the part of an interrupted run that
+    --resume repeats. A line cut off by the interruption is dropped too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", math.inf) <= max_step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+def check_resume_config(run_dir: Path, cfg, keys: tuple[str, ...]) -> None:
+    """--resume continues the run in run_dir only with the flags it started with (those in `keys`)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: unreadable ({e}); cannot check that --resume uses the run's flags") from None
+    current = config_to_dict(cfg)
+    changed = [key for key in keys if key in saved and saved[key] != current.get(key)]
+    if changed:
+        details = ", ".join(f"--{key} {saved[key]!r} -> {current.get(key)!r}" for key in changed)
+        raise InputError(
+            f"--resume: {run_dir} was started with other flags ({details}); pass the run's own flags "
+            f"(see {path}) or start another run (--run_name, --overwrite)"
+        )
 
 
 def set_seed(seed: int) -> None:
