@@ -22,6 +22,7 @@ DEFAULT_SYSTEM = (
     "Given user history in chronological order, recommend an item from the candidate pool with its index letter."
 )
 DEFAULT_INPUT = "User history: {}; \n Candidate pool: {}"
+CPU_EVAL_BATCH = 1  # bench/bench_ranker.py: on CPU, batch 1 beat 4 and 8 (no padding, smaller activations)
 
 # Per-dataset defaults: the paper's (REFERENCE §2, §3) except where a comment says why. Flags listed here
 # default to None in the parser, so "not passed" is distinguishable from "passed the default value".
@@ -80,11 +81,23 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false, yes/no, 1/0), found {value!r}")
 
 
-def add_bool_arg(parser: argparse.ArgumentParser, name: str, default: bool | None, help: str) -> None:
+def add_bool_arg(
+    container: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, default: bool | None, help: str
+) -> None:
     """`--name`, `--no-name` and `--name True/False` all work."""
-    group = parser.add_mutually_exclusive_group()
+    group = container.add_mutually_exclusive_group()
     group.add_argument(f"--{name}", dest=name, nargs="?", const=True, default=default, type=str2bool, help=help)
-    group.add_argument(f"--no-{name}", dest=name, action="store_false", help=f"set --{name} to False")
+    # SUPPRESS: the default comes from --name (and --help shows it there only).
+    group.add_argument(
+        f"--no-{name}", dest=name, action="store_false", default=argparse.SUPPRESS, help=f"set --{name} to False"
+    )
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None: those flags say in their help what they default to."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -118,7 +131,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--resume", action="store_true", help="continue the run in the existing run folder")
     group.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start anew")
-    add_bool_arg(parser, "use_wandb", False, "log to Weights & Biases (works with WANDB_MODE=offline)")
+    add_bool_arg(group, "use_wandb", False, "log to Weights & Biases (works with WANDB_MODE=offline)")
     group.add_argument("--wandb_project", default="llamarec", help="wandb project name")
     group.add_argument("--print_config", action="store_true", help="print the fully resolved config as JSON and exit")
     group.add_argument(
@@ -162,7 +175,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="folder with ml-latest-small ratings.csv/movies.csv (default: the shipped 2018 release)",
     )
-    add_bool_arg(parser, "download", True, "download missing raw files (beauty, games, --ml_100k_path)")
+    add_bool_arg(group, "download", True, "download missing raw files (beauty, games, --ml_100k_path)")
     group.add_argument(
         "--min_rating", type=float, default=0, help="drop interactions rated below this (data with a rating column)"
     )
@@ -197,7 +210,7 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
         help="training windows over sequences longer than max_len step by this fraction of max_len",
     )
     add_bool_arg(
-        parser,
+        group,
         "train_all_items",
         None,
         "training windows make every training item a label once (default True ml-100k, else False = the original)",
@@ -221,7 +234,7 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="share of the next-item target spread evenly over all real items (0.1 ml-100k, else 0 = plain cross-entropy)",
     )
-    add_bool_arg(parser, "enable_lr_schedule", False, "linear warm-up then linear decay to 0 over --num_epochs")
+    add_bool_arg(group, "enable_lr_schedule", False, "linear warm-up then linear decay to 0 over --num_epochs")
     group.add_argument("--warmup_steps", type=int, default=100, help="warm-up steps of the schedule")
     group.add_argument("--num_epochs", type=int, default=500, help="upper bound on training epochs")
     group.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (tests, benchmarks)")
@@ -232,7 +245,7 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
         help="validate every this many steps (default 50 ml-100k, else 100; the paper: 500)",
     )
     add_bool_arg(
-        parser,
+        group,
         "early_stopping",
         True,
         "retriever: stop after --early_stopping_patience validations without gain (ranker: see --lora_early_stopping_patience)",
@@ -278,7 +291,7 @@ def add_ranker_args(parser: argparse.ArgumentParser) -> None:
         help="input text of the prompt; the two {} take the history and the candidates",
     )
     add_bool_arg(
-        parser, "llm_load_in_4bit", None, "NF4 4-bit base model, double quant, bf16 compute (default: on iff CUDA)"
+        group, "llm_load_in_4bit", None, "NF4 4-bit base model, double quant, bf16 compute (default: on iff CUDA)"
     )
     group.add_argument(
         "--llm_max_train_samples",
@@ -292,8 +305,13 @@ def add_ranker_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="cap on validation users ranked by the LLM during training (seeded subset; test always uses all)",
     )
-    add_bool_arg(parser, "llm_shuffle_eval_candidates", False, "shuffle val/test candidates (position-bias studies)")
-    group.add_argument("--llm_eval_batch_size", type=int, default=None, help="prompts per eval forward pass")
+    add_bool_arg(group, "llm_shuffle_eval_candidates", False, "shuffle val/test candidates (position-bias studies)")
+    group.add_argument(
+        "--llm_eval_batch_size",
+        type=int,
+        default=None,
+        help=f"prompts per eval forward pass (default: --lora_micro_batch_size on CUDA, {CPU_EVAL_BATCH} on CPU)",
+    )
     group.add_argument("--lora_r", type=int, default=8, help="LoRA rank")
     group.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha")
     group.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout")
@@ -324,7 +342,7 @@ def add_ranker_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="LlamaRec: LRURec retriever + LLM ranker (one config for train_retriever.py and train_ranker.py)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_common_args(parser)
     add_data_args(parser)
@@ -369,6 +387,8 @@ def check_numbers(cfg: argparse.Namespace) -> None:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise InputError(f"--{name}: expected a positive integer, found {value}")
+    if cfg.num_threads < 0:
+        raise InputError(f"--num_threads: expected 0 (torch's default) or more, found {cfg.num_threads}")
     if min(cfg.metric_ks) <= 0:
         raise InputError(f"--metric_ks: expected positive cut-offs, found {cfg.metric_ks}")
     if not 0.0 <= cfg.label_smoothing < 1.0:

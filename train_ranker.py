@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from config import InputError, run_cli, write_run_info
+from config import CPU_EVAL_BATCH, InputError, run_cli, write_run_info
 from dataloader.prompts import PromptBuilder, candidate_letters
 from dataloader.ranker_data import (
     EvalExample,
@@ -29,6 +29,7 @@ from dataloader.ranker_data import (
     true_letter,
 )
 from datasets.split import SplitData
+from trainer.candidates import FILE_NAME as CANDIDATES_FILE
 from trainer.candidates import load_candidates
 from trainer.metrics import label_ranks, metrics_from_ranks
 from trainer.utils import (
@@ -42,7 +43,6 @@ from trainer.utils import (
 )
 
 REPORT_KS = (1, 5, 10)
-CPU_EVAL_BATCH = 1  # bench/bench_ranker.py: on CPU, batch 1 beat 4 and 8 (no padding, smaller activations)
 # Flags that define the training of a ranker run: --resume refuses to change them (--lora_max_steps may change).
 RESUME_KEYS = (
     "dataset_name", "min_rating", "min_uc", "min_sc", "seed", "llm_base_model", "llm_base_tokenizer",
@@ -274,7 +274,7 @@ def run(cfg) -> dict:
         "load_in_4bit": load_in_4bit,
         "trained": trained,
         "num_candidates": num_candidates,
-        "candidates_file": str(retrieved),
+        "candidates_file": str(retrieved / CANDIDATES_FILE if Path(retrieved).is_dir() else retrieved),
         **report,
         "timing": timing,
     }

@@ -123,7 +123,14 @@ def read_movielens(folder: Path | None, allow_download: bool):
                 + ("" if shipped else " or pass --download to fetch them")
             )
         folder.mkdir(parents=True, exist_ok=True)
-        _fetch_movielens(folder)
+        missing = ", ".join(f.name for f in files if not f.is_file())
+        try:
+            _fetch_movielens(folder)
+        except InputError as e:
+            raise InputError(
+                f"{folder}: missing {missing}, and fetching ml-latest-small failed: {e}. Place ratings.csv and "
+                f"movies.csv there by hand (from {ML_100K_URL}) or pass --no-download"
+            ) from None
     for f in files:
         digest = sha256_file(f)
         if digest != ML_100K_SHA256[f.name]:
@@ -268,6 +275,13 @@ def read_custom(folder: Path):
         interactions_path, {"user_id": "user", "item_id": "item", "timestamp": "timestamp"}, {"rating": "rating"}
     )
     items = read_csv_checked(items_path, {"item_id": "item", "title": "title"})
+    conflicting = items.groupby("item")["title"].nunique()
+    conflicting = conflicting[conflicting > 1]
+    if len(conflicting):
+        raise InputError(
+            f"{items_path}: expected one title per item_id, found {len(conflicting)} item_id(s) with several "
+            f"different titles (first: {conflicting.index[0]!r})"
+        )
     titles = {
         item: title.strip()
         for item, title in zip(items["item"], items["title"], strict=True)

@@ -111,6 +111,7 @@ def test_print_config(script):
         (["--metric_ks", "0", "10"], "--metric_ks: expected positive cut-offs"),
         (["--bert_dropout", "1"], "--bert_dropout: expected a value in [0, 1), found 1.0"),
         (["--lr", "0"], "--lr: expected a positive number, found 0.0"),
+        (["--num_threads", "-1"], "--num_threads: expected 0 (torch's default) or more, found -1"),
         (["--best_metric", "Recall@7"], "--best_metric: expected Recall@k, NDCG@k or MRR@k with k in --metric_ks"),
         (["--best_metric", "Hits@10"], "found 'Hits@10'"),
         (["--sliding_window_size", "1.5"], "--sliding_window_size: expected (0, 1] with --train_all_items, found 1.5"),
@@ -126,3 +127,13 @@ def test_bad_numbers_are_rejected_with_the_flag_named(flags, message):
 def test_window_step_above_one_is_the_originals_choice_without_train_all_items():
     cfg = parse_config(["--dataset_code", "beauty", "--sliding_window_size", "1.5"])
     assert cfg.sliding_window_size == 1.5 and cfg.train_all_items is False
+
+
+def test_help_shows_each_boolean_default_once_in_its_group():
+    result = run_script("train_retriever.py", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "--no-use_wandb set --use_wandb to False --wandb_project" in text  # no "(default: True)"
+    assert "(default: None)" not in text
+    retriever_group = text[text.index("retriever (LRURec):") : text.index("ranker (LLM):")]
+    assert "--train_all_items" in retriever_group

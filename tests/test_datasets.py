@@ -185,6 +185,7 @@ def test_cache_reused_and_invalidated(tmp_path):
         (GOOD_INTERACTIONS, "item_id,title\n99,Other\n", "items.csv: has titles for none of the 6 items"),
         (GOOD_INTERACTIONS, "item_id,name\n1,x\n", "items.csv: expected columns item_id, title"),
         ("user_id,item_id,timestamp\n1,1,1\n1,2,2\n", GOOD_ITEMS, "no interactions left after the k-core filter"),
+        (GOOD_INTERACTIONS, GOOD_ITEMS + "0,Another title\n", "items.csv: expected one title per item_id, found 1"),
         (
             GOOD_INTERACTIONS.replace("0,1,1\n", ",1,1\n"),
             GOOD_ITEMS,

@@ -151,6 +151,8 @@ def test_end_to_end_run_folder_and_candidates_round_trip(tmp_path, tiny_args):
     # a file missing an array is refused by name, not with a KeyError
     with np.load(run / "candidates.npz", allow_pickle=False) as data:
         arrays = {key: data[key] for key in data.files if key != "test_label_ranks"}
+    with pytest.raises(InputError, match=r"config.json: not a readable candidates file \(not a numpy .npz archive\)"):
+        load_candidates(run / "config.json", split)
     np.savez(tmp_path / "partial.npz", **arrays)
     with pytest.raises(InputError, match=r"incomplete candidates file, missing \['test_label_ranks'\]"):
         load_candidates(tmp_path / "partial.npz", split)

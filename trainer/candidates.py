@@ -90,7 +90,11 @@ def load_candidates(path: Path, split=None) -> Candidates:
             arrays = {key: data[key] for key in data.files}
         meta = json.loads(str(arrays.pop("meta")))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, io.UnsupportedOperation) as e:
-        raise InputError(f"{path}: not a readable candidates file ({e})") from None
+        # numpy's own message for a non-.npz file suggests allow_pickle=True, which we never do
+        reason = "not a numpy .npz archive" if "pickle" in str(e) else str(e)
+        raise InputError(
+            f"{path}: not a readable candidates file ({reason}); expected a retriever run folder or its {FILE_NAME}"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise InputError(f"{path}: expected format {FORMAT}, found {found!r}")

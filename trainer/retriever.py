@@ -272,7 +272,7 @@ def train(cfg: Namespace, split: SplitData, model: LRURec, run_dir: Path, device
         except (KeyError, RuntimeError, ValueError) as e:
             raise InputError(f"{last_path}: does not fit this run's model ({str(e)[:300]})") from None
         truncate_history(history_path, state["step"])
-        print(f"resumed from {last_path} at step {state['step']} (epoch {state['epoch'] + 1})")
+        print(f"resumed from {last_path} at step {state['step']} ({state['step'] / steps_per_epoch:.1f} epochs)")
 
     def save_last() -> None:
         atomic_torch_save(
@@ -361,7 +361,7 @@ def train(cfg: Namespace, split: SplitData, model: LRURec, run_dir: Path, device
                     )
                 state["loss_sum"], state["loss_count"] = 0.0, 0
                 tqdm.write(
-                    f"step {state['step']} epoch {state['epoch']}: {cfg.best_metric} {value:.4f} (best {state['best_value']:.4f} at {state['best_step']}) NDCG@10 {last_val.get('NDCG@10', math.nan):.4f}"
+                    f"step {state['step']} ({state['step'] / steps_per_epoch:.1f} epochs): {cfg.best_metric} {value:.4f} (best {state['best_value']:.4f} at {state['best_step']}) NDCG@10 {last_val.get('NDCG@10', math.nan):.4f}"
                 )
                 if cfg.early_stopping and state["patience"] >= cfg.early_stopping_patience:
                     tqdm.write(f"early stopping: {state['patience']} validations without a better {cfg.best_metric}")
