@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -177,7 +178,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     )
     add_bool_arg(group, "download", True, "download missing raw files (beauty, games, --ml_100k_path)")
     group.add_argument(
-        "--min_rating", type=float, default=0, help="drop interactions rated below this (data with a rating column)"
+        "--min_rating", type=float, default=0, help="drop interactions rated below this (needs a rating column)"
     )
     group.add_argument("--min_uc", type=int, default=5, help="k-core: minimum interactions per user (>= 3)")
     group.add_argument("--min_sc", type=int, default=5, help="k-core: minimum interactions per item")
@@ -499,7 +500,7 @@ def write_run_info(run_dir: Path, cfg: argparse.Namespace) -> None:
     atomic_write_json(run_dir / "environment.json", environment_info(cfg))
 
 
-def run_cli(run, argv: list[str] | None = None) -> int:
+def run_cli(run: Callable[[argparse.Namespace], object], argv: list[str] | None = None) -> int:
     """Shared `main` of both scripts: parse, --print_config, run; bad input -> one `error:` line, exit 2."""
     try:
         cfg = parse_config(argv)

@@ -7,6 +7,7 @@ prompts_sample.jsonl, checkpoints/ (Trainer, for --resume), adapter/ (best LoRA,
 val_history.jsonl, test_metrics.json, test_rankings.jsonl.
 """
 
+import argparse
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,6 +43,10 @@ from trainer.utils import (
     set_seed,
     truncate_history,
 )
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
 
 REPORT_KS = (1, 5, 10)
 # Flags that define the training of a ranker run: --resume refuses to change them (--lora_max_steps may change).
@@ -150,7 +156,7 @@ def last_checkpoint(folder: Path) -> Path | None:
     return max(checkpoints, key=lambda p: int(p.name.split("-")[1])) if checkpoints else None
 
 
-def run(cfg) -> dict:
+def run(cfg: argparse.Namespace) -> dict:
     from datasets import load_split
     from model.llm import add_lora, load_adapter, load_model, load_tokenizer, resolve_model_path
     from trainer.ranker import rank_examples
@@ -287,7 +293,17 @@ def run(cfg) -> dict:
     return result
 
 
-def train(cfg, model, train_set, val_set, letter_ids, tokenizer, eval_batch, device, run_dir: Path):
+def train(
+    cfg: argparse.Namespace,
+    model: "PeftModel",
+    train_set: TrainPrompts,
+    val_set: list[EvalExample],
+    letter_ids: torch.Tensor,
+    tokenizer: "PreTrainedTokenizerBase",
+    eval_batch: int,
+    device: torch.device,
+    run_dir: Path,
+) -> tuple["PeftModel", dict]:
     """HF Trainer run: eval/save every --lora_val_iterations steps, best adapter (NDCG@10) loaded at the end."""
     from transformers import EarlyStoppingCallback, TrainingArguments
 

@@ -5,6 +5,7 @@
 Run folder: experiments/retriever/<dataset_name>/<run_name>/ (see README, "Retriever").
 """
 
+import argparse
 import sys
 import time
 
@@ -26,7 +27,7 @@ RESUME_KEYS = (
 )  # fmt: skip
 
 
-def run(cfg) -> dict:
+def run(cfg: argparse.Namespace) -> dict:
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     set_seed(cfg.seed)

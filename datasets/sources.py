@@ -24,6 +24,9 @@ from tqdm import tqdm
 
 from config import REPO_ROOT, InputError
 
+# (interactions, titles: raw item id -> title, the raw files read)
+RawData = tuple[pd.DataFrame, dict[str, str], list[Path]]
+
 ML_100K_URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
 ML_100K_SHIPPED = REPO_ROOT / "data" / "ml-latest-small"
 # The September 2018 release the paper used (its README.txt is the license; see README).
@@ -111,7 +114,7 @@ def _fetch_movielens(folder: Path) -> None:
             os.replace(Path(tmp) / member, folder / member)
 
 
-def read_movielens(folder: Path | None, allow_download: bool):
+def read_movielens(folder: Path | None, allow_download: bool) -> RawData:
     """ratings.csv (userId,movieId,rating,timestamp) + movies.csv (movieId,title,genres), UTF-8."""
     shipped = folder is None
     folder = ML_100K_SHIPPED if shipped else Path(folder)
@@ -200,7 +203,7 @@ def read_amazon_ratings(path: Path) -> pd.DataFrame:
     return _numeric_columns(df, path, ("rating", "timestamp"))
 
 
-def read_amazon(code: str, data_root: Path, allow_download: bool):
+def read_amazon(code: str, data_root: Path, allow_download: bool) -> RawData:
     folder = Path(data_root) / code
     files = {name: folder / name for name in AMAZON_FILES[code]}
     missing = [name for name, path in files.items() if not path.is_file()]
@@ -266,7 +269,7 @@ def read_csv_checked(path: Path, columns: dict[str, str], optional: dict[str, st
     return _numeric_columns(df, path, numeric)
 
 
-def read_custom(folder: Path):
+def read_custom(folder: Path) -> RawData:
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"--custom_path: {folder} is not a folder (expected interactions.csv and items.csv in it)")

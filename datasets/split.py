@@ -95,7 +95,9 @@ def make_split(
     df = interactions[interactions["item"].isin(titles.keys())]
     if df.empty:
         raise InputError(f"{source}: none of its {interactions['item'].nunique()} items has a title")
-    if "rating" in df.columns and min_rating > 0:
+    if min_rating > 0:
+        if "rating" not in df.columns:
+            raise InputError(f"--min_rating {min_rating}: expected a rating column in {source}, found none")
         df = df[df["rating"] >= min_rating]
     repeats = df.duplicated(["user", "item"])
     if repeats.any():

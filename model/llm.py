@@ -12,10 +12,15 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from config import LLM_CACHE_DIR, InputError
+
+if TYPE_CHECKING:  # transformers/peft are imported where used: importing them costs seconds
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # Offline models shipped as a pip package: short name -> (python package, GGUF file inside it).
 EMBEDDED_MODELS = {
@@ -113,7 +118,7 @@ def _local_or_hub(name: str, cache_dir: Path) -> str:
     return path
 
 
-def load_tokenizer(name: str, cache_dir: Path | str = LLM_CACHE_DIR):
+def load_tokenizer(name: str, cache_dir: Path | str = LLM_CACHE_DIR) -> "PreTrainedTokenizerBase":
     """Tokenizer with left padding (so every prompt ends at the last position) and a pad token."""
     from transformers import AutoTokenizer
 
@@ -139,7 +144,7 @@ def load_model(
     device: torch.device,
     load_in_4bit: bool,
     cache_dir: Path | str = LLM_CACHE_DIR,
-):
+) -> "PreTrainedModel":
     """The base causal LM: NF4 4-bit (double quant, bf16 compute) or bf16/fp32 weights on `device`."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -168,7 +173,7 @@ def load_model(
     return model
 
 
-def fp32_lm_head(model) -> None:
+def fp32_lm_head(model: "PreTrainedModel") -> None:
     """Compute the LM head in fp32 even when the weights are bf16.
 
     bf16 logits near 25 are spaced 0.125 apart, so candidates' verbalizer scores tie often (measured: the
@@ -188,7 +193,9 @@ def fp32_lm_head(model) -> None:
     head.register_forward_hook(hook)
 
 
-def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], quantized: bool):
+def add_lora(
+    model: "PreTrainedModel", r: int, alpha: int, dropout: float, target_modules: list[str], quantized: bool
+) -> "PeftModel":
     """Wrap the model with LoRA adapters (PEFT) and print the trainable parameter count."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -214,7 +221,7 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str
     return model
 
 
-def load_adapter(model, adapter_dir: Path):
+def load_adapter(model: "PreTrainedModel", adapter_dir: Path) -> "PeftModel":
     """Attach a saved PEFT adapter (adapter/ of a ranker run) to a base model for evaluation."""
     from peft import PeftModel
 

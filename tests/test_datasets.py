@@ -114,6 +114,8 @@ def test_min_rating_filter():
     df = frame(rows, ("user", "item", "timestamp", "rating"))
     split = make_split(df, {i: i for i in ("p", "q", "r", "low")}, name="x", min_rating=3, min_uc=3, min_sc=1)
     assert "low" not in split.item_raw_ids
+    with pytest.raises(InputError, match="--min_rating 3: expected a rating column in interactions, found none"):
+        make_split(df.drop(columns="rating"), {i: i for i in ("p", "q", "r", "low")}, name="x", min_rating=3)
 
 
 def test_fingerprint_independent_of_hash_seed(tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from config import InputError
+from datasets.split import SplitData
 
 FORMAT = "llamarec-candidates-v1"
 FILE_NAME = "candidates.npz"
@@ -35,7 +36,7 @@ class Candidates:
 def save_candidates(
     path: Path,
     *,
-    split,
+    split: SplitData,
     topk: int,
     val: dict[str, np.ndarray],
     test: dict[str, np.ndarray],
@@ -78,7 +79,7 @@ def save_candidates(
         raise
 
 
-def load_candidates(path: Path, split=None) -> Candidates:
+def load_candidates(path: Path, split: SplitData | None = None) -> Candidates:
     """Read a candidates file (or a retriever run folder holding one); with `split`, refuse other data."""
     path = Path(path)
     if path.is_dir():

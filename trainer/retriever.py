@@ -59,9 +59,9 @@ def training_windows(
             label_end = len(seq)  # items at index >= label_end are labels of a later window
             for end in range(len(seq), 0, -sliding_step):
                 start = max(0, end - max_len)
-                tok = seq[max(0, start - 1) : end - 1]
-                lab = [item if start + i < label_end else 0 for i, item in enumerate(seq[start:end])]
-                examples.append((tok, lab))
+                context = seq[max(0, start - 1) : end - 1]
+                targets = [item if start + i < label_end else 0 for i, item in enumerate(seq[start:end])]
+                examples.append((context, targets))
                 label_end = start
                 if start == 0:
                     break
@@ -73,10 +73,10 @@ def training_windows(
                 examples.append((window[:-1], window))
     tokens = torch.zeros(len(examples), max_len, dtype=torch.long)
     labels = torch.zeros(len(examples), max_len, dtype=torch.long)
-    for row, (tok, lab) in enumerate(examples):
-        if tok:
-            tokens[row, -len(tok) :] = torch.tensor(tok)
-        labels[row, -len(lab) :] = torch.tensor(lab)
+    for row, (context, targets) in enumerate(examples):
+        if context:
+            tokens[row, -len(context) :] = torch.tensor(context)
+        labels[row, -len(targets) :] = torch.tensor(targets)
     return tokens, labels
 
 
