@@ -140,7 +140,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         nargs="+",
         default=[1, 5, 10, 20, 50],
-        help="cut-offs k of the retriever's Recall/NDCG/MRR@k (the ranker reports k = 1, 5, 10)",
+        help="cut-offs k of Recall/NDCG/MRR@k (the ranker's test reports k = 1, 5, 10; its validation logs these k "
+        "below the candidate count, and 10)",
     )
     group.add_argument(
         "--best_metric",
@@ -406,6 +407,10 @@ def check_numbers(cfg: argparse.Namespace) -> None:
     if not 0.0 < cfg.sliding_window_size <= upper:
         expected = "(0, 1] with --train_all_items" if cfg.train_all_items else "> 0"
         raise InputError(f"--sliding_window_size: expected {expected}, found {cfg.sliding_window_size}")
+
+
+def check_best_metric(cfg: argparse.Namespace) -> None:
+    """The retriever's model selection needs --best_metric among the metrics it computes (--metric_ks)."""
     name, _, k = cfg.best_metric.partition("@")
     if name not in METRIC_NAMES or not k.isdigit() or int(k) not in cfg.metric_ks:
         raise InputError(

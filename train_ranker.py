@@ -49,14 +49,15 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 REPORT_KS = (1, 5, 10)
-# Flags that define the training of a ranker run: --resume refuses to change them (--lora_max_steps may change).
+# Flags that define the training of a ranker run: --resume refuses to change them (--lora_max_steps too: the
+# learning-rate schedule decays over it).
 RESUME_KEYS = (
     "dataset_name", "min_rating", "min_uc", "min_sc", "seed", "llm_base_model", "llm_base_tokenizer",
     "llm_retrieved_path", "llm_max_title_len", "llm_max_text_len", "llm_max_history", "llm_negative_sample_size",
     "llm_system_template", "llm_input_template", "llm_load_in_4bit", "llm_max_train_samples", "llm_max_eval_users",
     "llm_shuffle_eval_candidates", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_num_epochs",
     "lora_lr", "lora_warmup_steps", "lora_micro_batch_size", "lora_gradient_accumulation_steps",
-    "lora_val_iterations",
+    "lora_val_iterations", "lora_max_steps",
 )  # fmt: skip
 
 

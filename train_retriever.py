@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from config import run_cli, write_run_info
+from config import check_best_metric, run_cli, write_run_info
 from datasets import load_split
 from trainer.retriever import build_model, export, train
 from trainer.utils import check_resume_config, prepare_run_dir, resolve_device, set_seed
@@ -28,6 +28,7 @@ RESUME_KEYS = (
 
 
 def run(cfg: argparse.Namespace) -> dict:
+    check_best_metric(cfg)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     set_seed(cfg.seed)

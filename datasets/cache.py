@@ -12,7 +12,7 @@ import numpy as np
 from datasets.split import SplitData
 
 # Bump when preprocessing changes what it produces, so old caches are not reused.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: repeated (user, item) interactions keep the first
 
 
 def cache_key(name: str, options: dict, raw_hashes: dict[str, str]) -> str:

@@ -125,7 +125,7 @@ def load_tokenizer(name: str, cache_dir: Path | str = LLM_CACHE_DIR) -> "PreTrai
     path = _local_or_hub(name, Path(cache_dir))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as e:  # a mistyped, gated or (offline) not yet downloaded Hub id, or a folder without one
+    except (OSError, ValueError) as e:  # a mistyped, gated or offline Hub id, or a folder without a tokenizer
         raise InputError(
             f"--llm_base_tokenizer/--llm_base_model {name}: expected a Hub id or local folder with a tokenizer "
             f"({str(e).splitlines()[0][:300]})"
@@ -161,7 +161,7 @@ def load_model(
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:  # a mistyped, gated or (offline) not yet downloaded Hub id, or a folder without weights
+    except (OSError, ValueError) as e:  # a mistyped, gated or offline Hub id, or a folder without a model
         raise InputError(
             f"--llm_base_model {name}: expected a Hub id or local folder with a causal LM "
             f"({str(e).splitlines()[0][:300]})"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from config import REPO_ROOT, InputError, parse_config
+from config import REPO_ROOT, InputError, check_best_metric, parse_config
 
 
 def test_dataset_defaults_apply_only_when_not_passed():
@@ -112,8 +112,6 @@ def test_print_config(script):
         (["--bert_dropout", "1"], "--bert_dropout: expected a value in [0, 1), found 1.0"),
         (["--lr", "0"], "--lr: expected a positive number, found 0.0"),
         (["--num_threads", "-1"], "--num_threads: expected 0 (torch's default) or more, found -1"),
-        (["--best_metric", "Recall@7"], "--best_metric: expected Recall@k, NDCG@k or MRR@k with k in --metric_ks"),
-        (["--best_metric", "Hits@10"], "found 'Hits@10'"),
         (["--sliding_window_size", "1.5"], "--sliding_window_size: expected (0, 1] with --train_all_items, found 1.5"),
         (["--sliding_window_size", "0"], "--sliding_window_size: expected (0, 1] with --train_all_items, found 0.0"),
     ],
@@ -137,3 +135,18 @@ def test_help_shows_each_boolean_default_once_in_its_group():
     assert "(default: None)" not in text
     retriever_group = text[text.index("retriever (LRURec):") : text.index("ranker (LLM):")]
     assert "--train_all_items" in retriever_group
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--best_metric", "Recall@7"], "--best_metric: expected Recall@k, NDCG@k or MRR@k with k in --metric_ks"),
+        (["--best_metric", "Hits@10"], "found 'Hits@10'"),
+        (["--metric_ks", "1", "5"], "k in --metric_ks [1, 5], found 'Recall@10'"),
+    ],
+)
+def test_retriever_best_metric_must_be_computed(flags, message):
+    cfg = parse_config(["--dataset_code", "ml-100k", *flags])  # the ranker ignores --best_metric: no error here
+    with pytest.raises(InputError) as error:
+        check_best_metric(cfg)
+    assert message in str(error.value)

@@ -89,3 +89,10 @@ def test_lm_head_runs_in_fp32_on_bf16_weights(tiny_llama_dir):
     with torch.no_grad():
         logits = model(torch.randint(3, 32000, (1, 12)), logits_to_keep=1).logits
     assert logits.dtype == torch.float32
+
+
+def test_a_folder_without_a_model_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match=f"--llm_base_tokenizer/--llm_base_model {tmp_path}: expected a Hub id"):
+        load_tokenizer(str(tmp_path), tmp_path / "cache")
+    with pytest.raises(InputError, match=f"--llm_base_model {tmp_path}: expected a Hub id or local folder"):
+        load_model(str(tmp_path), torch.device("cpu"), False, tmp_path / "cache")

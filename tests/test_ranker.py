@@ -222,24 +222,26 @@ def test_ranker_resumes_an_interrupted_training(tmp_path, tokenizer, capsys, res
     flags = write_tiny_project(tmp_path, tokenizer)
     caps = ["--lora_val_iterations", "2", "--lora_micro_batch_size", "2", "--llm_max_history", "5"]
     caps += ["--llm_max_eval_users", "4", "--num_threads", "1", "--llm_max_train_samples", "16"]
-    assert train_ranker.main(flags + caps + ["--lora_max_steps", "2"]) == 0
+    caps += ["--lora_max_steps", "4"]
+    assert train_ranker.main(flags + caps) == 0
     run = tmp_path / "experiments" / "ranker" / "custom-data" / "seed42"
-    # simulate an interruption after the checkpoint at step 2: no final adapter yet
-    for name in ("adapter", "test_metrics.json"):
-        path = run / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    # and a validation line written after that checkpoint (its step is repeated on resume), cut off mid-line
+    uninterrupted = json.loads((run / "test_metrics.json").read_text())
+    # simulate an interruption after the checkpoint at step 2: no later checkpoint, no final adapter yet, and
+    # the validation line of step 4 (logged before its checkpoint) plus a cut-off line
+    for path in (run / "adapter", run / "checkpoints" / "checkpoint-4", run / "test_metrics.json"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     with open(run / "val_history.jsonl", "a") as f:
-        f.write('{"step": 4, "NDCG@10": 0.5}\n{"step": 6, "ND')
+        f.write('{"step": 6, "ND')
     capsys.readouterr()
-    assert train_ranker.main(flags + caps + ["--lora_max_steps", "4", "--resume"]) == 0
+    # the learning-rate schedule decays over --lora_max_steps, so it is one of the flags a resume must keep
+    assert train_ranker.main(flags + caps[:-2] + ["--lora_max_steps", "6", "--resume"]) == 2
+    assert "--lora_max_steps 4 -> 6" in capsys.readouterr().err
+    assert train_ranker.main(flags + caps + ["--resume"]) == 0
     assert "continuing from" in capsys.readouterr().out
     metrics = json.loads((run / "test_metrics.json").read_text())
     assert metrics["timing"]["train_steps"] == 4
     assert [json.loads(line)["step"] for line in (run / "val_history.jsonl").read_text().splitlines()] == [2, 4]
+    assert metrics["subset"] == uninterrupted["subset"]
 
 
 def test_last_checkpoint_skips_incomplete_and_foreign_folders(tmp_path):

@@ -211,3 +211,12 @@ def test_resume_refuses_other_flags_and_unreadable_checkpoints(tmp_path, tiny_ar
     capsys.readouterr()
     assert main(tiny_args + ["--resume"]) == 2
     assert capsys.readouterr().err.startswith(f"error: {last}: not a readable checkpoint")
+
+
+def test_metric_ks_without_10_works_with_a_matching_best_metric(tmp_path, tiny_args, capsys):
+    assert main(tiny_args + ["--metric_ks", "1", "5", "--best_metric", "NDCG@5", "--max_steps", "4"]) == 0
+    assert set(json.loads((run_dir_of(tmp_path) / "test_metrics.json").read_text())) == {
+        f"{m}@{k}" for m in ("Recall", "NDCG", "MRR") for k in (1, 5)
+    }
+    assert main(tiny_args + ["--metric_ks", "1", "5", "--run_name", "other"]) == 2  # Recall@10 is not computed
+    assert "error: --best_metric" in capsys.readouterr().err

@@ -331,6 +331,7 @@ def train(cfg: Namespace, split: SplitData, model: LRURec, run_dir: Path, device
                     {
                         k.replace("Recall", "R").replace("NDCG", "N"): f"{last_val[k]:.4f}"
                         for k in ("Recall@10", "NDCG@10")
+                        if k in last_val
                     }
                 )
             bar.set_postfix(postfix, refresh=False)
