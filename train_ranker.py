@@ -31,7 +31,6 @@ from dataloader.ranker_data import (
     true_letter,
 )
 from datasets.split import SplitData
-from trainer.candidates import FILE_NAME as CANDIDATES_FILE
 from trainer.candidates import load_candidates
 from trainer.metrics import label_ranks, metrics_from_ranks
 from trainer.utils import (
@@ -281,7 +280,7 @@ def run(cfg: argparse.Namespace) -> dict:
         "load_in_4bit": load_in_4bit,
         "trained": trained,
         "num_candidates": num_candidates,
-        "candidates_file": str(retrieved / CANDIDATES_FILE if Path(retrieved).is_dir() else retrieved),
+        "candidates_file": str(candidates.path),
         **report,
         "timing": timing,
     }

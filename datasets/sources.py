@@ -225,12 +225,18 @@ def read_amazon(code: str, data_root: Path, allow_download: bool) -> RawData:
 # ---------------------------------------------------------------- custom: interactions.csv + items.csv
 
 
+def _first_bad_row(bad: pd.Series) -> int:
+    """1-based data row (header not counted) of the first True in `bad`."""
+    return int(bad.to_numpy().nonzero()[0][0]) + 1
+
+
 def _require_ids(df: pd.DataFrame, path: Path, columns: tuple[str, ...]) -> None:
     for column in columns:
         empty = df[column].str.strip() == ""
         if empty.any():
-            row = int(empty.to_numpy().nonzero()[0][0])
-            raise InputError(f"{path}: column {column!r} must not be empty, found an empty value in data row {row + 1}")
+            raise InputError(
+                f"{path}: column {column!r} must not be empty, found an empty value in data row {_first_bad_row(empty)}"
+            )
 
 
 def _numeric_columns(df: pd.DataFrame, path: Path, columns) -> pd.DataFrame:
@@ -238,9 +244,9 @@ def _numeric_columns(df: pd.DataFrame, path: Path, columns) -> pd.DataFrame:
         values = pd.to_numeric(df[column], errors="coerce")
         bad = values.isna()
         if bad.any():
-            row = int(bad.to_numpy().nonzero()[0][0])
+            row = _first_bad_row(bad)
             raise InputError(
-                f"{path}: column {column!r} must be numeric, found {df[column].iloc[row]!r} in data row {row + 1}"
+                f"{path}: column {column!r} must be numeric, found {df[column].iloc[row - 1]!r} in data row {row}"
             )
         df[column] = values
     return df

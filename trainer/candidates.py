@@ -10,8 +10,6 @@ Memory and disk are O(users x K), never users x items.
 
 import io
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 
 from config import InputError
 from datasets.split import SplitData
+from trainer.utils import atomic_output
 
 FORMAT = "llamarec-candidates-v1"
 FILE_NAME = "candidates.npz"
@@ -28,6 +27,7 @@ ARRAYS = {"users": np.int64, "items": np.int32, "scores": np.float32, "labels": 
 
 @dataclass
 class Candidates:
+    path: Path  # the candidates.npz file read
     meta: dict
     val: dict[str, np.ndarray]
     test: dict[str, np.ndarray]
@@ -66,17 +66,8 @@ def save_candidates(
         "test_metrics": test_metrics,
     }
     arrays["meta"] = np.array(json.dumps(meta))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append ".npz" to a path
+        np.savez_compressed(f, **arrays)
 
 
 def load_candidates(path: Path, split: SplitData | None = None) -> Candidates:
@@ -110,4 +101,4 @@ def load_candidates(path: Path, split: SplitData | None = None) -> Candidates:
             "retriever run on the same data and preprocessing flags"
         )
     parts = {name: {key: arrays[f"{name}_{key}"] for key in ARRAYS} for name in ("val", "test")}
-    return Candidates(meta=meta, val=parts["val"], test=parts["test"])
+    return Candidates(path=path, meta=meta, val=parts["val"], test=parts["test"])
