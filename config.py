@@ -254,6 +254,12 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--early_stopping_patience", type=int, default=20, help="validations without gain before stop")
     group.add_argument("--retrieved_topk", type=int, default=50, help="candidates kept per user in candidates.npz")
+    group.add_argument(
+        "--retrieved_train_topk",
+        type=int,
+        default=20,
+        help="candidates kept per training prefix in candidates.npz (for --llm_train_candidates retrieved)",
+    )
 
 
 def add_ranker_args(parser: argparse.ArgumentParser) -> None:
@@ -308,6 +314,30 @@ def add_ranker_args(parser: argparse.ArgumentParser) -> None:
         help="cap on validation users ranked by the LLM during training (seeded subset; test always uses all)",
     )
     add_bool_arg(group, "llm_shuffle_eval_candidates", False, "shuffle val/test candidates (position-bias studies)")
+    group.add_argument(
+        "--llm_train_candidates",
+        choices=("uniform", "retrieved"),
+        default="uniform",
+        help="training candidates: the next item + uniform random negatives, shuffled (the paper), or the "
+        "retriever's top candidates of each training prefix, like val/test (from candidates.npz)",
+    )
+    group.add_argument(
+        "--llm_train_missed",
+        choices=("drop", "insert"),
+        default="drop",
+        help="retrieved training candidates: drop the prefixes whose next item the retriever missed (as the "
+        "val/test subset), or insert it at a random position",
+    )
+    add_bool_arg(
+        group, "llm_shuffle_train_candidates", False, "shuffle retrieved training candidates (uniform ones always are)"
+    )
+    group.add_argument(
+        "--llm_fusion",
+        choices=("none", "linear"),
+        default="none",
+        help="linear: also rank by LLM log-softmax + w x retriever log-softmax over the candidates, w chosen on "
+        "the validation users",
+    )
     group.add_argument(
         "--llm_eval_batch_size",
         type=int,
@@ -375,7 +405,8 @@ def dataset_name(cfg: argparse.Namespace) -> str:
 # Flags that must be > 0 (None, where allowed, means "no cap" or "use the default").
 POSITIVE_INT_FLAGS = (
     "bert_max_len", "bert_hidden_units", "bert_num_blocks", "train_batch_size", "val_batch_size", "test_batch_size",
-    "num_epochs", "max_steps", "val_iterations", "early_stopping_patience", "retrieved_topk", "llm_max_title_len",
+    "num_epochs", "max_steps", "val_iterations", "early_stopping_patience", "retrieved_topk", "retrieved_train_topk",
+    "llm_max_title_len",
     "llm_max_text_len", "llm_max_history", "llm_negative_sample_size", "llm_max_train_samples", "llm_max_eval_users",
     "llm_eval_batch_size", "lora_r", "lora_micro_batch_size", "lora_gradient_accumulation_steps",
     "lora_val_iterations", "lora_early_stopping_patience",

@@ -27,12 +27,13 @@ from dataloader.ranker_data import (
     TrainCollator,
     TrainPrompts,
     eval_examples,
+    retrieved_training_lists,
     training_prefixes,
     true_letter,
 )
 from datasets.split import SplitData
 from trainer.candidates import load_candidates
-from trainer.metrics import label_ranks, metrics_from_ranks
+from trainer.ranker_report import build_test_report, choose_fusion_weight, compare_with_retriever, format_table
 from trainer.utils import (
     atomic_write_json,
     atomic_write_text,
@@ -54,7 +55,8 @@ RESUME_KEYS = (
     "dataset_name", "min_rating", "min_uc", "min_sc", "seed", "llm_base_model", "llm_base_tokenizer",
     "llm_retrieved_path", "llm_max_title_len", "llm_max_text_len", "llm_max_history", "llm_negative_sample_size",
     "llm_system_template", "llm_input_template", "llm_load_in_4bit", "llm_max_train_samples", "llm_max_eval_users",
-    "llm_shuffle_eval_candidates", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_num_epochs",
+    "llm_shuffle_eval_candidates", "llm_train_candidates", "llm_train_missed", "llm_shuffle_train_candidates",
+    "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_num_epochs",
     "lora_lr", "lora_warmup_steps", "lora_micro_batch_size", "lora_gradient_accumulation_steps",
     "lora_val_iterations", "lora_max_steps",
 )  # fmt: skip
@@ -76,74 +78,6 @@ def write_prompts_sample(path: Path, examples: list[EvalExample], builder: Promp
         }
         lines.append(json.dumps(record, ensure_ascii=False))
     atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def test_report(
-    scores: torch.Tensor, examples: list[EvalExample], test_part: dict, split: SplitData, ks: tuple[int, ...]
-) -> tuple[dict, list[str]]:
-    """LLM vs retriever on the subset, overall metrics over all test users, coverage, per-user rankings."""
-    llm_ranks = label_ranks(scores, torch.tensor([e.label for e in examples], dtype=torch.long))
-    retriever_subset_ranks = torch.tensor([e.retriever_rank for e in examples], dtype=torch.long)
-    # Overall: every test user's rank of the true item; outside the subset it is the retriever's rank
-    # in its full ranking (>= the candidate count), inside it the LLM's rank among the candidates.
-    # This is the paper's "subset metric x share + retriever metric of the others x their share".
-    all_retriever_ranks = torch.as_tensor(test_part["label_ranks"], dtype=torch.long)
-    row_of_user = {u: row for row, u in enumerate(test_part["users"].tolist())}
-    all_llm_ranks = all_retriever_ranks.clone()
-    for e, rank in zip(examples, llm_ranks.tolist(), strict=True):
-        all_llm_ranks[row_of_user[e.user]] = rank
-    report = {
-        "users_all": len(all_retriever_ranks),
-        "users_subset": len(examples),
-        "coverage": len(examples) / len(all_retriever_ranks),
-        "subset": {
-            "llm": metrics_from_ranks(llm_ranks, ks),
-            "retriever": metrics_from_ranks(retriever_subset_ranks, ks),
-        },
-        "overall": {
-            "llm": metrics_from_ranks(all_llm_ranks, ks),
-            "retriever": metrics_from_ranks(all_retriever_ranks, ks),
-        },
-    }
-    rankings = []
-    for e, row, rank in zip(examples, scores.tolist(), llm_ranks.tolist(), strict=True):
-        order = sorted(range(len(row)), key=lambda k: -row[k])
-        letters = candidate_letters(len(row))
-        rankings.append(
-            json.dumps(
-                {
-                    "user": split.user_raw_ids[e.user],
-                    "true_item": split.item_raw_ids[e.candidates[e.label]],
-                    "llm_rank": rank,  # ties pessimistic, as in the metrics
-                    "retriever_rank": e.retriever_rank,
-                    "candidates": [
-                        {"item": split.item_raw_ids[e.candidates[k]], "letter": letters[k], "score": row[k]}
-                        for k in order
-                    ],
-                },
-                ensure_ascii=False,
-            )
-        )
-    return report, rankings
-
-
-def format_table(report: dict, ks: tuple[int, ...], llm_name: str) -> str:
-    names = [f"{m}@{k}" for k in ks for m in ("Recall", "NDCG", "MRR") if not (m != "Recall" and k == 1)]
-    short = [n.replace("Recall", "R").replace("NDCG", "N").replace("MRR", "M") for n in names]
-    lines = [f"{'':42}" + "".join(f"{s:>8}" for s in short)]
-    rows = [
-        (f"retriever, subset ({report['users_subset']} users)", report["subset"]["retriever"]),
-        (f"{llm_name} ranker, subset", report["subset"]["llm"]),
-        (f"retriever, all {report['users_all']} users", report["overall"]["retriever"]),
-        ("LlamaRec (retriever + ranker), all", report["overall"]["llm"]),
-    ]
-    for label, metrics in rows:
-        lines.append(f"{label[:42]:42}" + "".join(f"{metrics[n]:8.4f}" for n in names))
-    lines.append(
-        f"coverage (true item in the candidates): {report['users_subset']}/{report['users_all']}"
-        f" = {report['coverage']:.4f}"
-    )
-    return "\n".join(lines)
 
 
 def last_checkpoint(folder: Path) -> Path | None:
@@ -224,8 +158,20 @@ def run(cfg: argparse.Namespace) -> dict:
     )
     if not test_set:
         raise InputError(f"{retrieved}: no test user has the true item among the top {num_candidates}")
+    if cfg.llm_fusion == "linear" and not val_set:
+        raise InputError(
+            f"--llm_fusion linear: expected validation users to choose the weight on, found none of "
+            f"{len(candidates.val['users'])} with the true item among the top {num_candidates} in {retrieved}"
+        )
 
-    pairs = training_prefixes(split.train, cfg.llm_max_train_samples, cfg.seed)
+    lists = None
+    if cfg.llm_train_candidates == "retrieved":
+        pairs, lists = retrieved_training_lists(
+            candidates.require_train(), num_candidates, cfg.llm_train_missed, cfg.llm_max_train_samples, cfg.seed
+        )
+    else:
+        pairs = training_prefixes(split.train, cfg.llm_max_train_samples, cfg.seed)
+    print(f"training prompts: {len(pairs)} ({cfg.llm_train_candidates} candidates)", flush=True)
     train_set = TrainPrompts(
         builder,
         split.train,
@@ -235,6 +181,8 @@ def run(cfg: argparse.Namespace) -> dict:
         letter_ids.tolist(),
         tokenizer.eos_token_id,
         cfg.seed,
+        lists=lists,
+        shuffle=cfg.llm_shuffle_train_candidates,
     )
     check_training_target(train_set, letters)
 
@@ -269,10 +217,18 @@ def run(cfg: argparse.Namespace) -> dict:
         tmp_dir.rename(adapter_dir)
         trained = True
 
+    # The final validation: the comparison with the retriever on validation users, and the fusion weight.
+    val_scores = rank_examples(model, val_set, letter_ids, tokenizer.pad_token_id, eval_batch, device)
+    fusion = choose_fusion_weight(val_scores, val_set) if cfg.llm_fusion == "linear" else None
     start = time.time()
     scores = rank_examples(model, test_set, letter_ids, tokenizer.pad_token_id, eval_batch, device)
     test_seconds = time.time() - start
-    report, rankings = test_report(scores, test_set, candidates.test, split, REPORT_KS)
+    report, rankings = build_test_report(
+        scores, test_set, candidates.test, split, REPORT_KS, fusion["weight"] if fusion else None, cfg.seed
+    )
+    report["val"] = compare_with_retriever(val_scores, val_set, fusion["weight"] if fusion else None, cfg.seed)
+    if fusion:
+        report["fusion"] = fusion
     timing.update({"test_seconds": round(test_seconds, 2), "test_users_per_s": round(len(test_set) / test_seconds, 3)})
     result = {
         "dataset": split.name,

@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     for user in range(args.eval_users):
         history = split.train[user] + [split.val[user]]
         candidates = popular_candidates(history, popularity, 20)
-        examples.append(EvalExample(user, history, candidates, 0, 0, builder.encode(history, candidates)))
+        examples.append(
+            EvalExample(user, history, candidates, 0, 0, builder.encode(history, candidates), [0.0] * len(candidates))
+        )
     letters = letter_token_ids(builder, 20)
     letter_ids = torch.tensor(list(letters.values()))
     lengths = [len(e.input_ids) for e in examples]

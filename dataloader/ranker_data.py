@@ -47,11 +47,47 @@ def training_prefixes(train: Sequence[Sequence[int]], max_samples: int | None, s
     return pairs
 
 
-class TrainPrompts(Dataset):
-    """One training prompt per (user, prefix): the next item plus negatives, shuffled; target = its letter.
+def retrieved_training_lists(
+    part: dict[str, np.ndarray], num_candidates: int, missed: str, max_samples: int | None, seed: int
+) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """(user, prefix length) pairs and their candidate lists [P, num_candidates] from the retriever's
+    training-prefix candidates, in retriever order, the true item always among them.
 
-    Negatives and order come from a generator seeded by (seed, user, prefix length), so an example is
-    the same whichever subset or order it is drawn in, and nothing is kept in memory per example.
+    missed="drop" keeps only the prefixes whose true item the retriever put in its top num_candidates (as the
+    val/test subset, which holds only such users); "insert" also keeps the others, with the true item put at a
+    seeded uniform position in place of the last candidate. A seeded random subset of max_samples follows.
+    """
+    items = part["items"]
+    if items.shape[1] < num_candidates:
+        raise InputError(
+            f"--llm_train_candidates retrieved: expected at least {num_candidates} training candidates per prefix "
+            f"(--llm_negative_sample_size + 1), found {items.shape[1]}; re-run train_retriever.py with "
+            f"--retrieved_train_topk {num_candidates}"
+        )
+    lists = items[:, :num_candidates].astype(np.int64)
+    hit = part["label_ranks"] < num_candidates
+    complete = (lists > 0).all(axis=1)  # 0 = fewer items than candidates outside the prefix
+    keep = np.flatnonzero(complete & (hit if missed == "drop" else True))
+    if max_samples is not None and max_samples < len(keep):
+        rng = np.random.default_rng(seed)
+        keep = np.sort(rng.choice(keep, size=max_samples, replace=False))
+    lists = lists[keep].copy()
+    rng = np.random.default_rng((seed, 2))
+    for row in np.flatnonzero(~hit[keep]):  # only with missed="insert"
+        position = int(rng.integers(num_candidates))
+        rest = lists[row, : num_candidates - 1].tolist()
+        lists[row] = rest[:position] + [int(part["labels"][keep[row]])] + rest[position:]
+    pairs = list(zip(part["users"][keep].tolist(), part["lengths"][keep].tolist(), strict=True))
+    return pairs, lists
+
+
+class TrainPrompts(Dataset):
+    """One training prompt per (user, prefix): the next item among candidates; target = its letter.
+
+    Candidates: with `lists` None, the next item plus uniformly sampled negatives, shuffled (the paper); else
+    the given list of that prefix (retrieved, retriever order), shuffled only with `shuffle`. Negatives and
+    order come from a generator seeded by (seed, user, prefix length), so an example is the same whichever
+    subset or order it is drawn in, and nothing is kept in memory per example.
     """
 
     def __init__(
@@ -64,7 +100,13 @@ class TrainPrompts(Dataset):
         letter_ids: Sequence[int],
         eos_id: int,
         seed: int,
+        lists: np.ndarray | None = None,
+        shuffle: bool = True,
     ) -> None:
+        if lists is not None and len(lists) != len(pairs):
+            raise ValueError(f"TrainPrompts: {len(lists)} candidate lists for {len(pairs)} prefixes")
+        self.lists = lists
+        self.shuffle = shuffle
         self.builder = builder
         self.train = train
         self.num_items = num_items
@@ -83,10 +125,12 @@ class TrainPrompts(Dataset):
         history = list(self.train[user][:length])
         target = self.train[user][length]
         rng = np.random.default_rng((self.seed, user, length))
-        negatives = sample_negatives(rng, self.num_items, set(history) | {target}, self.num_negatives)
-        candidates = [target] + negatives
-        order = rng.permutation(len(candidates)).tolist()
-        candidates = [candidates[k] for k in order]
+        if self.lists is None:
+            candidates = [target] + sample_negatives(rng, self.num_items, set(history) | {target}, self.num_negatives)
+        else:
+            candidates = self.lists[index].tolist()
+        if self.lists is None or self.shuffle:
+            candidates = [candidates[k] for k in rng.permutation(len(candidates)).tolist()]
         return history, candidates, candidates.index(target)
 
     def __getitem__(self, index: int) -> dict:
@@ -104,6 +148,7 @@ class EvalExample:
     label: int  # index of the true item in `candidates`
     retriever_rank: int  # 0-based rank of the true item in the retriever's own order
     input_ids: list[int]
+    retriever_scores: list[float]  # the retriever's score of each of `candidates` (same order)
 
 
 def eval_examples(
@@ -136,12 +181,14 @@ def eval_examples(
     examples = []
     for row, user in enumerate(part["users"].tolist()):
         candidates = items[row, :num_candidates].tolist()
+        scores = part["scores"][row, :num_candidates].tolist()
         true_item = int(part["labels"][row])
         if true_item not in candidates:
             continue
         retriever_rank = candidates.index(true_item)
         if shuffle:
-            candidates = [candidates[k] for k in rng.permutation(num_candidates).tolist()]
+            order = rng.permutation(num_candidates).tolist()
+            candidates, scores = [candidates[k] for k in order], [scores[k] for k in order]
         history = list(split.train[user]) + ([split.val[user]] if which == "test" else [])
         examples.append(
             EvalExample(
@@ -151,6 +198,7 @@ def eval_examples(
                 label=candidates.index(true_item),
                 retriever_rank=retriever_rank,
                 input_ids=builder.encode(history, candidates),
+                retriever_scores=scores,
             )
         )
     return examples

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from trainer.metrics import label_ranks, metrics_from_ranks, ranking_metric_sums, ranking_metrics
+from trainer.metrics import (
+    fuse_scores,
+    label_ranks,
+    metrics_from_ranks,
+    paired_bootstrap,
+    per_user_metric,
+    ranking_metric_sums,
+    ranking_metrics,
+)
 
 
 def test_hand_computed_case():
@@ -65,3 +73,44 @@ def test_nan_label_score_ranks_last():
     scores = torch.tensor([[0.1, math.nan, 0.3, 0.2], [0.5, 0.2, 0.1, 0.0]])
     assert label_ranks(scores, torch.tensor([1, 1])).tolist() == [3, 1]
     assert ranking_metrics(scores, torch.tensor([1, 1]), [1, 4])["Recall@1"] == 0.0
+
+
+def test_per_user_metric_by_hand():
+    ranks = torch.tensor([0, 1, 3, 10])
+    assert per_user_metric(ranks, "Recall@4").tolist() == [1, 1, 1, 0]
+    assert per_user_metric(ranks, "NDCG@4").tolist() == pytest.approx([1, 1 / math.log2(3), 1 / math.log2(5), 0])
+    assert per_user_metric(ranks, "MRR@2").tolist() == pytest.approx([1, 0.5, 0, 0])
+    # the mean over users is the metric
+    assert per_user_metric(ranks, "NDCG@4").mean().item() == pytest.approx(metrics_from_ranks(ranks, [4])["NDCG@4"])
+
+
+def test_paired_bootstrap_covers_a_known_difference_and_zero():
+    generator = torch.Generator().manual_seed(0)
+    baseline = torch.rand(300, generator=generator)
+    # known paired difference 0.05 plus zero-mean per-user noise (+-0.1, exactly balanced)
+    noise = torch.tensor([0.1, -0.1]).repeat(150)
+    result = paired_bootstrap(baseline + 0.05 + noise, baseline, resamples=1000, seed=1)
+    assert result["diff"] == pytest.approx(0.05)
+    low, high = result["ci95"]
+    assert low < 0.05 < high and high - low < 0.05  # covers it, and is informative (the noise sd is 0.1)
+    assert result == paired_bootstrap(baseline + 0.05 + noise, baseline, resamples=1000, seed=1)  # seeded
+    same = paired_bootstrap(baseline, baseline, resamples=1000, seed=1)
+    assert same["diff"] == 0 and same["ci95"] == [0.0, 0.0]
+    balanced = paired_bootstrap(baseline + noise, baseline, resamples=1000, seed=2)
+    assert balanced["ci95"][0] < 0 < balanced["ci95"][1]
+    # a clear loss is reported as one: the whole interval below 0
+    assert paired_bootstrap(baseline - 0.2 + noise, baseline, resamples=1000)["ci95"][1] < 0
+
+
+def test_fusion_weight_zero_is_the_llm_and_inf_the_retriever():
+    generator = torch.Generator().manual_seed(0)
+    llm = torch.randn(50, 20, generator=generator) * 3
+    retriever = torch.sort(torch.randn(50, 20, generator=generator), dim=1, descending=True).values
+    labels = torch.randint(20, (50,), generator=generator)
+    assert torch.equal(label_ranks(fuse_scores(llm, retriever, 0.0), labels), label_ranks(llm, labels))
+    assert torch.equal(fuse_scores(llm, retriever, 0.0).argsort(dim=1), llm.double().argsort(dim=1))
+    fused_inf = fuse_scores(llm, retriever, math.inf)
+    assert torch.equal(fused_inf.argsort(dim=1, descending=True), torch.arange(20).expand(50, 20))
+    # in between, the sum of the two log-softmaxes, by hand for one row
+    row = torch.log_softmax(llm[0].double(), 0) + 2.0 * torch.log_softmax(retriever[0].double(), 0)
+    assert torch.allclose(fuse_scores(llm, retriever, 2.0)[0], row)

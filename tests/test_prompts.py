@@ -11,6 +11,7 @@ from dataloader.ranker_data import (
     TrainPrompts,
     eval_examples,
     left_pad,
+    retrieved_training_lists,
     sample_negatives,
     training_prefixes,
 )
@@ -181,3 +182,50 @@ def test_left_padding_and_collation():
     assert collated["input_ids"].tolist() == [[1, 5, 6, 29909], [0, 1, 7, 29933]]
     assert collated["targets"].tolist() == [[29909, 2], [29933, 2]]
     assert collated["targets"].dtype == torch.long
+
+
+def retrieved_part() -> dict[str, np.ndarray]:
+    """Training-prefix candidates of 3 prefixes, 5 retrieved each (ids 1..30); the retriever missed prefix 1's."""
+    return {
+        "users": np.array([0, 0, 1]),
+        "lengths": np.array([1, 2, 1], dtype=np.int32),
+        "items": np.array([[7, 8, 9, 10, 11], [12, 13, 14, 15, 16], [17, 18, 19, 20, 0]], dtype=np.int32),
+        "labels": np.array([9, 29, 18], dtype=np.int32),
+        "label_ranks": np.array([2, 40, 1]),
+    }
+
+
+def test_retrieved_training_lists_drop_or_insert_the_missed_next_item():
+    part = retrieved_part()
+    pairs, lists = retrieved_training_lists(part, 4, "drop", None, seed=0)
+    # prefix 1 missed (rank 40) is dropped; prefix 2's top 4 are all real items (the 0 is 5th)
+    assert pairs == [(0, 1), (1, 1)] and lists.tolist() == [[7, 8, 9, 10], [17, 18, 19, 20]]
+    pairs, lists = retrieved_training_lists(part, 5, "drop", None, seed=0)
+    assert pairs == [(0, 1)]  # prefix 2 has only 4 items outside its history
+    pairs, lists = retrieved_training_lists(part, 4, "insert", None, seed=0)
+    assert pairs == [(0, 1), (0, 2), (1, 1)]
+    inserted = lists[1].tolist()
+    assert 29 in inserted and [i for i in inserted if i != 29] == [12, 13, 14]  # retriever order kept around it
+    assert (
+        retrieved_training_lists(part, 4, "insert", 2, seed=0)[0]
+        == retrieved_training_lists(part, 4, "insert", 2, seed=0)[0]
+    )
+    assert len(retrieved_training_lists(part, 4, "insert", 2, seed=0)[0]) == 2
+    with pytest.raises(InputError, match="--retrieved_train_topk 6"):
+        retrieved_training_lists(part, 6, "drop", None, seed=0)
+
+
+def test_training_example_with_retrieved_candidates_keeps_retriever_order():
+    train = [[5, 9, 29], [6, 18]]
+    pairs, lists = retrieved_training_lists(retrieved_part(), 4, "insert", None, seed=0)
+    dataset = TrainPrompts(None, train, 30, pairs, 3, list(range(100, 104)), 2, seed=0, lists=lists, shuffle=False)
+    history, candidates, label = dataset.example(0)
+    assert history == [5] and candidates == [7, 8, 9, 10] and label == 2  # letter C: the retriever's third
+    assert dataset.example(2) == ([6], [17, 18, 19, 20], 1)
+    shuffled = TrainPrompts(None, train, 30, pairs, 3, list(range(100, 104)), 2, seed=0, lists=lists, shuffle=True)
+    orders = [shuffled.example(k)[1] for k in range(3)]
+    assert any(o != lists[k].tolist() for k, o in enumerate(orders))
+    assert all(sorted(o) == sorted(lists[k].tolist()) for k, o in enumerate(orders))
+    assert all(
+        o[shuffled.example(k)[2]] == train[u][n] for k, (o, (u, n)) in enumerate(zip(orders, pairs, strict=True))
+    )

@@ -17,6 +17,7 @@ from datasets import load_split
 from tests.conftest import tiny_llama
 from trainer.candidates import save_candidates
 from trainer.ranker import rank_examples
+from trainer.ranker_report import build_test_report
 from trainer.verbalizer import letter_token_ids, verbalizer_scores
 
 
@@ -28,6 +29,9 @@ def tokenizer(llama2_tokenizer_path):
     tok.padding_side = "left"
     tok.pad_token = tok.unk_token
     return tok
+
+
+DESCENDING = [float(20 - k) for k in range(20)]  # retriever scores of candidates listed in retriever order
 
 
 def test_verbalizer_reads_the_letter_logits():
@@ -47,7 +51,7 @@ def test_rank_examples_left_padding_matches_single_prompts(tokenizer):
     letter_ids = torch.tensor(list(letters.values()))
     histories = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12]]
     examples = [
-        EvalExample(u, h, list(range(11, 31)), 0, 0, builder.encode(h, list(range(11, 31))))
+        EvalExample(u, h, list(range(11, 31)), 0, 0, builder.encode(h, list(range(11, 31))), DESCENDING)
         for u, h in enumerate(histories)
     ]
     batched = rank_examples(model, examples, letter_ids, tokenizer.pad_token_id, 3, torch.device("cpu"))
@@ -84,12 +88,15 @@ def test_training_steps_lower_the_loss(tokenizer):
 
 def test_test_report_overall_formula():
     split = type("S", (), {"user_raw_ids": ["a", "b", "c", "d"], "item_raw_ids": [""] + [str(i) for i in range(30)]})
-    examples = [EvalExample(0, [], list(range(1, 21)), 2, 2, []), EvalExample(2, [], list(range(1, 21)), 0, 0, [])]
+    examples = [
+        EvalExample(0, [], list(range(1, 21)), 2, 2, [], DESCENDING),
+        EvalExample(2, [], list(range(1, 21)), 0, 0, [], DESCENDING),
+    ]
     scores = torch.zeros(2, 20)
     scores[0, 2] = 1.0  # LLM puts user 0's item first (retriever had it third)
     scores[1, 5] = 1.0  # and user 2's item (retriever first) sixth... ties: 0-based rank counts equal scores
     part = {"users": np.array([0, 1, 2, 3]), "label_ranks": np.array([2, 30, 0, 45])}
-    report, rankings = train_ranker.test_report(scores, examples, part, split, (1, 5, 10))
+    report, rankings = build_test_report(scores, examples, part, split, (1, 5, 10))
     assert report["coverage"] == 0.5
     assert report["subset"]["llm"]["Recall@1"] == 0.5
     assert report["subset"]["retriever"]["Recall@1"] == 0.5
@@ -134,6 +141,20 @@ def write_tiny_project(root, tokenizer, num_users: int = 40, num_items: int = 36
             out["label_ranks"].append(int((scores > scores[label]).sum()))
         return {key: np.array(value) for key, value in out.items()}
 
+    def train_part():
+        out = {"users": [], "lengths": [], "items": [], "labels": [], "label_ranks": []}
+        for u, seq in enumerate(split.train):
+            for length in range(1, len(seq)):
+                scores = popularity + rng.random(len(popularity)) * 0.01
+                scores[0] = -np.inf
+                scores[seq[:length]] = -np.inf
+                out["users"].append(u)
+                out["lengths"].append(length)
+                out["items"].append(np.argsort(-scores)[:20])
+                out["labels"].append(seq[length])
+                out["label_ranks"].append(int((scores > scores[seq[length]]).sum()))
+        return {key: np.array(value) for key, value in out.items()}
+
     save_candidates(
         root / "retriever" / "candidates.npz",
         split=split,
@@ -142,6 +163,7 @@ def write_tiny_project(root, tokenizer, num_users: int = 40, num_items: int = 36
         test=part("test"),
         val_metrics={},
         test_metrics={},
+        train=train_part(),
     )
     tiny_llama().save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
@@ -252,3 +274,49 @@ def test_last_checkpoint_skips_incomplete_and_foreign_folders(tmp_path):
     # checkpoint-12 has no trainer_state.json (written last): an interrupted save
     assert train_ranker.last_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
     assert train_ranker.last_checkpoint(tmp_path / "none") is None
+
+
+def test_ranker_retrieved_training_candidates_and_fusion(tmp_path, tokenizer, capsys, restore_threads):
+    flags = write_tiny_project(tmp_path, tokenizer)
+    caps = ["--lora_max_steps", "2", "--lora_val_iterations", "2", "--lora_micro_batch_size", "2"]
+    caps += ["--llm_max_history", "5", "--num_threads", "1", "--lora_warmup_steps", "1"]
+    caps += ["--llm_train_candidates", "retrieved", "--llm_fusion", "linear", "--llm_max_train_samples", "8"]
+    assert train_ranker.main(flags + caps) == 0
+    out = capsys.readouterr().out
+    assert "training prompts: 8 (retrieved candidates)" in out
+    assert "fused (w=" in out and "minus the retriever's order" in out
+    run = tmp_path / "experiments" / "ranker" / "custom-data" / "seed42"
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    fusion = metrics["fusion"]
+    grid = fusion["val_NDCG@10_by_weight"]
+    assert set(grid) == {"0.0", "0.25", "0.5", "1.0", "2.0", "4.0", "8.0", "inf"}
+    assert grid[str(fusion["weight"])] == max(grid.values())
+    # w = inf is the retriever's order exactly, so its validation NDCG@10 is the retriever's there
+    assert grid["inf"] == pytest.approx(metrics["val"]["metrics"]["retriever"]["NDCG@10"])
+    assert grid["0.0"] == pytest.approx(metrics["val"]["metrics"]["llm"]["NDCG@10"])
+    for name in ("llm", "fused", "random"):
+        ci = metrics["test_vs_retriever"][name]["NDCG@10"]
+        assert ci["resamples"] == 2000 and ci["users"] == metrics["users_subset"]
+        assert ci["ci95"][0] <= ci["diff"] <= ci["ci95"][1]
+        assert ci["diff"] == pytest.approx(
+            metrics["subset"][name]["NDCG@10"] - metrics["subset"]["retriever"]["NDCG@10"]
+        )
+    rankings = [json.loads(line) for line in (run / "test_rankings.jsonl").read_text().splitlines()]
+    assert all("fused_rank" in r for r in rankings)
+
+
+def test_ranker_explains_a_candidates_file_without_training_candidates(tmp_path, tokenizer, capsys):
+    """A file written before training-prefix candidates existed (format v1) still serves uniform training and
+    fails with the documented error for --llm_train_candidates retrieved."""
+    flags = write_tiny_project(tmp_path, tokenizer)
+    path = tmp_path / "retriever" / "candidates.npz"
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files if not key.startswith("train_")}
+    meta = json.loads(str(arrays["meta"]))
+    arrays["meta"] = np.array(json.dumps({**meta, "format": "llamarec-candidates-v1"}))
+    np.savez_compressed(path, **arrays)
+    capsys.readouterr()
+    assert train_ranker.main(flags + ["--llm_train_candidates", "retrieved"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "has no training-prefix candidates" in err and "--llm_train_candidates retrieved" in err
+    assert "train_retriever.py" in err and str(path) in err

@@ -144,6 +144,13 @@ def test_end_to_end_run_folder_and_candidates_round_trip(tmp_path, tiny_args):
         assert not set(cands.test["items"][u].tolist()) & set(split.train[u] + [split.val[u]])
     hits = cands.test["label_ranks"] < 6
     assert np.all(cands.test["items"][hits, cands.test["label_ranks"][hits]] == cands.test["labels"][hits])
+    # every training prefix, with its next item as label and the prefix masked out of its candidates
+    prefixes = [(u, n) for u, seq in enumerate(split.train) for n in range(1, len(seq))]
+    assert list(zip(cands.train["users"].tolist(), cands.train["lengths"].tolist(), strict=True)) == prefixes
+    assert cands.train["labels"].tolist() == [split.train[u][n] for u, n in prefixes]
+    assert cands.meta["format"] == "llamarec-candidates-v2" and "Recall@20" in cands.meta["train_metrics"]
+    for row, (u, n) in enumerate(prefixes):
+        assert not set(cands.train["items"][row].tolist()) & set(split.train[u][:n])
 
     # an existing run folder needs --resume or --overwrite
     assert main(tiny_args) == 2
@@ -220,3 +227,24 @@ def test_metric_ks_without_10_works_with_a_matching_best_metric(tmp_path, tiny_a
     }
     assert main(tiny_args + ["--metric_ks", "1", "5", "--run_name", "other"]) == 2  # Recall@10 is not computed
     assert "error: --best_metric" in capsys.readouterr().err
+
+
+def test_training_prefix_candidates_equal_the_masked_top_k_of_each_prefix():
+    """Every prefix (short ones from one shared window, long ones from their own) gets exactly what evaluate()
+    gives for that prefix as a history: its top-k with the prefix masked, in retriever order."""
+    from trainer.retriever import train_prefix_candidates
+
+    torch.manual_seed(0)
+    model = LRURec(30, hidden_units=8, num_blocks=2, dropout=0.0, attn_dropout=0.0).eval()
+    rng = np.random.default_rng(0)
+    train = [rng.choice(np.arange(1, 31), size=n, replace=False).tolist() for n in (2, 5, 9, 13, 1)]
+    got = train_prefix_candidates(model, train, max_len=6, topk=4, batch_size=3, device=torch.device("cpu"))
+    pairs = [(u, n) for u, seq in enumerate(train) for n in range(1, len(seq))]
+    assert list(zip(got["users"].tolist(), got["lengths"].tolist(), strict=True)) == pairs
+    histories = [train[u][:n] for u, n in pairs]
+    labels = [train[u][n] for u, n in pairs]
+    metrics, expected = evaluate(model, EvalData(histories, labels, 6), 5, [20], torch.device("cpu"), topk=4)
+    assert got["items"].tolist() == expected["items"].tolist()
+    assert got["labels"].tolist() == labels and got["label_ranks"].tolist() == expected["label_ranks"].tolist()
+    for row, (u, n) in enumerate(pairs):
+        assert not set(got["items"][row].tolist()) & set(train[u][:n])

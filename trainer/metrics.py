@@ -45,3 +45,44 @@ def ranking_metric_sums(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence
 def ranking_metrics(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
     """Recall@k, NDCG@k, MRR@k averaged over users; scores [users, items], labels [users]."""
     return metrics_from_ranks(label_ranks(scores, labels), ks)
+
+
+def per_user_metric(ranks: torch.Tensor, name: str) -> torch.Tensor:
+    """One user's Recall@k / NDCG@k / MRR@k (name like "NDCG@10") for each 0-based rank: [N] -> [N] float64."""
+    metric, k = name.split("@")
+    ranks = ranks.double()
+    hit = ranks < int(k)
+    value = {"Recall": torch.ones_like(ranks), "NDCG": 1.0 / torch.log2(ranks + 2.0), "MRR": 1.0 / (ranks + 1.0)}
+    return torch.where(hit, value[metric], 0.0)
+
+
+def paired_bootstrap(
+    values: torch.Tensor, baseline: torch.Tensor, resamples: int = 2000, seed: int = 0
+) -> dict[str, float | int | list[float]]:
+    """Mean paired difference values - baseline over users and its 95% percentile bootstrap interval.
+
+    The same users are resampled (with replacement) for both, so what user-to-user spread the two share
+    cancels out; `resamples` draws from a generator seeded by `seed`, so the interval is repeatable.
+    """
+    diff = (values.double() - baseline.double()).flatten()
+    if len(diff) == 0:
+        return {"diff": math.nan, "ci95": [math.nan, math.nan], "resamples": resamples, "users": 0}
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.empty(resamples, dtype=torch.float64)
+    for start in range(0, resamples, 500):  # [500, N] index blocks bound the memory
+        count = min(500, resamples - start)
+        index = torch.randint(len(diff), (count, len(diff)), generator=generator)
+        means[start : start + count] = diff[index].mean(dim=1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"diff": diff.mean().item(), "ci95": [low, high], "resamples": resamples, "users": len(diff)}
+
+
+def fuse_scores(llm_scores: torch.Tensor, retriever_scores: torch.Tensor, weight: float) -> torch.Tensor:
+    """log_softmax(LLM verbalizer scores) + weight x log_softmax(retriever scores), over each row's candidates.
+
+    weight = 0 is the LLM alone; weight = inf is the retriever alone (its order exactly, whatever the LLM says).
+    """
+    retriever = torch.log_softmax(retriever_scores.double(), dim=-1)
+    if math.isinf(weight):
+        return retriever
+    return torch.log_softmax(llm_scores.double(), dim=-1) + weight * retriever

@@ -146,6 +146,77 @@ def evaluate(
     return metrics_from_ranks(ranks, ks), arrays
 
 
+@torch.no_grad()
+def train_prefix_candidates(
+    model: LRURec, train: list[list[int]], max_len: int, topk: int, batch_size: int, device: torch.device
+) -> dict[str, np.ndarray]:
+    """The retriever's masked top-k for every training prefix train[u][:L], 1 <= L < len(train[u]).
+
+    Each prefix is scored exactly as evaluation scores a history: the model reads its last max_len items and
+    the prefix's items are masked out. One forward pass of a user's first max_len items serves every prefix
+    that fits in it (later positions never change earlier ones); each longer prefix needs its own window.
+    Returns users, lengths (L; the label is train[u][L]), items [P, k] in retriever order (0 where fewer than k
+    items lie outside the prefix), labels and label_ranks (0-based rank of the label in the full masked ranking), in (user, L) order.
+    """
+    model.eval()
+    users, lengths, windows = [], [], []  # windows: (item ids, first prefix row, number of prefix rows it serves)
+    for user, seq in enumerate(train):
+        for length in range(1, len(seq)):
+            users.append(user)
+            lengths.append(length)
+        if len(seq) < 2:
+            continue
+        first = len(users) - (len(seq) - 1)
+        head = seq[: min(len(seq) - 1, max_len)]
+        windows.append((head, first, len(head)))  # prefixes 1..len(head): every position of the head
+        for length in range(max_len + 1, len(seq)):
+            windows.append((seq[length - max_len : length], first + length - 1, 1))  # only its last position
+    hidden = torch.empty(len(users), model.token.embedding_dim)
+    order = sorted(range(len(windows)), key=lambda k: len(windows[k][0]))  # similar widths batch together
+    for start in range(0, len(order), batch_size):
+        batch = [windows[k] for k in order[start : start + batch_size]]
+        width = max(len(items) for items, _, _ in batch)
+        tokens = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, (items, _, _) in enumerate(batch):
+            tokens[row, width - len(items) :] = torch.tensor(items)
+        states = model.encode(tokens.to(device)).cpu()
+        for row, (_, first, count) in enumerate(batch):
+            hidden[first : first + count] = states[row, width - count :]
+    users_t = torch.tensor(users, dtype=torch.long)
+    lengths_t = torch.tensor(lengths, dtype=torch.long)
+    # first_position[u][i] = index of item i in train[u] (repeats are dropped by preprocessing): item i is in
+    # prefix L iff its index is < L. Built per chunk of users, so memory stays O(chunk x items).
+    top_items, labels, ranks = [], [], []
+    num_columns = model.token.num_embeddings
+    chunk = max(1, batch_size)
+    for start in range(0, len(users), chunk):
+        rows = slice(start, min(start + chunk, len(users)))
+        chunk_users, chunk_lengths = users_t[rows], lengths_t[rows]
+        present = torch.unique(chunk_users)
+        first_position = torch.full((len(present), num_columns), torch.iinfo(torch.long).max, dtype=torch.long)
+        for k, user in enumerate(present.tolist()):
+            first_position[k, torch.tensor(train[user])] = torch.arange(len(train[user]))
+        local = torch.searchsorted(present, chunk_users)
+        scores = model.score(hidden[rows].to(device)).cpu()
+        scores[first_position[local] < chunk_lengths[:, None]] = -math.inf
+        scores[:, 0] = -math.inf  # padding id
+        chunk_labels = torch.tensor(
+            [train[u][n] for u, n in zip(chunk_users.tolist(), chunk_lengths.tolist(), strict=True)]
+        )
+        ranks.append(label_ranks(scores, chunk_labels))
+        labels.append(chunk_labels)
+        values, indices = scores.topk(topk, dim=1)
+        top_items.append(indices.masked_fill(values == -math.inf, 0))  # 0: fewer than k items outside the prefix
+    empty = torch.zeros(0, dtype=torch.long)
+    return {
+        "users": users_t.numpy(),
+        "lengths": lengths_t.numpy(),
+        "items": (torch.cat(top_items) if top_items else torch.zeros(0, topk, dtype=torch.long)).numpy(),
+        "labels": (torch.cat(labels) if labels else empty).numpy(),
+        "label_ranks": (torch.cat(ranks) if ranks else empty).numpy(),
+    }
+
+
 # ------------------------------------------------------------------------------------------- training
 
 
@@ -394,6 +465,19 @@ def export_candidates(
     test_metrics, test_arrays = evaluate(
         model, eval_data(split, "test", cfg.bert_max_len), cfg.test_batch_size, cfg.metric_ks, device, topk
     )
+    start = time.time()
+    train_topk = min(cfg.retrieved_train_topk, split.num_items)
+    train_arrays = train_prefix_candidates(model, split.train, cfg.bert_max_len, train_topk, 256, device)
+    # The retriever was trained on these very positions: how much better it looks there than at test is what a
+    # ranker trained on these lists would learn to expect (README, "Training candidates").
+    train_metrics = metrics_from_ranks(torch.from_numpy(train_arrays["label_ranks"]), cfg.metric_ks)
+    print(
+        f"training-prefix candidates: {len(train_arrays['users'])} prefixes x {train_topk} in "
+        f"{time.time() - start:.1f} s; in-sample Recall@20 {train_metrics.get('Recall@20', math.nan):.4f} "
+        f"NDCG@20 {train_metrics.get('NDCG@20', math.nan):.4f} vs test {test_metrics.get('Recall@20', math.nan):.4f} "
+        f"/ {test_metrics.get('NDCG@20', math.nan):.4f}",
+        flush=True,
+    )
     save_candidates(
         out_dir / "candidates.npz",
         split=split,
@@ -402,6 +486,8 @@ def export_candidates(
         test=test_arrays,
         val_metrics=val_metrics,
         test_metrics=test_metrics,
+        train=train_arrays,
+        train_metrics=train_metrics,
     )
     # Written last: a run folder with test_metrics.json also has its candidates.
     atomic_write_json(out_dir / "test_metrics.json", test_metrics)

@@ -1,0 +1,193 @@
+"""Stage-2 results: the ranker (and the fused score) against the retriever's own order on the same users,
+with paired bootstrap confidence intervals, overall metrics over all test users, and the printed table."""
+
+import json
+import math
+
+import torch
+
+from dataloader.prompts import candidate_letters
+from dataloader.ranker_data import EvalExample
+from datasets.split import SplitData
+from trainer.metrics import fuse_scores, label_ranks, metrics_from_ranks, paired_bootstrap, per_user_metric
+
+# Fusion weights tried on validation: 0 is the LLM alone, inf the retriever's order alone.
+FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
+FUSION_METRIC = "NDCG@10"
+COMPARED_METRICS = ("NDCG@10", "Recall@10")
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def weight_name(weight: float) -> str | float:
+    """JSON-safe fusion weight ("inf" for the retriever alone)."""
+    return "inf" if math.isinf(weight) else weight
+
+
+def _labels(examples: list[EvalExample]) -> torch.Tensor:
+    return torch.tensor([e.label for e in examples], dtype=torch.long)
+
+
+def _retriever_scores(examples: list[EvalExample], num_candidates: int) -> torch.Tensor:
+    return torch.tensor([e.retriever_scores for e in examples], dtype=torch.float64).view(-1, num_candidates)
+
+
+def choose_fusion_weight(llm_scores: torch.Tensor, examples: list[EvalExample]) -> dict:
+    """The weight of FUSION_WEIGHTS with the best validation NDCG@10 of the fused score (the smallest on ties)."""
+    labels, retriever = _labels(examples), _retriever_scores(examples, llm_scores.shape[1])
+    by_weight = {
+        w: metrics_from_ranks(label_ranks(fuse_scores(llm_scores, retriever, w), labels), [10])[FUSION_METRIC]
+        for w in FUSION_WEIGHTS
+    }
+    best = max(FUSION_WEIGHTS, key=lambda w: (by_weight[w], -w))
+    return {
+        "weight": weight_name(best),
+        "selected_on": f"validation {FUSION_METRIC}, {len(examples)} users",
+        f"val_{FUSION_METRIC}_by_weight": {str(weight_name(w)): v for w, v in by_weight.items()},
+    }
+
+
+def _bootstraps(ranks: torch.Tensor, baseline: torch.Tensor, seed: int) -> dict:
+    return {
+        name: paired_bootstrap(per_user_metric(ranks, name), per_user_metric(baseline, name), BOOTSTRAP_RESAMPLES, seed)
+        for name in COMPARED_METRICS
+    }
+
+
+def subset_ranks(
+    llm_scores: torch.Tensor, examples: list[EvalExample], fusion_weight: float | str | None, seed: int
+) -> dict[str, torch.Tensor]:
+    """0-based rank of the true item among the candidates, per user, for each way of ordering them."""
+    labels = _labels(examples)
+    num_candidates = llm_scores.shape[1]
+    ranks = {
+        "retriever": torch.tensor([e.retriever_rank for e in examples], dtype=torch.long),
+        "llm": label_ranks(llm_scores, labels),
+        # one seeded random order: what a ranker that knows nothing scores
+        "random": torch.randint(num_candidates, (len(examples),), generator=torch.Generator().manual_seed(seed)),
+    }
+    if fusion_weight is not None:
+        weight = math.inf if fusion_weight == "inf" else float(fusion_weight)
+        ranks["fused"] = label_ranks(
+            fuse_scores(llm_scores, _retriever_scores(examples, num_candidates), weight), labels
+        )
+    return ranks
+
+
+def compare_with_retriever(
+    llm_scores: torch.Tensor,
+    examples: list[EvalExample],
+    fusion_weight: float | str | None,
+    seed: int,
+    ks: tuple[int, ...] = (1, 5, 10),
+) -> dict:
+    """Metrics of each ordering on these users and, for each, the paired difference from the retriever's order
+    in NDCG@10 and Recall@10 with a 95% bootstrap interval over users."""
+    ranks = subset_ranks(llm_scores, examples, fusion_weight, seed)
+    result = {"users": len(examples), "metrics": {name: metrics_from_ranks(r, ks) for name, r in ranks.items()}}
+    result["vs_retriever"] = {
+        name: _bootstraps(r, ranks["retriever"], seed) for name, r in ranks.items() if name != "retriever"
+    }
+    return result
+
+
+def build_test_report(
+    scores: torch.Tensor,
+    examples: list[EvalExample],
+    test_part: dict,
+    split: SplitData,
+    ks: tuple[int, ...],
+    fusion_weight: float | str | None = None,
+    seed: int = 0,
+) -> tuple[dict, list[str]]:
+    """LLM (and fused) vs retriever on the subset with CIs, overall metrics over all test users, coverage,
+    per-user rankings."""
+    comparison = compare_with_retriever(scores, examples, fusion_weight, seed, ks)
+    ranks = subset_ranks(scores, examples, fusion_weight, seed)
+    # Overall: every test user's rank of the true item; outside the subset it is the retriever's rank
+    # in its full ranking (>= the candidate count), inside it the ranker's rank among the candidates.
+    # This is the paper's "subset metric x share + retriever metric of the others x their share".
+    all_retriever_ranks = torch.as_tensor(test_part["label_ranks"], dtype=torch.long)
+    row_of_user = {u: row for row, u in enumerate(test_part["users"].tolist())}
+    rows = torch.tensor([row_of_user[e.user] for e in examples], dtype=torch.long)
+    overall = {"retriever": metrics_from_ranks(all_retriever_ranks, ks)}
+    for name in ("llm", "fused"):
+        if name in ranks:
+            all_ranks = all_retriever_ranks.clone()
+            all_ranks[rows] = ranks[name]
+            overall[name] = metrics_from_ranks(all_ranks, ks)
+    report = {
+        "users_all": len(all_retriever_ranks),
+        "users_subset": len(examples),
+        "coverage": len(examples) / len(all_retriever_ranks),
+        "subset": comparison["metrics"],
+        "overall": overall,
+        "test_vs_retriever": comparison["vs_retriever"],
+    }
+    letters = candidate_letters(scores.shape[1])
+    rankings = []
+    for k, (e, row) in enumerate(zip(examples, scores.tolist(), strict=True)):
+        order = sorted(range(len(row)), key=lambda c: -row[c])
+        record = {
+            "user": split.user_raw_ids[e.user],
+            "true_item": split.item_raw_ids[e.candidates[e.label]],
+            "llm_rank": int(ranks["llm"][k]),  # ties pessimistic, as in the metrics
+            "retriever_rank": e.retriever_rank,
+        }
+        if "fused" in ranks:
+            record["fused_rank"] = int(ranks["fused"][k])
+        record["candidates"] = [
+            {
+                "item": split.item_raw_ids[e.candidates[c]],
+                "letter": letters[c],
+                "score": row[c],
+                "retriever_score": e.retriever_scores[c],
+            }
+            for c in order
+        ]
+        rankings.append(json.dumps(record, ensure_ascii=False))
+    return report, rankings
+
+
+def _ci_text(stats: dict) -> str:
+    low, high = stats["ci95"]
+    verdict = "better" if low > 0 else "worse" if high < 0 else "no clear difference"
+    return f"{stats['diff']:+.4f} [{low:+.4f}, {high:+.4f}] {verdict}"
+
+
+def format_table(report: dict, ks: tuple[int, ...], llm_name: str) -> str:
+    names = [f"{m}@{k}" for k in ks for m in ("Recall", "NDCG", "MRR") if not (m != "Recall" and k == 1)]
+    short = [n.replace("Recall", "R").replace("NDCG", "N").replace("MRR", "M") for n in names]
+    lines = [f"{'':42}" + "".join(f"{s:>8}" for s in short)]
+    subset, overall = report["subset"], report["overall"]
+    weight = report.get("fusion", {}).get("weight")
+    rows = [
+        (f"retriever, subset ({report['users_subset']} users)", subset["retriever"]),
+        ("random order, subset", subset["random"]),
+        (f"{llm_name} ranker, subset", subset["llm"]),
+    ]
+    if "fused" in subset:
+        rows.append((f"fused (w={weight}), subset", subset["fused"]))
+    rows += [
+        (f"retriever, all {report['users_all']} users", overall["retriever"]),
+        ("LlamaRec (retriever + ranker), all", overall["llm"]),
+    ]
+    if "fused" in overall:
+        rows.append(("LlamaRec fused, all", overall["fused"]))
+    for label, metrics in rows:
+        lines.append(f"{label[:42]:42}" + "".join(f"{metrics[n]:8.4f}" for n in names))
+    lines.append(
+        f"coverage (true item in the candidates): {report['users_subset']}/{report['users_all']}"
+        f" = {report['coverage']:.4f}"
+    )
+    lines.append("minus the retriever's order, mean over users [95% paired bootstrap CI]:")
+    sections = [(f"test ({report['users_subset']} users)", report["test_vs_retriever"])]
+    if report.get("val"):
+        sections.append((f"validation ({report['val']['users']} users)", report["val"]["vs_retriever"]))
+    for title, comparisons in sections:
+        for name, label in (("llm", "ranker"), ("fused", "fused")):
+            if name in comparisons:
+                stats = comparisons[name]
+                lines.append(
+                    f"  {label:6} {title:24} N@10 {_ci_text(stats['NDCG@10'])}; R@10 {_ci_text(stats['Recall@10'])}"
+                )
+    return "\n".join(lines)
