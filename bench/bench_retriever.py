@@ -33,6 +33,7 @@ from trainer.retriever import (  # noqa: E402
     eval_data,
     evaluate,
     export_candidates,
+    train_prefix_candidates,
     train_step,
 )
 from trainer.utils import atomic_write_json, set_seed  # noqa: E402
@@ -90,6 +91,11 @@ def bench(cfg: argparse.Namespace, bench_epochs: int) -> dict:
         result["candidates_file_bytes"] = (Path(tmp) / "candidates.npz").stat().st_size
     result["export_seconds"] = time.perf_counter() - start
     result["retrieved_topk"] = min(cfg.retrieved_topk, split.num_items)
+    # The training-prefix part of that export on its own (every prefix of every training sequence).
+    start = time.perf_counter()
+    prefixes = train_prefix_candidates(model, split.train, max_len, cfg.retrieved_train_topk, 256, device)
+    result["train_prefix_seconds"] = time.perf_counter() - start
+    result["train_prefixes"] = len(prefixes["users"])
     result["peak_rss_mib"] = peak_rss_mib()
     return result
 
@@ -114,8 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         ("train sequences/s", f"{result['train_sequences_per_second']:.1f}"),
         ("eval users/s", f"{result['eval_users_per_second']:.0f}"),
         (
-            "export val+test (s)",
+            "export val+test+prefixes (s)",
             f"{result['export_seconds']:.2f}  (top-{result['retrieved_topk']}, {result['candidates_file_bytes'] / 1e6:.2f} MB)",
+        ),
+        (
+            "  of which prefixes (s)",
+            f"{result['train_prefix_seconds']:.2f}  ({result['train_prefixes']} training prefixes, "
+            f"{result['train_prefixes'] / result['train_prefix_seconds']:.0f}/s)",
         ),
         ("peak RSS (MiB)", f"{result['peak_rss_mib']:.0f}"),
         ("torch threads / load", f"{result['torch_threads']} / {result['load_average_at_start']:.2f}"),
