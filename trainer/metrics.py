@@ -21,14 +21,11 @@ def label_ranks(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def metric_sums_from_ranks(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
-    ranks = ranks.double()
-    sums = {}
-    for k in ks:
-        hit = ranks < k
-        sums[f"Recall@{k}"] = hit.sum().item()
-        sums[f"NDCG@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 2.0), 0.0).sum().item()
-        sums[f"MRR@{k}"] = torch.where(hit, 1.0 / (ranks + 1.0), 0.0).sum().item()
-    return sums
+    return {
+        f"{name}@{k}": per_user_metric(ranks, f"{name}@{k}").sum().item()
+        for k in ks
+        for name in ("Recall", "NDCG", "MRR")
+    }
 
 
 def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:

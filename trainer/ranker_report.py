@@ -82,8 +82,15 @@ def compare_with_retriever(
 ) -> dict:
     """Metrics of each ordering on these users and, for each, the paired difference from the retriever's order
     in NDCG@10 and Recall@10 with a 95% bootstrap interval over users."""
-    ranks = subset_ranks(llm_scores, examples, fusion_weight, seed)
-    result = {"users": len(examples), "metrics": {name: metrics_from_ranks(r, ks) for name, r in ranks.items()}}
+    return compare_ranks(subset_ranks(llm_scores, examples, fusion_weight, seed), seed, ks)
+
+
+def compare_ranks(ranks: dict[str, torch.Tensor], seed: int, ks: tuple[int, ...]) -> dict:
+    """compare_with_retriever for ranks already computed by subset_ranks."""
+    result = {
+        "users": len(ranks["retriever"]),
+        "metrics": {name: metrics_from_ranks(r, ks) for name, r in ranks.items()},
+    }
     result["vs_retriever"] = {
         name: _bootstraps(r, ranks["retriever"], seed) for name, r in ranks.items() if name != "retriever"
     }
@@ -101,8 +108,8 @@ def build_test_report(
 ) -> tuple[dict, list[str]]:
     """LLM (and fused) vs retriever on the subset with CIs, overall metrics over all test users, coverage,
     per-user rankings."""
-    comparison = compare_with_retriever(scores, examples, fusion_weight, seed, ks)
     ranks = subset_ranks(scores, examples, fusion_weight, seed)
+    comparison = compare_ranks(ranks, seed, ks)
     # Overall: every test user's rank of the true item; outside the subset it is the retriever's rank
     # in its full ranking (>= the candidate count), inside it the ranker's rank among the candidates.
     # This is the paper's "subset metric x share + retriever metric of the others x their share".
