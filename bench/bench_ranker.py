@@ -18,10 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config import REPO_ROOT, parse_config  # noqa: E402
+from config import parse_config  # noqa: E402
 from dataloader.prompts import PromptBuilder  # noqa: E402
 from dataloader.ranker_data import EvalExample, TrainCollator, TrainPrompts, training_prefixes  # noqa: E402
-from trainer.utils import atomic_write_json, set_seed  # noqa: E402
+from trainer.utils import REPO_ROOT, atomic_write_json, set_seed  # noqa: E402
 
 
 def peak_rss_mib() -> float:

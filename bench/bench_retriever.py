@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config import InputError, parse_config  # noqa: E402
+from config import parse_config  # noqa: E402
 from datasets import load_split  # noqa: E402
 from trainer.retriever import (  # noqa: E402
     build_model,
@@ -36,7 +36,11 @@ from trainer.retriever import (  # noqa: E402
     train_prefix_candidates,
     train_step,
 )
-from trainer.utils import atomic_write_json, set_seed  # noqa: E402
+from trainer.utils import (  # noqa: E402
+    InputError,  # noqa: E402
+    atomic_write_json,
+    set_seed,
+)
 
 
 def peak_rss_mib() -> float:

@@ -10,7 +10,13 @@ boundaries with SentencePiece tokenizers). Whole-prompt tokenisation costs ~0.4 
 import string
 from collections.abc import Sequence
 
-from config import DEFAULT_INPUT, DEFAULT_SYSTEM, InputError
+from trainer.utils import InputError
+
+# The paper's prompt texts (the --llm_system_template / --llm_input_template defaults); PromptBuilder wraps them.
+DEFAULT_SYSTEM = (
+    "Given user history in chronological order, recommend an item from the candidate pool with its index letter."
+)
+DEFAULT_INPUT = "User history: {}; \n Candidate pool: {}"
 
 # alpaca_short, as the original's templates/alpaca_short.json
 PROMPT_TEMPLATE = "### Instruction:\n{system}\n\n### Input:\n{input}\n\n### Response:\n"

@@ -1,6 +1,7 @@
 """Ranker examples: training prompts (every prefix + sampled negatives) and val/test prompts (retrieved
 candidates), with left-padding collation so every prompt ends at the last position."""
 
+from argparse import Namespace
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -8,9 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from config import InputError
 from dataloader.prompts import PromptBuilder, candidate_letters
 from datasets.split import SplitData
+from trainer.utils import InputError
 
 
 def sample_negatives(rng: np.random.Generator, num_items: int, exclude: set[int], count: int) -> list[int]:
@@ -238,3 +239,46 @@ def eval_batches(examples: list[EvalExample], batch_size: int) -> list[list[int]
 
 def true_letter(example: EvalExample) -> str:
     return candidate_letters(len(example.candidates))[example.label]
+
+
+def build_eval_sets(
+    cfg: Namespace, builder: PromptBuilder, split: SplitData, candidates, num_candidates: int
+) -> tuple[list[EvalExample], list[EvalExample]]:
+    """(validation, test) prompts of the users whose true item was retrieved; validation capped at
+    --llm_max_eval_users (a seeded subset). `candidates`: a trainer.candidates.Candidates."""
+    test_set = eval_examples(
+        builder, split, candidates.test, "test", num_candidates, cfg.llm_shuffle_eval_candidates, cfg.seed
+    )
+    val_set = eval_examples(
+        builder, split, candidates.val, "val", num_candidates, cfg.llm_shuffle_eval_candidates, cfg.seed
+    )
+    if cfg.llm_max_eval_users is not None and cfg.llm_max_eval_users < len(val_set):
+        keep = torch.randperm(len(val_set), generator=torch.Generator().manual_seed(cfg.seed))
+        val_set = [val_set[k] for k in sorted(keep[: cfg.llm_max_eval_users].tolist())]
+    return val_set, test_set
+
+
+def build_train_set(
+    cfg: Namespace, builder: PromptBuilder, split: SplitData, candidates, letter_ids: list[int], eos_id: int
+) -> TrainPrompts:
+    """The training prompts of --llm_train_candidates (uniform negatives or retrieved lists), capped at
+    --llm_max_train_samples."""
+    lists = None
+    if cfg.llm_train_candidates == "retrieved":
+        pairs, lists = retrieved_training_lists(
+            candidates.require_train(), len(letter_ids), cfg.llm_train_missed, cfg.llm_max_train_samples, cfg.seed
+        )
+    else:
+        pairs = training_prefixes(split.train, cfg.llm_max_train_samples, cfg.seed)
+    return TrainPrompts(
+        builder,
+        split.train,
+        split.num_items,
+        pairs,
+        cfg.llm_negative_sample_size,
+        letter_ids,
+        eos_id,
+        cfg.seed,
+        lists=lists,
+        shuffle=cfg.llm_shuffle_train_candidates,
+    )

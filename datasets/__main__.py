@@ -3,8 +3,9 @@
 import json
 import sys
 
-from config import InputError, parse_config
+from config import parse_config
 from datasets import load_split
+from trainer.utils import InputError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from config import REPO_ROOT, InputError
+from trainer.utils import REPO_ROOT, InputError
 
 # (interactions, titles: raw item id -> title, the raw files read)
 RawData = tuple[pd.DataFrame, dict[str, str], list[Path]]
@@ -77,7 +77,7 @@ def download(url: str, dest: Path) -> None:
 
 
 def clean_movielens_title(title: str) -> str:
-    """'Matrix, The (1999)' -> 'The Matrix (1999)': the paper's cleaning (REFERENCE §1).
+    """'Matrix, The (1999)' -> 'The Matrix (1999)': the paper's title cleaning.
 
     The trailing year is split off, other parenthesised parts are removed, a trailing English
     article (", The" / ", A" / ", An") moves to the front, and the year is re-appended.

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from config import InputError
+from trainer.utils import InputError
 
 
 @dataclass

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from config import LLM_CACHE_DIR, InputError
+from trainer.utils import REPO_ROOT, InputError
+
+LLM_CACHE_DIR = REPO_ROOT / ".cache" / "llm"  # GGUF models converted to transformers folders
 
 if TYPE_CHECKING:  # transformers/peft are imported where used: importing them costs seconds
     from peft import PeftModel

@@ -5,8 +5,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from config import REPO_ROOT, parse_config
+from config import parse_config
 from datasets import SplitData, load_split, make_split
+from trainer.utils import REPO_ROOT
 
 SHARED = REPO_ROOT.parent / "shared"
 LLAMA2_TOKENIZER = SHARED / "tokenizers" / "llama-2"

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from config import REPO_ROOT, InputError, check_best_metric, parse_config
+from config import check_best_metric, parse_config
+from trainer.utils import REPO_ROOT, InputError
 
 
 def test_dataset_defaults_apply_only_when_not_passed():

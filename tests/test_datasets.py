@@ -11,10 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from config import REPO_ROOT, InputError, parse_config
+from config import parse_config
 from datasets import load_split, make_split
 from datasets.sources import clean_movielens_title, parse_amazon_meta
 from tests.conftest import AMAZON, require_shared
+from trainer.utils import REPO_ROOT, InputError
 
 
 def prepare(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:

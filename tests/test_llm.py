@@ -6,10 +6,10 @@ import time
 import pytest
 import torch
 
-from config import LLM_CACHE_DIR, InputError
 from dataloader.prompts import PromptBuilder
-from model.llm import add_lora, load_model, load_tokenizer, resolve_model_path
+from model.llm import LLM_CACHE_DIR, add_lora, load_model, load_tokenizer, resolve_model_path
 from tests.conftest import tiny_llama
+from trainer.utils import InputError
 from trainer.verbalizer import letter_token_ids
 
 

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from config import InputError
 from dataloader.prompts import PromptBuilder, candidate_letters
 from dataloader.ranker_data import (
     TrainCollator,
@@ -16,6 +15,7 @@ from dataloader.ranker_data import (
     training_prefixes,
 )
 from datasets import SplitData
+from trainer.utils import InputError
 from trainer.verbalizer import check_training_target, letter_token_ids
 
 

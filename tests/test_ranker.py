@@ -16,7 +16,7 @@ from dataloader.ranker_data import EvalExample, TrainCollator, TrainPrompts, tra
 from datasets import load_split
 from tests.conftest import tiny_llama
 from trainer.candidates import save_candidates
-from trainer.ranker import rank_examples
+from trainer.ranker import last_checkpoint, rank_examples
 from trainer.ranker_report import build_test_report
 from trainer.verbalizer import letter_token_ids, verbalizer_scores
 
@@ -272,8 +272,8 @@ def test_last_checkpoint_skips_incomplete_and_foreign_folders(tmp_path):
     for name in ("checkpoint-2", "checkpoint-10", "checkpoint-best"):
         (tmp_path / name / "trainer_state.json").write_text("{}")
     # checkpoint-12 has no trainer_state.json (written last): an interrupted save
-    assert train_ranker.last_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
-    assert train_ranker.last_checkpoint(tmp_path / "none") is None
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert last_checkpoint(tmp_path / "none") is None
 
 
 def test_ranker_retrieved_training_candidates_and_fusion(tmp_path, tokenizer, capsys, restore_threads):

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from config import InputError
 from model.lru import LRURec
 from tests.conftest import tiny_interactions
 from train_retriever import main
 from trainer.candidates import load_candidates
 from trainer.retriever import EvalData, evaluate, train_step, training_windows
+from trainer.utils import InputError
 
 
 def test_training_windows_match_the_original_layout():

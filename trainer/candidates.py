@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from config import InputError
 from datasets.split import SplitData
-from trainer.utils import atomic_output
+from trainer.utils import InputError, atomic_output
 
 FORMAT = "llamarec-candidates-v2"
 OLD_FORMATS = ("llamarec-candidates-v1",)  # val/test only: readable, but without training-prefix candidates

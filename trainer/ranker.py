@@ -1,17 +1,23 @@
 """Stage-2 training and evaluation: HF Trainer + PEFT, loss on the answer letter (+EOS) only,
 verbalizer evaluation every --lora_val_iterations steps, early stopping on NDCG@10."""
 
+import argparse
 import math
+import os
+import re
+import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
-from dataloader.ranker_data import EvalExample, eval_batches, left_pad
+from dataloader.ranker_data import EvalExample, TrainCollator, TrainPrompts, eval_batches, left_pad
+from model.llm import bf16_supported
 from trainer.metrics import label_ranks, metrics_from_ranks
-from trainer.utils import append_jsonl
+from trainer.utils import append_jsonl, truncate_history
 from trainer.verbalizer import verbalizer_scores
 
 SELECTION_METRIC = "NDCG@10"
@@ -117,3 +123,115 @@ class RankerTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete HF Trainer checkpoint (trainer_state.json is written last)."""
+    checkpoints = [
+        p
+        for p in folder.glob("checkpoint-*")
+        if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").is_file()
+    ]
+    return max(checkpoints, key=lambda p: int(p.name.split("-")[1])) if checkpoints else None
+
+
+def train_adapter(
+    cfg: argparse.Namespace,
+    model,
+    train_set: TrainPrompts,
+    val_set: list[EvalExample],
+    letter_ids: torch.Tensor,
+    tokenizer,
+    eval_batch: int,
+    device: torch.device,
+    run_dir: Path,
+) -> tuple[torch.nn.Module, dict]:
+    """HF Trainer run: eval/save every --lora_val_iterations steps, best adapter (NDCG@10) loaded at the end."""
+    cuda = device.type == "cuda"
+    if cfg.use_wandb:
+        # transformers' wandb integration reads these; the retriever passes the same to wandb.init.
+        os.environ.setdefault("WANDB_PROJECT", cfg.wandb_project)
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+    args = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=cfg.lora_micro_batch_size,
+        gradient_accumulation_steps=cfg.lora_gradient_accumulation_steps,
+        num_train_epochs=cfg.lora_num_epochs,
+        max_steps=cfg.lora_max_steps,
+        learning_rate=cfg.lora_lr,
+        warmup_steps=cfg.lora_warmup_steps,
+        lr_scheduler_type="linear",
+        # paged AdamW is a CUDA memory feature; on CPU plain AdamW (fused kernels need no GPU either)
+        optim="paged_adamw_32bit" if cuda else "adamw_torch",
+        bf16=cuda and bf16_supported(device),  # autocast for 4-bit on GPU; CPU runs bf16 weights directly
+        logging_steps=max(1, min(10, cfg.lora_val_iterations)),
+        eval_strategy="steps",
+        eval_steps=cfg.lora_val_iterations,
+        save_strategy="steps",
+        save_steps=cfg.lora_val_iterations,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model=SELECTION_METRIC,
+        greater_is_better=True,
+        # explicit: transformers 4.x read report_to=None as "every installed integration" and
+        # crashed at wandb.init on offline machines
+        report_to=["wandb"] if cfg.use_wandb else "none",
+        run_name=f"ranker-{cfg.dataset_name}-{cfg.run_name}",
+        remove_unused_columns=False,
+        dataloader_num_workers=cfg.num_workers,
+        dataloader_pin_memory=cuda,
+        use_cpu=not cuda,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+    trainer = RankerTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,  # only its presence is checked; evaluate() ranks val_examples itself
+        data_collator=TrainCollator(tokenizer.pad_token_id),
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=cfg.lora_early_stopping_patience)],
+        val_examples=val_set,
+        letter_ids=letter_ids,
+        pad_id=tokenizer.pad_token_id,
+        eval_batch_size=eval_batch,
+        # NDCG@10 drives model selection, so 10 is always computed
+        ks=sorted({k for k in cfg.metric_ks if k < len(letter_ids)} | {10}),
+        history_path=run_dir / "val_history.jsonl",
+    )
+    resume_from = last_checkpoint(run_dir / "checkpoints") if cfg.resume else None
+    if resume_from:
+        print(f"--resume: continuing from {resume_from}", flush=True)
+        truncate_history(run_dir / "val_history.jsonl", int(resume_from.name.split("-")[1]))
+        resume_from = str(resume_from)
+    start = time.time()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.time() - start
+    steps = output.global_step
+    samples = steps * cfg.lora_micro_batch_size * cfg.lora_gradient_accumulation_steps
+    best = trainer.state.best_model_checkpoint
+    print(f"best adapter (validation {SELECTION_METRIC} {trainer.state.best_metric}): {best}", flush=True)
+    samples = min(samples, math.ceil(len(train_set) * cfg.lora_num_epochs))
+    train_seconds = seconds - trainer.eval_seconds
+    timing = {
+        "train_steps": steps,
+        "train_samples_seen": samples,
+        "train_prompts_available": len(train_set),
+        "train_seconds_incl_validation": round(seconds, 2),
+        "validation_seconds": round(trainer.eval_seconds, 2),
+        "train_s_per_sample": round(train_seconds / max(samples, 1), 3),
+        "best_checkpoint": best,
+        "best_val_metric": {SELECTION_METRIC: trainer.state.best_metric},
+    }
+    return trainer.model, timing
+
+
+def save_adapter(model, run_dir: Path) -> Path:
+    """Save the LoRA adapter as run_dir/adapter; written beside and renamed, so an adapter/ folder always means
+    "training finished" (what --resume checks)."""
+    adapter_dir, tmp_dir = run_dir / "adapter", run_dir / "adapter.tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    model.save_pretrained(str(tmp_dir))
+    tmp_dir.rename(adapter_dir)
+    return adapter_dir

@@ -3,18 +3,23 @@ with paired bootstrap confidence intervals, overall metrics over all test users,
 
 import json
 import math
+import time
+from pathlib import Path
 
 import torch
 
-from dataloader.prompts import candidate_letters
-from dataloader.ranker_data import EvalExample
+from dataloader.prompts import PromptBuilder, candidate_letters
+from dataloader.ranker_data import EvalExample, true_letter
 from datasets.split import SplitData
 from trainer.metrics import fuse_scores, label_ranks, metrics_from_ranks, paired_bootstrap, per_user_metric
+from trainer.ranker import rank_examples
+from trainer.utils import atomic_write_json, atomic_write_text
 
 # Fusion weights tried on validation: 0 is the LLM alone, inf the retriever's order alone.
 FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
 FUSION_METRIC = "NDCG@10"
 COMPARED_METRICS = ("NDCG@10", "Recall@10")
+REPORT_KS = (1, 5, 10)  # the paper's test cut-offs
 BOOTSTRAP_RESAMPLES = 2000
 
 
@@ -198,3 +203,55 @@ def format_table(report: dict, ks: tuple[int, ...], llm_name: str) -> str:
                     f"  {label:6} {title:24} N@10 {_ci_text(stats['NDCG@10'])}; R@10 {_ci_text(stats['Recall@10'])}"
                 )
     return "\n".join(lines)
+
+
+def write_prompts_sample(path: Path, examples: list[EvalExample], builder: PromptBuilder, split: SplitData) -> None:
+    """The exact prompt text of the first 20 test users, with raw user/item ids (what the LLM sees)."""
+    lines = []
+    for e in examples[:20]:
+        record = {
+            "user": split.user_raw_ids[e.user],
+            "candidates": [split.item_raw_ids[i] for i in e.candidates],
+            "true_item": split.item_raw_ids[e.candidates[e.label]],
+            "true_letter": true_letter(e),
+            "prompt_tokens": len(e.input_ids),
+            "prompt": builder.tokenizer.decode(e.input_ids, skip_special_tokens=True)
+            if len(e.input_ids) >= builder.max_text_len
+            else builder.text(e.history, e.candidates),
+        }
+        lines.append(json.dumps(record, ensure_ascii=False))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def test_and_report(
+    model,
+    val_set: list[EvalExample],
+    test_set: list[EvalExample],
+    test_part: dict,
+    split: SplitData,
+    letter_ids: torch.Tensor,
+    pad_id: int,
+    eval_batch: int,
+    device: torch.device,
+    fusion: bool,
+    seed: int,
+) -> tuple[dict, list[str]]:
+    """The final validation (the fusion weight, the validation comparison), then the test: (report, rankings)."""
+    val_scores = rank_examples(model, val_set, letter_ids, pad_id, eval_batch, device)
+    chosen = choose_fusion_weight(val_scores, val_set) if fusion else None
+    start = time.time()
+    scores = rank_examples(model, test_set, letter_ids, pad_id, eval_batch, device)
+    seconds = time.time() - start
+    weight = chosen["weight"] if chosen else None
+    report, rankings = build_test_report(scores, test_set, test_part, split, REPORT_KS, weight, seed)
+    report["val"] = compare_with_retriever(val_scores, val_set, weight, seed)
+    if chosen:
+        report["fusion"] = chosen
+    report["timing"] = {"test_seconds": round(seconds, 2), "test_users_per_s": round(len(test_set) / seconds, 3)}
+    return report, rankings
+
+
+def write_results(run_dir: Path, result: dict, rankings: list[str]) -> None:
+    """test_metrics.json and test_rankings.jsonl, each written whole or not at all."""
+    atomic_write_json(run_dir / "test_metrics.json", result)
+    atomic_write_text(run_dir / "test_rankings.jsonl", "\n".join(rankings) + "\n")

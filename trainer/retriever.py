@@ -16,12 +16,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from config import InputError
 from datasets.split import SplitData
 from model.lru import LRURec
 from trainer.candidates import save_candidates
 from trainer.metrics import label_ranks, metrics_from_ranks
-from trainer.utils import append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint, truncate_history
+from trainer.utils import (
+    InputError,
+    append_jsonl,
+    atomic_torch_save,
+    atomic_write_json,
+    load_checkpoint,
+    truncate_history,
+)
+
+BEST, LAST, HISTORY = "checkpoint_best.pt", "checkpoint_last.pt", "val_history.jsonl"  # in the run folder
 
 
 def build_model(cfg: Namespace, num_items: int) -> LRURec:
@@ -302,20 +310,9 @@ def train_step(
     return loss.item()
 
 
-def train(cfg: Namespace, split: SplitData, model: LRURec, run_dir: Path, device: torch.device) -> dict:
-    """Train with validation every cfg.val_iterations steps and early stopping; return the final state.
-
-    Writes checkpoint_best.pt (best validation cfg.best_metric), checkpoint_last.pt (everything --resume
-    needs, saved at each validation and when training stops) and val_history.jsonl. Stopping at
-    cfg.max_steps leaves a state that --resume continues exactly as if it had not stopped.
-    """
-    max_len = cfg.bert_max_len
-    tokens, labels = config_training_windows(cfg, split.train)
-    val_data = eval_data(split, "val", max_len)
-    steps_per_epoch = math.ceil(len(tokens) / cfg.train_batch_size)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.num_epochs)
-    state = {
+def initial_state() -> dict:
+    """The training state saved in checkpoint_last.pt: position in the data, best validation, early stopping."""
+    return {
         "step": 0,
         "epoch": 0,
         "batch": 0,
@@ -326,36 +323,100 @@ def train(cfg: Namespace, split: SplitData, model: LRURec, run_dir: Path, device
         "loss_sum": 0.0,
         "loss_count": 0,
     }
-    last_path, best_path, history_path = (
-        run_dir / "checkpoint_last.pt",
-        run_dir / "checkpoint_best.pt",
-        run_dir / "val_history.jsonl",
+
+
+def save_last_checkpoint(path: Path, model: LRURec, optimizer, scheduler, state: dict) -> None:
+    """Everything --resume needs to continue exactly: weights, optimizer, schedule, RNGs, state."""
+    atomic_torch_save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "state": state,
+        },
+        path,
     )
 
-    if cfg.resume and last_path.exists():
-        ckpt = load_checkpoint(last_path, device)
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            set_rng_state(ckpt["rng"])
-            state = ckpt["state"]
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise InputError(f"{last_path}: does not fit this run's model ({str(e)[:300]})") from None
-        truncate_history(history_path, state["step"])
-        print(f"resumed from {last_path} at step {state['step']} ({state['step'] / steps_per_epoch:.1f} epochs)")
 
-    def save_last() -> None:
-        atomic_torch_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
-                "state": state,
-            },
-            last_path,
+def load_last_checkpoint(path: Path, model: LRURec, optimizer, scheduler, device: torch.device) -> dict:
+    """Restore what save_last_checkpoint wrote; return the training state."""
+    ckpt = load_checkpoint(path, device)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        return ckpt["state"]
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise InputError(f"{path}: does not fit this run's model ({str(e)[:300]})") from None
+
+
+def validate_and_checkpoint(
+    cfg: Namespace, model: LRURec, val_data: EvalData, state: dict, run_dir: Path, device: torch.device, wandb_run
+) -> dict[str, float]:
+    """One validation: update the best value and patience in `state` (state["done"] on early stopping), save
+    checkpoint_best.pt on improvement, append to val_history.jsonl (and wandb). Returns the metrics."""
+    start = time.time()
+    metrics, _ = evaluate(model, val_data, cfg.val_batch_size, cfg.metric_ks, device)
+    value = metrics[cfg.best_metric]
+    improved = value > state["best_value"]
+    if improved:
+        state["best_value"], state["best_step"], state["patience"] = value, state["step"], 0
+        atomic_torch_save({"model": model.state_dict(), "step": state["step"], "value": value}, run_dir / BEST)
+    else:
+        state["patience"] += 1
+    record = {
+        "step": state["step"],
+        "epoch": state["epoch"],
+        "train_loss": state["loss_sum"] / max(1, state["loss_count"]),
+        **metrics,
+        "best": improved,
+        "val_seconds": round(time.time() - start, 3),
+    }
+    append_jsonl(run_dir / HISTORY, record)
+    if wandb_run is not None:
+        wandb_run.log(
+            {"train/loss": record["train_loss"], **{f"val/{k}": v for k, v in metrics.items()}}, step=state["step"]
         )
+    state["loss_sum"], state["loss_count"] = 0.0, 0
+    tqdm.write(
+        f"step {state['step']} (epoch {state['epoch']}): {cfg.best_metric} {value:.4f} "
+        f"(best {state['best_value']:.4f} at {state['best_step']}) NDCG@10 {metrics.get('NDCG@10', math.nan):.4f}"
+    )
+    if cfg.early_stopping and state["patience"] >= cfg.early_stopping_patience:
+        tqdm.write(f"early stopping: {state['patience']} validations without a better {cfg.best_metric}")
+        state["done"] = True
+    return metrics
+
+
+def short_metrics(metrics: dict[str, float]) -> dict[str, str]:
+    """R@10 / N@10 for the progress bar."""
+    return {
+        k.replace("Recall", "R").replace("NDCG", "N"): f"{metrics[k]:.4f}"
+        for k in ("Recall@10", "NDCG@10")
+        if k in metrics
+    }
+
+
+def train(cfg: Namespace, split: SplitData, model: LRURec, run_dir: Path, device: torch.device) -> dict:
+    """Train with validation every cfg.val_iterations steps and early stopping; return the final state.
+
+    Writes checkpoint_best.pt (best validation cfg.best_metric), checkpoint_last.pt (everything --resume
+    needs, saved at each validation and when training stops) and val_history.jsonl. Stopping at
+    cfg.max_steps leaves a state that --resume continues exactly as if it had not stopped.
+    """
+    tokens, labels = config_training_windows(cfg, split.train)
+    val_data = eval_data(split, "val", cfg.bert_max_len)
+    steps_per_epoch = math.ceil(len(tokens) / cfg.train_batch_size)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.num_epochs)
+    state = initial_state()
+    last_path = run_dir / LAST
+    if cfg.resume and last_path.exists():
+        state = load_last_checkpoint(last_path, model, optimizer, scheduler, device)
+        truncate_history(run_dir / HISTORY, state["step"])
+        print(f"resumed from {last_path} at step {state['step']} ({state['step'] / steps_per_epoch:.1f} epochs)")
 
     wandb_run = None
     if cfg.use_wandb:
@@ -369,16 +430,16 @@ def train(cfg: Namespace, split: SplitData, model: LRURec, run_dir: Path, device
             resume="allow",
         )
 
+    def reached_max_steps() -> bool:  # e.g. --resume of a run that stopped at this --max_steps
+        return cfg.max_steps is not None and state["step"] >= cfg.max_steps
+
     last_val: dict[str, float] = {}
-    stop = state["done"]
-    if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
-        stop = True  # e.g. --resume of a run that stopped at this --max_steps
-    while not stop and state["epoch"] < cfg.num_epochs:
+    while not state["done"] and not reached_max_steps() and state["epoch"] < cfg.num_epochs:
         batches = epoch_batches(len(tokens), cfg.train_batch_size, cfg.seed, state["epoch"])
         bar = tqdm(
             total=len(batches), initial=state["batch"], desc=f"epoch {state['epoch'] + 1}", leave=False, mininterval=2
         )
-        while True:
+        while not state["done"] and not reached_max_steps():
             index = batches[state["batch"]]
             loss = train_step(
                 model,
@@ -390,68 +451,70 @@ def train(cfg: Namespace, split: SplitData, model: LRURec, run_dir: Path, device
                 cfg.label_smoothing,
             )
             state["loss_sum"], state["loss_count"] = state["loss_sum"] + loss, state["loss_count"] + 1
-            state["step"] += 1
-            state["batch"] += 1
+            state["step"], state["batch"] = state["step"] + 1, state["batch"] + 1
             end_of_epoch = state["batch"] == len(batches)
             if end_of_epoch:  # the state a resumed run starts from: the next epoch's first batch
                 state["epoch"], state["batch"] = state["epoch"] + 1, 0
             bar.update(1)
-            postfix = {"loss": f"{loss:.3f}"}
-            if last_val:
-                postfix.update(
-                    {
-                        k.replace("Recall", "R").replace("NDCG", "N"): f"{last_val[k]:.4f}"
-                        for k in ("Recall@10", "NDCG@10")
-                        if k in last_val
-                    }
-                )
-            bar.set_postfix(postfix, refresh=False)
-
+            bar.set_postfix({"loss": f"{loss:.3f}", **short_metrics(last_val)}, refresh=False)
             if state["step"] % cfg.val_iterations == 0:
-                start = time.time()
-                last_val, _ = evaluate(model, val_data, cfg.val_batch_size, cfg.metric_ks, device)
-                value = last_val[cfg.best_metric]
-                improved = value > state["best_value"]
-                if improved:
-                    state["best_value"], state["best_step"], state["patience"] = value, state["step"], 0
-                    atomic_torch_save({"model": model.state_dict(), "step": state["step"], "value": value}, best_path)
-                else:
-                    state["patience"] += 1
-                record = {
-                    "step": state["step"],
-                    "epoch": state["epoch"],
-                    "train_loss": state["loss_sum"] / max(1, state["loss_count"]),
-                    **last_val,
-                    "best": improved,
-                    "val_seconds": round(time.time() - start, 3),
-                }
-                append_jsonl(history_path, record)
-                if wandb_run is not None:
-                    wandb_run.log(
-                        {"train/loss": record["train_loss"], **{f"val/{k}": v for k, v in last_val.items()}},
-                        step=state["step"],
-                    )
-                state["loss_sum"], state["loss_count"] = 0.0, 0
-                tqdm.write(
-                    f"step {state['step']} ({state['step'] / steps_per_epoch:.1f} epochs): {cfg.best_metric} {value:.4f} (best {state['best_value']:.4f} at {state['best_step']}) NDCG@10 {last_val.get('NDCG@10', math.nan):.4f}"
-                )
-                if cfg.early_stopping and state["patience"] >= cfg.early_stopping_patience:
-                    tqdm.write(f"early stopping: {state['patience']} validations without a better {cfg.best_metric}")
-                    state["done"] = stop = True
-                save_last()
-                if stop:
-                    break
-            if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
-                stop = True
-            if stop or end_of_epoch:
+                last_val = validate_and_checkpoint(cfg, model, val_data, state, run_dir, device, wandb_run)
+                save_last_checkpoint(last_path, model, optimizer, scheduler, state)
+            if end_of_epoch:
                 break
         bar.close()
-    if not state["done"] and state["epoch"] >= cfg.num_epochs:
+    if state["epoch"] >= cfg.num_epochs:
         state["done"] = True
-    save_last()
+    save_last_checkpoint(last_path, model, optimizer, scheduler, state)
     if wandb_run is not None:
         wandb_run.finish()
     return state
+
+
+def fold_users(num_users: int, folds: int, seed: int) -> list[np.ndarray]:
+    """A seeded partition of the users into `folds` disjoint sorted index arrays of near-equal size."""
+    order = np.random.default_rng(seed).permutation(num_users)
+    return [np.sort(order[k::folds]) for k in range(folds)]
+
+
+def held_out_prefix_candidates(
+    cfg: Namespace, split: SplitData, run_dir: Path, topk: int, device: torch.device
+) -> dict[str, np.ndarray]:
+    """train_prefix_candidates for every user from a retriever that never saw that user.
+
+    Users are split into cfg.retrieved_train_folds folds; for each fold a fresh model is trained with this run's
+    flags (validation and early stopping on the other folds' users) and scores the fold's training prefixes. This
+    makes training lists as hard as test lists: in-sample, the retriever has already fitted the very positions.
+    Each fold's run lives in run_dir/folds/fold<k>/ and resumes like the main run.
+    """
+    parts = []
+    for k, users in enumerate(fold_users(split.num_users, cfg.retrieved_train_folds, cfg.seed)):
+        others = np.setdiff1d(np.arange(split.num_users), users)
+        sub = SplitData(
+            name=f"{split.name}-fold{k}",
+            train=[split.train[u] for u in others],
+            val=[split.val[u] for u in others],
+            test=[split.test[u] for u in others],
+            titles=split.titles,
+            user_raw_ids=[split.user_raw_ids[u] for u in others],
+            item_raw_ids=split.item_raw_ids,
+            fingerprint=f"{split.fingerprint}-fold{k}",
+        )
+        fold_dir = run_dir / "folds" / f"fold{k}"
+        fold_cfg = Namespace(**{**vars(cfg), "use_wandb": False, "resume": (fold_dir / LAST).exists()})
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed + 1 + k)
+        model = build_model(cfg, split.num_items).to(device)
+        print(f"fold {k}: training on {len(others)} users to score the prefixes of {len(users)} others", flush=True)
+        train(fold_cfg, sub, model, fold_dir, device)
+        if (fold_dir / BEST).exists():
+            model.load_state_dict(load_checkpoint(fold_dir / BEST, device)["model"])
+        arrays = train_prefix_candidates(model, [split.train[u] for u in users], cfg.bert_max_len, topk, 256, device)
+        arrays["users"] = users[arrays["users"]]
+        parts.append(arrays)
+    merged = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    order = np.lexsort((merged["lengths"], merged["users"]))  # (user, length) order, as train_prefix_candidates
+    return {key: value[order] for key, value in merged.items()}
 
 
 def export_candidates(
@@ -467,13 +530,19 @@ def export_candidates(
     )
     start = time.time()
     train_topk = min(cfg.retrieved_train_topk, split.num_items)
-    train_arrays = train_prefix_candidates(model, split.train, cfg.bert_max_len, train_topk, 256, device)
-    # The retriever was trained on these very positions: how much better it looks there than at test is what a
-    # ranker trained on these lists would learn to expect (README, "Training candidates").
+    if cfg.retrieved_train_folds > 1:
+        train_arrays = held_out_prefix_candidates(cfg, split, out_dir, train_topk, device)
+        source = f"{cfg.retrieved_train_folds} user-disjoint folds"
+    else:
+        train_arrays = train_prefix_candidates(model, split.train, cfg.bert_max_len, train_topk, 256, device)
+        source = "in-sample"
+    # In-sample, the retriever was trained on these very positions: how much better it looks there than at test
+    # is what a ranker trained on these lists would learn to expect (docs/ranker.md, "Training candidates").
     train_metrics = metrics_from_ranks(torch.from_numpy(train_arrays["label_ranks"]), cfg.metric_ks)
+    train_metrics["source"] = source
     print(
         f"training-prefix candidates: {len(train_arrays['users'])} prefixes x {train_topk} in "
-        f"{time.time() - start:.1f} s; in-sample Recall@20 {train_metrics.get('Recall@20', math.nan):.4f} "
+        f"{time.time() - start:.1f} s; {source} Recall@20 {train_metrics.get('Recall@20', math.nan):.4f} "
         f"NDCG@20 {train_metrics.get('NDCG@20', math.nan):.4f} vs test {test_metrics.get('Recall@20', math.nan):.4f} "
         f"/ {test_metrics.get('NDCG@20', math.nan):.4f}",
         flush=True,
@@ -496,7 +565,7 @@ def export_candidates(
 
 def export(cfg: Namespace, split: SplitData, model: LRURec, run_dir: Path, device: torch.device) -> tuple[dict, dict]:
     """Load the best checkpoint, then export_candidates into the run folder."""
-    best_path = run_dir / "checkpoint_best.pt"
+    best_path = run_dir / BEST
     if best_path.exists():
         model.load_state_dict(load_checkpoint(best_path, device)["model"])
     else:

@@ -1,19 +1,33 @@
-"""Small helpers shared by both stages: atomic result files, seeding, devices, run folders."""
+"""Small helpers shared by every part: the input-error type, atomic result files, seeding, devices, run folders
+and the environment record. Imports no other module of this project, so anything can import it."""
 
+import argparse
 import json
 import math
 import os
+import platform
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from config import InputError, config_to_dict
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class InputError(Exception):
+    """Bad user input (a flag, a file): the message names it, what was expected and what was found."""
+
+
+def config_to_dict(cfg: argparse.Namespace) -> dict:
+    return {key: (str(value) if isinstance(value, Path) else value) for key, value in sorted(vars(cfg).items())}
 
 
 @contextmanager
@@ -125,3 +139,46 @@ def prepare_run_dir(root: Path, stage: str, dataset_name: str, run_name: str, re
         raise InputError(f"--resume: no run folder to resume at {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def _git_commit() -> str | None:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def environment_info(cfg: argparse.Namespace) -> dict:
+    packages = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "numpy", "pandas", "gguf"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    cuda = torch.cuda.is_available()
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": packages,
+        "git_commit": _git_commit(),
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)",
+        "torch_threads": torch.get_num_threads(),
+        "seed": cfg.seed,
+        "argv": sys.argv,
+    }
+
+
+def write_run_info(run_dir: Path, cfg: argparse.Namespace) -> None:
+    """Write the resolved config and the environment (versions, commit, device, seed) into the run folder."""
+    atomic_write_json(run_dir / "config.json", config_to_dict(cfg))
+    atomic_write_json(run_dir / "environment.json", environment_info(cfg))

@@ -5,10 +5,12 @@ very token the model is trained to emit after "### Response:\\n". With Llama-2 t
 while `tokenizer.encode("A")` gives 319 ('▁A'): the original read logits of tokens it never trained.
 """
 
+from pathlib import Path
+
 import torch
 
-from config import InputError
 from dataloader.prompts import PromptBuilder, candidate_letters
+from trainer.utils import InputError, atomic_write_json
 
 
 def letter_token_ids(builder: PromptBuilder, count: int) -> dict[str, int]:
@@ -57,3 +59,16 @@ def check_training_target(dataset, letter_ids: dict[str, int]) -> None:
 def verbalizer_scores(last_logits: torch.Tensor, letter_ids: torch.Tensor) -> torch.Tensor:
     """[B, vocab] logits at the last prompt position -> [B, num_candidates] scores (fp32)."""
     return last_logits.index_select(-1, letter_ids).float()
+
+
+def save_verbalizer(path: Path, letters: dict[str, int], eos_token_id: int | None, tokenizer_name: str) -> None:
+    """verbalizer.json: the letter -> token id map every score of the run reads."""
+    atomic_write_json(
+        path,
+        {
+            "letters": letters,
+            "eos_token_id": eos_token_id,
+            "derived_from": "tokenise(prompt + letter): the token after the prompt's '### Response:\\n'",
+            "tokenizer": tokenizer_name,
+        },
+    )
