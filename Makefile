@@ -25,7 +25,7 @@ install-dev: $(VENV)/.dev
 # test ranks every test user whose true item was retrieved) and the CPU recipe chosen on validation:
 # retrieved training candidates, learning rate 1e-3, score fusion. Two threads, pinned: training with 1
 # and 2 threads gives different weights, so the table is repeatable only at a fixed thread count.
-# See README, "The demo".
+# Its expected table and timings: docs/results.md, "The demo".
 DEMO_RANKER_CAPS := --llm_max_train_samples 128 --lora_micro_batch_size 1 --lora_gradient_accumulation_steps 4 \
 	--lora_max_steps 32 --lora_val_iterations 16 --lora_warmup_steps 3 --llm_max_eval_users 64
 DEMO_RANKER_RECIPE := --llm_train_candidates retrieved --lora_lr 1e-3 --llm_fusion linear --num_threads 2
@@ -35,9 +35,11 @@ demo: $(VENV)/.runtime
 	$(PY) train_ranker.py --dataset_code ml-100k --llm_base_model smollm2-135m --overwrite $(DEMO_RANKER_CAPS) \
 		$(DEMO_RANKER_RECIPE)
 
-test: $(VENV)/.dev
+lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest
 
 format: $(VENV)/.dev

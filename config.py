@@ -38,7 +38,7 @@ DATASET_DEFAULTS = {
         # Also selected on validation (seeds 1, 2; dropout 0.5): 0.1705 against 0.1656 without. 120 of the 610
         # users have more than 200 training items; the original's windows never predict 9,489 of 89,054 items.
         "train_all_items": True,
-        # Selected on validation over seeds 5-8 (see docs/retriever-results.md, "Choices made on validation"): mean best validation
+        # Selected on validation over seeds 5-8 (docs/results.md, "Choices made on validation (ml-100k)"): mean best validation
         # Recall@10 0.1832 against 0.1799 without, NDCG@10 0.0999 against 0.0962.
         "label_smoothing": 0.1,
     },
@@ -51,7 +51,7 @@ DATASET_DEFAULTS = {
         # Not the paper's 500: Beauty/Games peak on validation by epoch ~6 (step 1,500-2,100) and a patience of
         # 20 x 500 steps trained 10,000 steps past it (seed 42: best at 2,000 of 12,000 and 1,500 of 11,500).
         # Validation does not touch the training RNG, so the trajectory is the same; 100 only selects on a finer
-        # grid and stops ~2,000 steps after the peak (docs/retriever-results.md, "Amazon").
+        # grid and stops ~2,000 steps after the peak (docs/results.md, "Amazon (Beauty, Games)").
         "val_iterations": 100,
         "bert_dropout": 0.2,
         "bert_attn_dropout": 0.2,

@@ -2,7 +2,7 @@
 
     python train_ranker.py --dataset_code ml-100k --llm_base_model smollm2-135m [caps]
 
-Run folder: experiments/ranker/<dataset_name>/<run_name>/ (see README, "Output files").
+Run folder: experiments/ranker/<dataset_name>/<run_name>/ (files: README, "Output folders"; details: docs/ranker.md).
 """
 
 import argparse

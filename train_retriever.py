@@ -2,7 +2,7 @@
 
     python train_retriever.py --dataset_code ml-100k
 
-Run folder: experiments/retriever/<dataset_name>/<run_name>/ (see README, "Retriever").
+Run folder: experiments/retriever/<dataset_name>/<run_name>/ (files: README, "Output folders"; details: docs/retriever.md).
 """
 
 import argparse

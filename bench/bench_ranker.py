@@ -1,4 +1,4 @@
-"""Ranker speed on this machine: evaluation users/s (verbalizer, several batch sizes) and LoRA training
+"""Ranker speed on the machine it runs on: evaluation users/s (verbalizer, several batch sizes) and LoRA training
 seconds per sample, with peak memory, on real ml-100k prompts.
 
     python bench/bench_ranker.py [--llm_base_model smollm2-135m] [--num_threads 1] [--train_batch_size 1]

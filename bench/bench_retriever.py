@@ -5,9 +5,9 @@
 
 Uses the resolved config of train_retriever.py (any of its flags can be passed) on a freshly initialised
 model; writes experiments/bench/retriever_<dataset>.json. Reference: the original code takes about 14 s per
-ml-100k epoch (46 steps at batch 16, 2 torch threads) on this project's 2-core machines; ml-100k's default
+ml-100k epoch (46 steps at batch 16, 2 torch threads) on a 2-core CPU (AMD EPYC); ml-100k's default
 --train_all_items makes an epoch 53 steps, so compare epochs with --no-train_all_items (the original's windows)
-and --label_smoothing 0 (the original's loss; smoothing costs no measurable time, see README).
+and --label_smoothing 0 (the original's loss; smoothing costs no measurable time, see docs/performance.md).
 """
 
 import argparse
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(rest)
         if cfg.num_threads == 0:
-            cfg.num_threads = 2  # the reference machine's 2 cores
+            cfg.num_threads = 2  # the CPU the reference timings were measured on has 2 cores
         result = bench(cfg, own.bench_epochs)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -29,7 +29,7 @@ RawData = tuple[pd.DataFrame, dict[str, str], list[Path]]
 
 ML_100K_URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
 ML_100K_SHIPPED = REPO_ROOT / "data" / "ml-latest-small"
-# The September 2018 release the paper used (its README.txt is the license; see README).
+# The September 2018 release the paper used (its README.txt is the license; see docs/data.md).
 ML_100K_SHA256 = {
     "ratings.csv": "aa289ca83157595d0df6aea1be6a4ded676ddc4385472e8313a8ed9805352646",
     "movies.csv": "5a5f32dd9bb3797b8e728a1b98958789d2b13f294a69fdfbc5727f8a9611aa07",

@@ -80,7 +80,7 @@ class Dropout(nn.Module):
     """Inverted dropout like nn.Dropout, about 3x faster on CPU.
 
     torch's CPU dropout draws one Bernoulli sample per element (about 7 ms for a [16, 200, 256] tensor
-    on this project's 2-core machines, a fifth of a training step). Here one 64-bit random draw gives four
+    on a 2-core CPU, a fifth of a training step). Here one 64-bit random draw gives four
     15-bit uniforms, so the drop probability is p rounded to a multiple of 2^-15.
     """
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: real data (shipped ml-latest-small, ../shared when present) and tiny splits."""
+"""Shared fixtures: real data (the shipped ml-latest-small), the shipped Llama-2 tokenizer and tiny splits."""
 
 from pathlib import Path
 
@@ -9,21 +9,12 @@ from config import parse_config
 from datasets import SplitData, load_split, make_split
 from trainer.utils import REPO_ROOT
 
-SHARED = REPO_ROOT.parent / "shared"
-LLAMA2_TOKENIZER = SHARED / "tokenizers" / "llama-2"
-AMAZON = SHARED / "data" / "amazon"
-
-
-def require_shared(path: Path) -> Path:
-    """Skip (with the reason) when ../shared is absent, as in a user's clone."""
-    if not path.exists():
-        pytest.skip(f"needs {path} (the project's ../shared folder; absent in a user's clone)")
-    return path
+LLAMA2_TOKENIZER = REPO_ROOT / "tests" / "fixtures" / "llama-2-tokenizer"  # Llama 2 licence: see its README
 
 
 @pytest.fixture(scope="session")
 def llama2_tokenizer_path() -> Path:
-    return require_shared(LLAMA2_TOKENIZER)
+    return LLAMA2_TOKENIZER
 
 
 @pytest.fixture(scope="session")

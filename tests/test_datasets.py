@@ -8,13 +8,14 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from config import parse_config
 from datasets import load_split, make_split
+from datasets.llamarec_pickle import convert as convert_llamarec_pickle
 from datasets.sources import clean_movielens_title, parse_amazon_meta
-from tests.conftest import AMAZON, require_shared
 from trainer.utils import REPO_ROOT, InputError
 
 
@@ -43,16 +44,62 @@ def test_ml100k_matches_paper_table2(ml100k_split):
     assert not any("Ã" in title for title in ml100k_split.titles)
 
 
-@pytest.mark.parametrize(
-    "name, stats", [("beauty", (22332, 12086, 198215, 8.88)), ("games", (15264, 7676, 147861, 9.69))]
-)
-def test_amazon_csvs_match_paper_table2(name, stats, tmp_path):
-    folder = require_shared(AMAZON / name)
-    result = prepare("--dataset_code", "custom", "--custom_path", str(folder), "--data_root", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
-    assert out["dataset"] == f"custom-{name}"
-    assert (out["users"], out["items"], out["interactions"], out["avg_length"]) == stats
+def llamarec_pickle(split) -> dict:
+    """A split in the layout of the original LlamaRec's dataset.pkl: 1-based ids, raw-id maps, titles."""
+    return {
+        "train": {u + 1: list(seq) for u, seq in enumerate(split.train)},
+        "val": {u + 1: [v] for u, v in enumerate(split.val)},
+        "test": {u + 1: [t] for u, t in enumerate(split.test)},
+        "meta": {i: split.titles[i] for i in range(1, split.num_items + 1)},
+        "umap": {raw: u + 1 for u, raw in enumerate(split.user_raw_ids)},
+        "smap": {raw: i for i, raw in enumerate(split.item_raw_ids) if i},
+    }
+
+
+def test_llamarec_pickle_converts_to_the_same_split(tiny_split, tmp_path):
+    """The original code's dataset.pkl -> custom CSVs -> --dataset_code custom gives back its exact sequences."""
+    import pickle
+
+    data = llamarec_pickle(tiny_split)
+    data["train"][1] = [np.int64(i) for i in data["train"][1]]  # lists built from a pandas column hold numpy ints
+    with open(tmp_path / "dataset.pkl", "wb") as f:
+        pickle.dump(data, f)
+    counts = convert_llamarec_pickle(tmp_path / "dataset.pkl", tmp_path / "csv")
+    assert counts == {"users": 12, "items": tiny_split.num_items, "interactions": 12 * 9}
+    split = load_split(
+        # --min_sc 1 as the tiny split was made with (the paper's files are 5-core already, so 5 keeps them whole)
+        parse_config(
+            ["--dataset_code", "custom", "--custom_path", str(tmp_path / "csv"), "--data_root", str(tmp_path)]
+            + ["--min_sc", "1"]
+        )
+    )
+
+    def raw_sequences(s):
+        return {
+            s.user_raw_ids[u]: [s.item_raw_ids[i] for i in [*s.train[u], s.val[u], s.test[u]]]
+            for u in range(s.num_users)
+        }
+
+    assert raw_sequences(split) == raw_sequences(tiny_split)
+    titles = dict(zip(split.item_raw_ids, split.titles, strict=True))
+    assert all(titles[raw] == tiny_split.titles[i] for i, raw in enumerate(tiny_split.item_raw_ids) if i)
+
+
+def test_llamarec_pickle_refuses_code(tmp_path):
+    """A pickle that would run a command when loaded is refused before it runs, with the file named."""
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"train": Payload()}, f)
+    with pytest.raises(InputError, match="evil.pkl.*refused"):
+        convert_llamarec_pickle(tmp_path / "evil.pkl", tmp_path / "out")
+    assert not marker.exists() and not (tmp_path / "out" / "interactions.csv").exists()
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,9 @@ from dataloader.prompts import PromptBuilder
 from dataloader.ranker_data import EvalExample, TrainCollator, TrainPrompts, training_prefixes
 from datasets import load_split
 from tests.conftest import tiny_llama
-from trainer.candidates import save_candidates
-from trainer.ranker import last_checkpoint, rank_examples
+from trainer.candidates import load_candidates, save_candidates
+from trainer.metrics import metrics_from_ranks
+from trainer.ranker import RankerTrainer, last_checkpoint, rank_examples
 from trainer.ranker_report import build_test_report
 from trainer.verbalizer import letter_token_ids, verbalizer_scores
 
@@ -61,24 +62,63 @@ def test_rank_examples_left_padding_matches_single_prompts(tokenizer):
         assert torch.allclose(batched[k], full[letter_ids], atol=1e-4), k
 
 
-def test_training_steps_lower_the_loss(tokenizer):
-    from model.llm import add_lora
+def ranker_trainer(model, tmp_path, dataset=None) -> RankerTrainer:
+    """The run's own Trainer subclass, as train_adapter builds it (CPU, no logging integrations)."""
+    from transformers import TrainingArguments
 
-    model = add_lora(tiny_llama(), 8, 32, 0.0, ["q_proj", "v_proj"], quantized=False)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", learning_rate=1e-2)
+    return RankerTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        val_examples=[],
+        letter_ids=torch.tensor([29909]),
+        pad_id=0,
+        eval_batch_size=1,
+        ks=[10],
+        history_path=tmp_path / "val_history.jsonl",
+    )
+
+
+def answer_batch(tokenizer, count: int = 4):
     builder = PromptBuilder(tokenizer, [""] + [f"Film {i}" for i in range(1, 41)], max_history=3)
     letters = letter_token_ids(builder, 20)
     train = [list(range(1, 12)), list(range(12, 20))]
-    pairs = training_prefixes(train, None, 0)[:4]
+    pairs = training_prefixes(train, None, 0)[:count]
     dataset = TrainPrompts(builder, train, 40, pairs, 19, list(letters.values()), tokenizer.eos_token_id, seed=0)
-    batch = TrainCollator(tokenizer.pad_token_id)([dataset[k] for k in range(len(dataset))])
-    targets = batch.pop("targets")
+    features = [dataset[k] for k in range(len(dataset))]
+    return dataset, features, TrainCollator(tokenizer.pad_token_id)(features)
+
+
+def test_trainer_loss_is_cross_entropy_of_letter_then_eos(tokenizer, tmp_path):
+    """RankerTrainer.compute_loss on a left-padded batch equals the loss computed by hand from each unpadded
+    prompt: the last prompt position must predict the true letter, the letter's position must predict EOS."""
+    model = tiny_llama()
+    _, features, batch = answer_batch(tokenizer)
+    loss = ranker_trainer(model, tmp_path).compute_loss(model, batch)
+    expected = []
+    with torch.no_grad():
+        for feature in features:
+            prompt, (letter, eos) = feature["prompt_ids"], feature["targets"]
+            assert letter != eos and eos == tokenizer.eos_token_id
+            logits = model(torch.tensor([prompt + [letter]])).logits[0].float()
+            expected.append(
+                torch.nn.functional.cross_entropy(logits[-2:], torch.tensor([letter, eos]), reduction="sum")
+            )
+    assert loss.item() == pytest.approx((sum(expected) / (2 * len(features))).item(), rel=1e-4)
+
+
+def test_training_steps_lower_the_loss(tokenizer, tmp_path):
+    from model.llm import add_lora
+
+    model = add_lora(tiny_llama(), 8, 32, 0.0, ["q_proj", "v_proj"], quantized=False)
+    _, _, batch = answer_batch(tokenizer)
+    trainer = ranker_trainer(model, tmp_path)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     losses = []
     for _ in range(10):
-        logits = model(**batch, logits_to_keep=targets.shape[1]).logits
-        assert logits.shape[:2] == targets.shape  # LM head only at the answer positions
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss = trainer.compute_loss(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -184,6 +224,37 @@ def restore_threads():
     torch.set_num_threads(threads)  # the run below sets 1 thread for speed on a shared CPU
 
 
+def check_rankings_and_metrics(run, flags, metrics) -> None:
+    """What a finished run wrote says the right thing: each test user's true item is its split test item, its
+    ranking is a permutation of its test candidates ordered by score, its ranks match that order, and the
+    retriever rows of test_metrics.json are the candidates file's own ranks."""
+    split = load_split(parse_config(flags))
+    test = load_candidates(flags[flags.index("--llm_retrieved_path") + 1], split).test
+    user_index = {raw: u for u, raw in enumerate(split.user_raw_ids)}
+    rankings = [json.loads(line) for line in (run / "test_rankings.jsonl").read_text().splitlines()]
+    assert len(rankings) == metrics["users_subset"]
+    subset_retriever_ranks = []
+    for record in rankings:
+        u = user_index[record["user"]]
+        assert record["true_item"] == split.item_raw_ids[split.test[u]]
+        row = int(np.flatnonzero(test["users"] == u)[0])
+        retrieved = [split.item_raw_ids[i] for i in test["items"][row, :20]]
+        shown = [c["item"] for c in record["candidates"]]
+        assert sorted(shown) == sorted(retrieved)  # a permutation of the user's test candidates
+        scores = [c["score"] for c in record["candidates"]]
+        assert scores == sorted(scores, reverse=True)
+        true_score = scores[shown.index(record["true_item"])]
+        assert record["llm_rank"] == sum(score >= true_score for score in scores) - 1  # ties count against it
+        assert record["retriever_rank"] == retrieved.index(record["true_item"]) == test["label_ranks"][row]
+        subset_retriever_ranks.append(record["retriever_rank"])
+    expected = metrics_from_ranks(torch.tensor(subset_retriever_ranks), [1, 5, 10])
+    for key, value in expected.items():
+        assert metrics["subset"]["retriever"][key] == pytest.approx(value)
+    overall = metrics_from_ranks(torch.as_tensor(test["label_ranks"]), [1, 5, 10])
+    for key, value in overall.items():
+        assert metrics["overall"]["retriever"][key] == pytest.approx(value)
+
+
 def test_ranker_run_end_to_end(tmp_path, tokenizer, capsys, restore_threads):
     flags = write_tiny_project(tmp_path, tokenizer)
     caps = [
@@ -214,6 +285,7 @@ def test_ranker_run_end_to_end(tmp_path, tokenizer, capsys, restore_threads):
     assert 0 < metrics["users_subset"] <= metrics["users_all"] == 40
     history = [json.loads(line) for line in (run / "val_history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [2, 4]  # no validation of the untrained model
+    check_rankings_and_metrics(run, flags, metrics)
     sample = [json.loads(line) for line in (run / "prompts_sample.jsonl").read_text().splitlines()]
     assert sample[0]["prompt"].endswith("### Response:\n") and sample[0]["user"].startswith("u")
     assert sample[0]["candidates"][ord(sample[0]["true_letter"]) - ord("A")] == sample[0]["true_item"]

@@ -10,7 +10,7 @@ from model.lru import LRURec
 from tests.conftest import tiny_interactions
 from train_retriever import main
 from trainer.candidates import load_candidates
-from trainer.retriever import EvalData, evaluate, train_step, training_windows
+from trainer.retriever import EvalData, evaluate, fold_users, train_prefix_candidates, train_step, training_windows
 from trainer.utils import InputError
 
 
@@ -86,6 +86,20 @@ def test_evaluate_masks_full_history_and_padding():
         assert items[rank] == data.labels[u]  # the label's rank in the full ranking agrees with the top-k list
         assert np.all(np.diff(arrays["scores"][u][np.isfinite(arrays["scores"][u])]) <= 0)
     assert metrics["Recall@10"] == np.mean(arrays["label_ranks"] < 10)
+
+
+def test_evaluate_is_a_mean_over_users_not_over_batches():
+    """Uneven batches (4, 4, 2 users) give the mean over the 10 users (the original averaged batch means)."""
+    torch.manual_seed(0)
+    model = LRURec(num_items=30, hidden_units=8, num_blocks=1)
+    histories = [list(range(1 + u, 6 + u)) for u in range(10)]
+    data = EvalData(histories, labels=[20 + u for u in range(10)], max_len=4)
+    uneven, arrays = evaluate(model, data, batch_size=4, ks=[5, 10, 20], device=torch.device("cpu"))
+    whole, _ = evaluate(model, data, batch_size=10, ks=[5, 10, 20], device=torch.device("cpu"))
+    assert uneven == pytest.approx(whole)
+    assert uneven["Recall@20"] == pytest.approx(np.mean(arrays["label_ranks"] < 20))
+    ndcg = np.where(arrays["label_ranks"] < 10, 1 / np.log2(arrays["label_ranks"] + 2), 0)
+    assert uneven["NDCG@10"] == pytest.approx(ndcg.mean())
 
 
 def write_custom_dataset(folder):
@@ -248,3 +262,34 @@ def test_training_prefix_candidates_equal_the_masked_top_k_of_each_prefix():
     assert got["labels"].tolist() == labels and got["label_ranks"].tolist() == expected["label_ranks"].tolist()
     for row, (u, n) in enumerate(pairs):
         assert not set(got["items"][row].tolist()) & set(train[u][:n])
+
+
+def test_user_disjoint_fold_candidates(tmp_path, tiny_args):
+    """--retrieved_train_folds 2: each user's training-prefix candidates come from the fold model that was trained
+    without that user, exactly as that model ranks the prefix; every prefix appears once, in (user, length) order."""
+    from config import parse_config
+    from datasets import load_split
+
+    assert main(tiny_args + ["--retrieved_train_folds", "2"]) == 0
+    run = run_dir_of(tmp_path)
+    split = load_split(parse_config(tiny_args))
+    cands = load_candidates(run, split)
+    assert cands.meta["train_metrics"]["source"] == "2 user-disjoint folds"
+    prefixes = [(u, n) for u, seq in enumerate(split.train) for n in range(1, len(seq))]
+    assert list(zip(cands.train["users"].tolist(), cands.train["lengths"].tolist(), strict=True)) == prefixes
+    folds = fold_users(split.num_users, 2, 42)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(split.num_users))
+    for k, users in enumerate(folds):
+        model = LRURec(num_items=split.num_items, hidden_units=8, num_blocks=2)
+        fold_run = run / "folds" / f"fold{k}"
+        model.load_state_dict(torch.load(fold_run / "checkpoint_best.pt", weights_only=True)["model"])
+        # the fold model validated on the other users only
+        assert len(val_history(fold_run)) > 0
+        topk = cands.train["items"].shape[1]
+        expected = train_prefix_candidates(model, [split.train[u] for u in users], 5, topk, 7, torch.device("cpu"))
+        rows = np.isin(cands.train["users"], users)
+        np.testing.assert_array_equal(cands.train["items"][rows], expected["items"])
+        np.testing.assert_array_equal(cands.train["label_ranks"][rows], expected["label_ranks"])
+    # in-sample candidates (the default) differ: another model ranked them
+    assert main(tiny_args + ["--overwrite"]) == 0
+    assert not np.array_equal(load_candidates(run, split).train["items"], cands.train["items"])

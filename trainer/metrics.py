@@ -20,28 +20,13 @@ def label_ranks(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(label_scores.squeeze(1).isnan(), scores.shape[1] - 1, ranks)
 
 
-def metric_sums_from_ranks(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
+def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
+    """Recall@k, NDCG@k, MRR@k: means over users of per_user_metric (NaN for no users)."""
     return {
-        f"{name}@{k}": per_user_metric(ranks, f"{name}@{k}").sum().item()
+        f"{name}@{k}": per_user_metric(ranks, f"{name}@{k}").mean().item() if len(ranks) else math.nan
         for k in ks
         for name in ("Recall", "NDCG", "MRR")
     }
-
-
-def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
-    if len(ranks) == 0:
-        return {f"{name}@{k}": math.nan for k in ks for name in ("Recall", "NDCG", "MRR")}
-    return {key: value / len(ranks) for key, value in metric_sums_from_ranks(ranks, ks).items()}
-
-
-def ranking_metric_sums(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
-    """Sums over the users of a batch, to accumulate over batches and divide by the user count."""
-    return metric_sums_from_ranks(label_ranks(scores, labels), ks)
-
-
-def ranking_metrics(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
-    """Recall@k, NDCG@k, MRR@k averaged over users; scores [users, items], labels [users]."""
-    return metrics_from_ranks(label_ranks(scores, labels), ks)
 
 
 def per_user_metric(ranks: torch.Tensor, name: str) -> torch.Tensor:
