@@ -169,6 +169,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         resume=(),
     )
     add_flag(group, "--resume", action="store_true", help="continue the run in the existing run folder", resume=())
+    add_flag(
+        group,
+        "--eval_only",
+        action="store_true",
+        help="no training: evaluate a saved model (retriever: --eval_checkpoint; ranker: --eval_adapter) and write "
+        "<run folder>/eval/ (the training run's own files stay untouched)",
+        resume=(),
+    )
     add_flag(group, "--overwrite", action="store_true", help="delete an existing run folder and start anew", resume=())
     add_bool_arg(group, "use_wandb", False, "log to Weights & Biases (works with WANDB_MODE=offline)", resume=())
     add_flag(group, "--wandb_project", default="llamarec", help="wandb project name", resume=())
@@ -430,6 +438,21 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
     )
     add_flag(
         group,
+        "--eval_checkpoint",
+        type=Path,
+        default=None,
+        help="--eval_only: the retriever checkpoint to evaluate (default: the run folder's checkpoint_best.pt)",
+        resume=(),
+    )
+    add_bool_arg(
+        group,
+        "eval_export_candidates",
+        False,
+        "--eval_only: also write eval/candidates.npz (as training does; the ranker reads it with --llm_retrieved_path)",
+        resume=(),
+    )
+    add_flag(
+        group,
         "--retrieved_train_folds",
         type=int,
         default=0,
@@ -589,6 +612,14 @@ def add_ranker_args(parser: argparse.ArgumentParser) -> None:
     )
     add_flag(
         group,
+        "--eval_adapter",
+        default=None,
+        help="--eval_only: the LoRA adapter folder to evaluate (default: the run folder's adapter/), or 'none' for the "
+        "base model (zero-shot)",
+        resume=(),
+    )
+    add_flag(
+        group,
         "--llm_eval_batch_size",
         type=int,
         default=None,
@@ -658,6 +689,41 @@ def add_ranker_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_recommend_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("recommend.py (recommendations from trained runs)")
+    add_flag(group, "--retriever_run", type=Path, default=None, help="a retriever run folder", resume=())
+    add_flag(
+        group,
+        "--ranker_run",
+        type=Path,
+        default=None,
+        help="a ranker run folder: re-rank the retriever's candidates with its LLM (and fusion weight, if any)",
+        resume=(),
+    )
+    add_flag(
+        group,
+        "--input",
+        type=Path,
+        default=None,
+        help='histories: JSONL {"user": id, "history": [item ids, oldest first]} or CSV user_id,item_id[,timestamp]',
+        resume=(),
+    )
+    add_flag(
+        group, "--users", nargs="+", default=None, help="existing user ids of the dataset instead of --input", resume=()
+    )
+    add_flag(group, "--topk", type=int, default=10, help="recommendations per user", resume=(), positive=True)
+    add_flag(group, "--output", default="-", help="JSONL output file; - prints to stdout", resume=())
+    add_flag(
+        group,
+        "--recommend_batch_size",
+        type=int,
+        default=256,
+        help="histories per retriever forward pass",
+        resume=(),
+        positive=True,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="LlamaRec: LRURec retriever + LLM ranker (one config for train_retriever.py and train_ranker.py)",
@@ -667,6 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(parser)
     add_retriever_args(parser)
     add_ranker_args(parser)
+    add_recommend_args(parser)
     return parser
 
 
@@ -764,6 +831,8 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
         raise InputError(f"--min_sc: expected >= 1, found {cfg.min_sc}")
     if cfg.resume and cfg.overwrite:
         raise InputError("--resume and --overwrite: pass at most one")
+    if cfg.eval_only and (cfg.resume or cfg.overwrite):
+        raise InputError("--eval_only: writes <run folder>/eval/ and never trains; drop --resume / --overwrite")
     defaults = DATASET_DEFAULTS["ml-100k" if cfg.dataset_code == "ml-100k" else "other"]
     for key, value in defaults.items():
         if getattr(cfg, key, None) is None:

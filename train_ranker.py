@@ -42,9 +42,16 @@ def run(cfg: argparse.Namespace) -> dict:
     split = load_split(cfg)
     retrieved = cfg.llm_retrieved_path or cfg.experiment_root / "retriever" / cfg.dataset_name / f"seed{cfg.seed}"
     candidates = load_candidates(retrieved, split=split)
-    run_dir = prepare_run_dir(cfg.experiment_root, "ranker", cfg.dataset_name, cfg.run_name, cfg.resume, cfg.overwrite)
-    if cfg.resume:
-        check_resume_config(run_dir, cfg, resume_keys("ranker"))
+    if cfg.eval_only:  # evaluate a saved adapter: everything goes to <run folder>/eval/, nothing else is touched
+        adapter = saved_adapter(cfg)
+        run_dir = cfg.experiment_root / "ranker" / cfg.dataset_name / cfg.run_name / "eval"
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = prepare_run_dir(
+            cfg.experiment_root, "ranker", cfg.dataset_name, cfg.run_name, cfg.resume, cfg.overwrite
+        )
+        if cfg.resume:
+            check_resume_config(run_dir, cfg, resume_keys("ranker"))
     write_run_info(run_dir, cfg)
     print(f"run folder: {run_dir}", flush=True)
 
@@ -78,9 +85,10 @@ def run(cfg: argparse.Namespace) -> dict:
             f"--llm_fusion linear: expected validation users to choose the weight on, found none of "
             f"{len(candidates.val['users'])} with the true item among the top {num_candidates} in {retrieved}"
         )
-    train_set = build_train_set(cfg, builder, split, candidates, letter_ids.tolist(), tokenizer.eos_token_id)
-    print(f"training prompts: {len(train_set)} ({cfg.llm_train_candidates} candidates)", flush=True)
-    check_training_target(train_set, letters)
+    if not cfg.eval_only:
+        train_set = build_train_set(cfg, builder, split, candidates, letter_ids.tolist(), tokenizer.eos_token_id)
+        print(f"training prompts: {len(train_set)} ({cfg.llm_train_candidates} candidates)", flush=True)
+        check_training_target(train_set, letters)
 
     model = load_model(cfg.llm_base_model, device, load_in_4bit, cfg.llm_cache_dir)
     print(
@@ -90,7 +98,10 @@ def run(cfg: argparse.Namespace) -> dict:
     )
     eval_batch = cfg.llm_eval_batch_size or (cfg.lora_micro_batch_size if device.type == "cuda" else CPU_EVAL_BATCH)
     timing: dict = {}
-    if cfg.resume and (run_dir / "adapter" / "adapter_config.json").is_file():
+    if cfg.eval_only:
+        print(f"--eval_only: {'the base model (zero-shot)' if adapter is None else adapter}", flush=True)
+        model, trained = (model, False) if adapter is None else (load_adapter(model, adapter), True)
+    elif cfg.resume and (run_dir / "adapter" / "adapter_config.json").is_file():
         print(f"--resume: training finished before; loading the best adapter from {run_dir / 'adapter'}", flush=True)
         model, trained = load_adapter(model, run_dir / "adapter"), True
     elif cfg.lora_max_steps == 0 or len(train_set) == 0:
@@ -138,6 +149,19 @@ def run(cfg: argparse.Namespace) -> dict:
     print(f"test: {len(test_set)} users in {timing['test_seconds']:.1f} s ({timing['test_users_per_s']:.2f} users/s)")
     print(f"results: {run_dir / 'test_metrics.json'}", flush=True)
     return result
+
+
+def saved_adapter(cfg: argparse.Namespace) -> Path | None:
+    """The adapter folder --eval_only evaluates: --eval_adapter, else the run folder's adapter/; None = zero-shot."""
+    if cfg.eval_adapter == "none":
+        return None
+    path = Path(cfg.eval_adapter or cfg.experiment_root / "ranker" / cfg.dataset_name / cfg.run_name / "adapter")
+    if not (path / "adapter_config.json").is_file():
+        raise InputError(
+            f"--eval_adapter: expected a PEFT adapter folder (with adapter_config.json) at {path}; pass the run's "
+            "--run_name, an adapter folder, or 'none' for the base model"
+        )
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

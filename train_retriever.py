@@ -13,10 +13,14 @@ import torch
 
 from config import check_best_metric, resume_keys, run_cli
 from datasets import load_split
-from trainer.retriever import build_model, export, train
+from trainer.retriever import build_model, evaluate_saved, export, train
 from trainer.utils import check_resume_config, prepare_run_dir, resolve_device, set_seed, write_run_info
 
 SUMMARY_METRICS = ("Recall@10", "NDCG@10", "Recall@20")
+
+
+def rounded(metrics: dict) -> dict:
+    return {k: round(metrics[k], 4) for k in SUMMARY_METRICS if k in metrics}
 
 
 def run(cfg: argparse.Namespace) -> dict:
@@ -26,6 +30,10 @@ def run(cfg: argparse.Namespace) -> dict:
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
     split = load_split(cfg)
+    if cfg.eval_only:
+        result = evaluate_saved(cfg, split, device)
+        print({**result, "val": rounded(result["val"]), "test": rounded(result["test"])})
+        return result
     run_dir = prepare_run_dir(
         cfg.experiment_root, "retriever", cfg.dataset_name, cfg.run_name, cfg.resume, cfg.overwrite
     )
@@ -44,8 +52,8 @@ def run(cfg: argparse.Namespace) -> dict:
         "steps": state["step"],
         "best_step": state["best_step"],
         "train_seconds_this_session": round(train_seconds, 1),
-        "val": {k: round(val_metrics[k], 4) for k in SUMMARY_METRICS if k in val_metrics},
-        "test": {k: round(test_metrics[k], 4) for k in SUMMARY_METRICS if k in test_metrics},
+        "val": rounded(val_metrics),
+        "test": rounded(test_metrics),
     }
     print(summary)
     return summary

@@ -289,6 +289,15 @@ def test_ranker_run_end_to_end(tmp_path, tokenizer, capsys, restore_threads):
     sample = [json.loads(line) for line in (run / "prompts_sample.jsonl").read_text().splitlines()]
     assert sample[0]["prompt"].endswith("### Response:\n") and sample[0]["user"].startswith("u")
     assert sample[0]["candidates"][ord(sample[0]["true_letter"]) - ord("A")] == sample[0]["true_item"]
+    # --eval_only evaluates the saved adapter into eval/ and reproduces the run's results exactly
+    assert train_ranker.main(flags + caps + ["--eval_only"]) == 0
+    evaluated = json.loads((run / "eval" / "test_metrics.json").read_text())
+    assert {k: v for k, v in evaluated.items() if k != "timing"} == {k: v for k, v in metrics.items() if k != "timing"}
+    assert (run / "eval" / "test_rankings.jsonl").read_text() == (run / "test_rankings.jsonl").read_text()
+    assert train_ranker.main(flags + caps + ["--eval_only", "--eval_adapter", "none"]) == 0
+    assert json.loads((run / "eval" / "test_metrics.json").read_text())["trained"] is False
+    assert train_ranker.main(flags + caps + ["--eval_only", "--eval_adapter", str(tmp_path)]) == 2
+    assert "--eval_adapter: expected a PEFT adapter folder" in capsys.readouterr().err
     # an existing run folder needs --resume or --overwrite; --resume reuses the finished adapter
     assert train_ranker.main(flags + caps) == 2
     assert "--resume" in capsys.readouterr().err

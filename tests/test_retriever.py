@@ -169,6 +169,22 @@ def test_end_to_end_run_folder_and_candidates_round_trip(tmp_path, tiny_args):
     # an existing run folder needs --resume or --overwrite
     assert main(tiny_args) == 2
 
+    # --eval_only re-evaluates the saved checkpoint into eval/: the same test metrics and candidates, and the
+    # training run's files untouched
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    assert main(tiny_args + ["--eval_only", "--eval_export_candidates"]) == 0
+    assert json.loads((run / "eval" / "test_metrics.json").read_text()) == test_metrics
+    again = load_candidates(run / "eval", split)
+    for name in ("val", "test", "train"):
+        for key, value in getattr(cands, name).items():
+            np.testing.assert_array_equal(getattr(again, name)[key], value)
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+    with pytest.raises(InputError, match="--eval_checkpoint"):
+        from config import parse_config as parse
+        from trainer.retriever import evaluate_saved
+
+        evaluate_saved(parse(tiny_args + ["--eval_only", "--run_name", "none"]), split, torch.device("cpu"))
+
     # a file missing an array is refused by name, not with a KeyError
     with np.load(run / "candidates.npz", allow_pickle=False) as data:
         arrays = {key: data[key] for key in data.files if key != "test_label_ranks"}

@@ -27,6 +27,7 @@ from trainer.utils import (
     atomic_write_json,
     load_checkpoint,
     truncate_history,
+    write_run_info,
 )
 
 BEST, LAST, HISTORY = "checkpoint_best.pt", "checkpoint_last.pt", "val_history.jsonl"  # in the run folder
@@ -571,3 +572,34 @@ def export(cfg: Namespace, split: SplitData, model: LRURec, run_dir: Path, devic
     else:
         print(f"warning: no validation ran, so no {best_path.name}; exporting the last model")
     return export_candidates(cfg, split, model, run_dir, device)
+
+
+def evaluate_saved(cfg: Namespace, split: SplitData, device: torch.device) -> dict:
+    """--eval_only: the saved checkpoint's val/test metrics (and, with --eval_export_candidates, its candidates) in
+    <run folder>/eval/, without touching the training run's files."""
+    run_dir = cfg.experiment_root / "retriever" / cfg.dataset_name / cfg.run_name
+    checkpoint = cfg.eval_checkpoint or run_dir / BEST
+    if not Path(checkpoint).is_file():
+        raise InputError(
+            f"--eval_checkpoint: {checkpoint} not found; pass a retriever checkpoint or the run's --run_name"
+        )
+    model = build_model(cfg, split.num_items).to(device)
+    try:
+        model.load_state_dict(load_checkpoint(checkpoint, device)["model"])
+    except (KeyError, RuntimeError) as e:
+        raise InputError(f"{checkpoint}: does not fit a model with these flags ({str(e)[:300]})") from None
+    out_dir = run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_run_info(out_dir, cfg)
+    if cfg.eval_export_candidates:
+        val_metrics, test_metrics = export_candidates(cfg, split, model, out_dir, device)
+    else:
+        val_metrics, _ = evaluate(
+            model, eval_data(split, "val", cfg.bert_max_len), cfg.test_batch_size, cfg.metric_ks, device
+        )
+        test_metrics, _ = evaluate(
+            model, eval_data(split, "test", cfg.bert_max_len), cfg.test_batch_size, cfg.metric_ks, device
+        )
+        atomic_write_json(out_dir / "test_metrics.json", test_metrics)
+    atomic_write_json(out_dir / "val_metrics.json", val_metrics)
+    return {"checkpoint": str(checkpoint), "eval_dir": str(out_dir), "val": val_metrics, "test": test_metrics}
