@@ -9,7 +9,7 @@ from config import add_flag, build_parser, declared_flags, resume_keys
 from trainer.utils import REPO_ROOT
 
 PACKAGES = ("datasets", "model", "trainer", "dataloader")
-ENTRY_POINTS = ("train_retriever", "train_ranker", "datasets.__main__")
+ENTRY_POINTS = ("train_retriever", "train_ranker", "recommend", "datasets.__main__")
 
 
 def project_modules() -> dict[str, set[str]]:

@@ -43,6 +43,18 @@ NON_EXPERIMENT_FLAGS = frozenset(
         "llm_eval_batch_size",
         "dataset_name",
         "dataset_code",
+        # evaluation-only and recommend.py flags
+        "eval_only",
+        "eval_checkpoint",
+        "eval_export_candidates",
+        "eval_adapter",
+        "retriever_run",
+        "ranker_run",
+        "input",
+        "users",
+        "topk",
+        "output",
+        "recommend_batch_size",
     }
 )
 
