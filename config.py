@@ -663,6 +663,16 @@ def add_ranker_args(parser: argparse.ArgumentParser) -> None:
     )
     add_flag(
         group,
+        "--lora_global_batch_size",
+        type=int,
+        default=None,
+        help="keep this many prompts per optimizer step whatever the process count: the accumulation becomes "
+        "global / (--lora_micro_batch_size x processes); default: --lora_gradient_accumulation_steps as given",
+        resume=("ranker",),
+        positive=True,
+    )
+    add_flag(
+        group,
         "--lora_val_iterations",
         type=int,
         default=100,

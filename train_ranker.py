@@ -15,7 +15,18 @@ import torch
 from config import CPU_EVAL_BATCH, resume_keys, run_cli
 from dataloader.prompts import PromptBuilder, candidate_letters
 from trainer.candidates import load_candidates
-from trainer.utils import InputError, check_resume_config, prepare_run_dir, resolve_device, set_seed, write_run_info
+from trainer.utils import (
+    InputError,
+    barrier,
+    check_resume_config,
+    init_distributed,
+    is_main_process,
+    prepare_run_dir,
+    process_rank,
+    resolve_device,
+    set_seed,
+    write_run_info,
+)
 
 
 def run(cfg: argparse.Namespace) -> dict:
@@ -23,11 +34,14 @@ def run(cfg: argparse.Namespace) -> dict:
     from dataloader.ranker_data import build_eval_sets, build_train_set
     from datasets import load_split
     from model.llm import add_lora, load_adapter, load_model, load_tokenizer, resolve_model_path
-    from trainer.ranker import save_adapter, train_adapter
+    from trainer.ranker import accumulation_steps, save_adapter, train_adapter
     from trainer.ranker_report import REPORT_KS, format_table, test_and_report, write_prompts_sample, write_results
     from trainer.verbalizer import check_training_target, letter_token_ids, save_verbalizer
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device)  # under torchrun: the GPU of this process's LOCAL_RANK
+    init_distributed(device)
+    main_process = is_main_process()
+    cfg.processes = process_rank()[1]
     set_seed(cfg.seed)
     if cfg.num_threads > 0:
         # On a CPU shared with other jobs, 1 thread avoids OpenMP oversubscription (5-7x slower when oversubscribed).
@@ -45,14 +59,20 @@ def run(cfg: argparse.Namespace) -> dict:
     if cfg.eval_only:  # evaluate a saved adapter: everything goes to <run folder>/eval/, nothing else is touched
         adapter = saved_adapter(cfg)
         run_dir = cfg.experiment_root / "ranker" / cfg.dataset_name / cfg.run_name / "eval"
-        run_dir.mkdir(parents=True, exist_ok=True)
     else:
-        run_dir = prepare_run_dir(
-            cfg.experiment_root, "ranker", cfg.dataset_name, cfg.run_name, cfg.resume, cfg.overwrite
-        )
+        # every process checks the folder and the --resume flags before rank 0 changes anything
+        folder = (cfg.experiment_root, "ranker", cfg.dataset_name, cfg.run_name, cfg.resume, cfg.overwrite)
+        run_dir = prepare_run_dir(*folder, create=False)
         if cfg.resume:
-            check_resume_config(run_dir, cfg, resume_keys("ranker"))
-    write_run_info(run_dir, cfg)
+            # a resumed DDP run needs the process count it started with: its data order and RNG states depend on it
+            check_resume_config(run_dir, cfg, resume_keys("ranker") + ("processes",))
+        barrier()
+        if main_process:
+            prepare_run_dir(*folder)
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_info(run_dir, cfg)
+    barrier()
     print(f"run folder: {run_dir}", flush=True)
 
     tokenizer_name = cfg.llm_base_tokenizer or cfg.llm_base_model
@@ -67,12 +87,14 @@ def run(cfg: argparse.Namespace) -> dict:
         max_history=cfg.llm_max_history,
     )
     letters = letter_token_ids(builder, num_candidates)
-    save_verbalizer(run_dir / "verbalizer.json", letters, tokenizer.eos_token_id, tokenizer_name)
+    if main_process:
+        save_verbalizer(run_dir / "verbalizer.json", letters, tokenizer.eos_token_id, tokenizer_name)
     letter_ids = torch.tensor([letters[c] for c in candidate_letters(num_candidates)], dtype=torch.long)
 
     start = time.time()
     val_set, test_set = build_eval_sets(cfg, builder, split, candidates, num_candidates)
-    write_prompts_sample(run_dir / "prompts_sample.jsonl", test_set, builder, split)
+    if main_process:
+        write_prompts_sample(run_dir / "prompts_sample.jsonl", test_set, builder, split)
     print(
         f"prompts: {len(val_set)} validation users, {len(test_set)}/{len(candidates.test['users'])} test users "
         f"with the true item among the {num_candidates} candidates ({time.time() - start:.1f} s)",
@@ -89,6 +111,13 @@ def run(cfg: argparse.Namespace) -> dict:
         train_set = build_train_set(cfg, builder, split, candidates, letter_ids.tolist(), tokenizer.eos_token_id)
         print(f"training prompts: {len(train_set)} ({cfg.llm_train_candidates} candidates)", flush=True)
         check_training_target(train_set, letters)
+        accumulation = accumulation_steps(cfg, cfg.processes)
+        if main_process:
+            print(
+                f"global batch: {cfg.processes} process(es) x micro-batch {cfg.lora_micro_batch_size} x accumulation "
+                f"{accumulation} = {cfg.processes * cfg.lora_micro_batch_size * accumulation} prompts per step",
+                flush=True,
+            )
 
     model = load_model(cfg.llm_base_model, device, load_in_4bit, cfg.llm_cache_dir)
     print(
@@ -117,7 +146,9 @@ def run(cfg: argparse.Namespace) -> dict:
         model, timing = train_adapter(
             cfg, model, train_set, val_set, letter_ids, tokenizer, eval_batch, device, run_dir
         )
-        save_adapter(model, run_dir)
+        if main_process:
+            save_adapter(model, run_dir)
+        barrier()
         trained = True
 
     report, rankings = test_and_report(
@@ -144,10 +175,13 @@ def run(cfg: argparse.Namespace) -> dict:
         **report,
         "timing": timing,
     }
-    write_results(run_dir, result, rankings)
-    print(format_table(report, REPORT_KS, Path(cfg.llm_base_model).name + ("" if trained else " (zero-shot)")))
-    print(f"test: {len(test_set)} users in {timing['test_seconds']:.1f} s ({timing['test_users_per_s']:.2f} users/s)")
-    print(f"results: {run_dir / 'test_metrics.json'}", flush=True)
+    if main_process:
+        write_results(run_dir, result, rankings)
+        print(format_table(report, REPORT_KS, Path(cfg.llm_base_model).name + ("" if trained else " (zero-shot)")))
+        print(
+            f"test: {len(test_set)} users in {timing['test_seconds']:.1f} s ({timing['test_users_per_s']:.2f} users/s)"
+        )
+        print(f"results: {run_dir / 'test_metrics.json'}", flush=True)
     return result
 
 

@@ -17,7 +17,15 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from dataloader.ranker_data import EvalExample, TrainCollator, TrainPrompts, eval_batches, left_pad
 from model.llm import bf16_supported
 from trainer.metrics import label_ranks, metrics_from_ranks
-from trainer.utils import append_jsonl, truncate_history
+from trainer.utils import (
+    InputError,
+    append_jsonl,
+    gather_rows,
+    is_main_process,
+    process_rank,
+    shard,
+    truncate_history,
+)
 from trainer.verbalizer import verbalizer_scores
 
 SELECTION_METRIC = "NDCG@10"
@@ -33,18 +41,24 @@ def rank_examples(
     device: torch.device,
 ) -> torch.Tensor:
     """Verbalizer scores [N, num_candidates] (fp32, in `examples` order); one forward pass per batch,
-    the LM head only at the last position (logits_to_keep=1)."""
+    the LM head only at the last position (logits_to_keep=1).
+
+    With several processes, each ranks its shard of the examples (every example exactly once) and all of them get
+    every score, so every process computes the same metrics and takes the same early-stopping decision.
+    """
     was_training = model.training
     model.eval()
-    scores = torch.empty(len(examples), len(letter_ids))
+    mine = shard(len(examples), *process_rank())
+    own = [examples[k] for k in mine]
+    scores = torch.empty(len(own), len(letter_ids))
     letter_ids = letter_ids.to(device)
-    for indices in eval_batches(examples, batch_size):
-        batch = left_pad([examples[k].input_ids for k in indices], pad_id)
+    for indices in eval_batches(own, batch_size):
+        batch = left_pad([own[k].input_ids for k in indices], pad_id)
         batch = {key: value.to(device) for key, value in batch.items()}
         logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
         scores[indices] = verbalizer_scores(logits, letter_ids).cpu()
     model.train(was_training)
-    return scores
+    return gather_rows(scores, mine, len(examples))
 
 
 def subset_metrics(scores: torch.Tensor, examples: list[EvalExample], ks: list[int]) -> dict[str, float]:
@@ -106,18 +120,19 @@ class RankerTrainer(Trainer):
         metrics = subset_metrics(scores, self.val_examples, self.ks)
         train_loss = self._loss_sum / self._loss_count if self._loss_count else math.nan
         self._loss_sum, self._loss_count = 0.0, 0
-        append_jsonl(
-            self.history_path,
-            {
-                "step": self.state.global_step,
-                "epoch": self.state.epoch,
-                "train_loss_since_last_eval": train_loss,
-                "val_users": len(self.val_examples),
-                "eval_seconds": round(seconds, 2),
-                "users_per_s": round(len(self.val_examples) / max(seconds, 1e-9), 3),
-                **metrics,
-            },
-        )
+        if is_main_process():
+            append_jsonl(
+                self.history_path,
+                {
+                    "step": self.state.global_step,
+                    "epoch": self.state.epoch,
+                    "train_loss_since_last_eval": train_loss,
+                    "val_users": len(self.val_examples),
+                    "eval_seconds": round(seconds, 2),
+                    "users_per_s": round(len(self.val_examples) / max(seconds, 1e-9), 3),
+                    **metrics,
+                },
+            )
         metrics = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
         metrics[f"{metric_key_prefix}_users_per_s"] = len(self.val_examples) / max(seconds, 1e-9)
         self.log(metrics)
@@ -146,8 +161,14 @@ def train_adapter(
     device: torch.device,
     run_dir: Path,
 ) -> tuple[torch.nn.Module, dict]:
-    """HF Trainer run: eval/save every --lora_val_iterations steps, best adapter (NDCG@10) loaded at the end."""
+    """HF Trainer run: eval/save every --lora_val_iterations steps, best adapter (NDCG@10) loaded at the end.
+
+    Under torchrun / accelerate launch the Trainer runs DDP (one model copy per process, each on its own shard of
+    the training prompts); the global batch is micro-batch x accumulation x processes.
+    """
     cuda = device.type == "cuda"
+    processes = process_rank()[1]
+    accumulation = accumulation_steps(cfg, processes)
     if cfg.use_wandb:
         # transformers' wandb integration reads these; the retriever passes the same to wandb.init.
         os.environ.setdefault("WANDB_PROJECT", cfg.wandb_project)
@@ -155,7 +176,7 @@ def train_adapter(
     args = TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=cfg.lora_micro_batch_size,
-        gradient_accumulation_steps=cfg.lora_gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation,
         num_train_epochs=cfg.lora_num_epochs,
         max_steps=cfg.lora_max_steps,
         learning_rate=cfg.lora_lr,
@@ -184,6 +205,7 @@ def train_adapter(
         seed=cfg.seed,
         data_seed=cfg.seed,
         disable_tqdm=not sys.stderr.isatty(),
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient at every step
     )
     trainer = RankerTrainer(
         model=model,
@@ -203,13 +225,14 @@ def train_adapter(
     resume_from = last_checkpoint(run_dir / "checkpoints") if cfg.resume else None
     if resume_from:
         print(f"--resume: continuing from {resume_from}", flush=True)
-        truncate_history(run_dir / "val_history.jsonl", int(resume_from.name.split("-")[1]))
+        if is_main_process():
+            truncate_history(run_dir / "val_history.jsonl", int(resume_from.name.split("-")[1]))
         resume_from = str(resume_from)
     start = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.time() - start
     steps = output.global_step
-    samples = steps * cfg.lora_micro_batch_size * cfg.lora_gradient_accumulation_steps
+    samples = steps * cfg.lora_micro_batch_size * accumulation * processes
     best = trainer.state.best_model_checkpoint
     print(f"best adapter (validation {SELECTION_METRIC} {trainer.state.best_metric}): {best}", flush=True)
     samples = min(samples, math.ceil(len(train_set) * cfg.lora_num_epochs))
@@ -225,6 +248,20 @@ def train_adapter(
         "best_val_metric": {SELECTION_METRIC: trainer.state.best_metric},
     }
     return trainer.model, timing
+
+
+def accumulation_steps(cfg: argparse.Namespace, processes: int) -> int:
+    """Micro-batches per optimizer step: --lora_gradient_accumulation_steps, or what keeps --lora_global_batch_size
+    (micro-batch x accumulation x processes) when that is given, so scaling out keeps the optimisation the same."""
+    if cfg.lora_global_batch_size is None:
+        return cfg.lora_gradient_accumulation_steps
+    per_step = cfg.lora_micro_batch_size * processes
+    if cfg.lora_global_batch_size % per_step:
+        raise InputError(
+            f"--lora_global_batch_size: expected a multiple of --lora_micro_batch_size x processes = "
+            f"{cfg.lora_micro_batch_size} x {processes} = {per_step}, found {cfg.lora_global_batch_size}"
+        )
+    return cfg.lora_global_batch_size // per_step
 
 
 def save_adapter(model, run_dir: Path) -> Path:

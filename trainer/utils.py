@@ -91,6 +91,9 @@ def truncate_history(path: Path, max_step: int) -> None:
     atomic_write_text(path, "".join(kept))
 
 
+RESUME_KEY_NAMES = {"dataset_name": "dataset", "processes": "launched processes"}  # resume keys that are not flags
+
+
 def check_resume_config(run_dir: Path, cfg, keys: tuple[str, ...]) -> None:
     """--resume continues the run in run_dir only with the flags it started with (those in `keys`)."""
     path = Path(run_dir) / "config.json"
@@ -103,7 +106,9 @@ def check_resume_config(run_dir: Path, cfg, keys: tuple[str, ...]) -> None:
     current = config_to_dict(cfg)
     changed = [key for key in keys if key in saved and saved[key] != current.get(key)]
     if changed:
-        details = ", ".join(f"--{key} {saved[key]!r} -> {current.get(key)!r}" for key in changed)
+        details = ", ".join(
+            f"{RESUME_KEY_NAMES.get(key, '--' + key)} {saved[key]!r} -> {current.get(key)!r}" for key in changed
+        )
         raise InputError(
             f"--resume: {run_dir} was started with other flags ({details}); pass the run's own flags "
             f"(see {path}) or start another run (--run_name, --overwrite)"
@@ -117,27 +122,96 @@ def set_seed(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """--device as a torch device; under torchrun / accelerate launch, the GPU of this process's LOCAL_RANK."""
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return device_for(name, int(os.environ.get("LOCAL_RANK", 0)), cuda_count)
+
+
+def device_for(name: str, local_rank: int, cuda_count: int) -> torch.device:
+    """Process `local_rank` of a node with `cuda_count` GPUs uses GPU `local_rank`, so N processes use N GPUs
+    instead of all landing on GPU 0; CPU processes share the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        name = "cuda" if cuda_count else "cpu"
+    if name != "cuda":
+        return torch.device(name)
+    if not cuda_count:
         raise InputError("--device: cuda requested, but torch sees no CUDA device")
-    return torch.device(name)
+    if local_rank >= cuda_count:
+        raise InputError(f"LOCAL_RANK {local_rank}: expected one process per GPU at most, found {cuda_count} GPUs")
+    return torch.device("cuda", local_rank)
 
 
-def prepare_run_dir(root: Path, stage: str, dataset_name: str, run_name: str, resume: bool, overwrite: bool) -> Path:
-    """experiments/<stage>/<dataset>/<run_name>; an existing folder needs --resume or --overwrite."""
+# ------------------------------------------------------------------------------------- several processes
+
+
+def launched_processes() -> int:
+    """WORLD_SIZE of a torchrun / accelerate launch (1 for a plain `python` run)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the launch's process group (NCCL on GPUs, gloo on CPUs); nothing for a single process. The HF Trainer
+    and accelerate reuse this group."""
+    if launched_processes() > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def process_rank() -> tuple[int, int]:
+    """(this process's rank, number of processes); (0, 1) without a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 alone writes the run folder, its files and logs."""
+    return process_rank()[0] == 0
+
+
+def barrier() -> None:
+    if process_rank()[1] > 1:
+        torch.distributed.barrier()
+
+
+def shard(count: int, rank: int, processes: int) -> list[int]:
+    """The indices of `count` items that process `rank` of `processes` handles: every index exactly once."""
+    return list(range(rank, count, processes))
+
+
+def gather_rows(rows: torch.Tensor, indices: list[int], count: int) -> torch.Tensor:
+    """Each process holds `rows` for its shard `indices`; every process gets all `count` rows, in order."""
+    if process_rank()[1] == 1:
+        return rows
+    parts: list = [None] * process_rank()[1]
+    torch.distributed.all_gather_object(parts, (indices, rows.cpu()))
+    full = torch.empty((count, *rows.shape[1:]), dtype=rows.dtype)
+    for part_indices, part_rows in parts:
+        full[part_indices] = part_rows
+    return full
+
+
+def prepare_run_dir(
+    root: Path, stage: str, dataset_name: str, run_name: str, resume: bool, overwrite: bool, create: bool = True
+) -> Path:
+    """experiments/<stage>/<dataset>/<run_name>; an existing folder needs --resume or --overwrite.
+
+    create=False only checks (what every process of a multi-process launch does before rank 0 creates it).
+    """
     run_dir = Path(root) / stage / dataset_name / run_name
     if run_dir.exists() and any(run_dir.iterdir()):
-        if overwrite:
-            shutil.rmtree(run_dir)
-        elif not resume:
+        if not (overwrite or resume):
             raise InputError(
                 f"{run_dir}: run folder exists; pass --resume to continue it, --overwrite to replace it, "
                 "or --run_name to start another"
             )
+        if overwrite and create:
+            shutil.rmtree(run_dir)
     elif resume:
         raise InputError(f"--resume: no run folder to resume at {run_dir}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if create:
+        run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
