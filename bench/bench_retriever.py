@@ -39,6 +39,7 @@ from trainer.retriever import (  # noqa: E402
 from trainer.utils import (  # noqa: E402
     InputError,  # noqa: E402
     atomic_write_json,
+    resolve_device,
     set_seed,
 )
 
@@ -51,8 +52,8 @@ def bench(cfg: argparse.Namespace, bench_epochs: int) -> dict:
     torch.set_num_threads(cfg.num_threads if cfg.num_threads > 0 else torch.get_num_threads())
     set_seed(cfg.seed)
     split = load_split(cfg)
-    device = torch.device("cpu")
-    model = build_model(cfg, split.num_items)
+    device = resolve_device(cfg.device)  # --device: auto (cuda if available), cpu or cuda
+    model = build_model(cfg, split.num_items).to(device)
     max_len = cfg.bert_max_len
     tokens, labels = config_training_windows(cfg, split.train)
     optimizer = build_optimizer(model, cfg)
@@ -65,19 +66,31 @@ def bench(cfg: argparse.Namespace, bench_epochs: int) -> dict:
         "steps_per_epoch": len(epoch_batches(len(tokens), cfg.train_batch_size, cfg.seed, 0)),
         "batch_size": cfg.train_batch_size,
         "max_len": max_len,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
     }
-    # One warm-up step (allocator, thread pool) outside the timing.
+
+    def step(index: torch.Tensor) -> None:
+        train_step(
+            model,
+            optimizer,
+            scheduler,
+            tokens[index].to(device),
+            labels[index].to(device),
+            cfg.max_grad_norm,
+            cfg.label_smoothing,
+        )
+
+    # Two warm-up steps (allocator, thread pool, CUDA kernels and their autotuning) outside the timing.
     batches = epoch_batches(len(tokens), cfg.train_batch_size, cfg.seed, 0)
-    train_step(
-        model, optimizer, scheduler, tokens[batches[0]], labels[batches[0]], cfg.max_grad_norm, cfg.label_smoothing
-    )
+    for index in batches[:2]:
+        step(index)
     epoch_seconds = []
     for epoch in range(bench_epochs):
+        synchronize(device)
         start = time.perf_counter()
         for index in epoch_batches(len(tokens), cfg.train_batch_size, cfg.seed, epoch):
-            train_step(
-                model, optimizer, scheduler, tokens[index], labels[index], cfg.max_grad_norm, cfg.label_smoothing
-            )
+            step(index)
+        synchronize(device)
         epoch_seconds.append(time.perf_counter() - start)
     result["train_seconds_per_epoch"] = min(epoch_seconds)
     result["train_seconds_per_epoch_all"] = [round(s, 3) for s in epoch_seconds]
@@ -101,7 +114,14 @@ def bench(cfg: argparse.Namespace, bench_epochs: int) -> dict:
     result["train_prefix_seconds"] = time.perf_counter() - start
     result["train_prefixes"] = len(prefixes["users"])
     result["peak_rss_mib"] = peak_rss_mib()
+    if device.type == "cuda":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         ("peak RSS (MiB)", f"{result['peak_rss_mib']:.0f}"),
         ("torch threads / load", f"{result['torch_threads']} / {result['load_average_at_start']:.2f}"),
     ]
-    print(f"retriever bench: {result['dataset']}")
+    if "peak_cuda_mib" in result:
+        rows.append(("peak CUDA memory (MiB)", f"{result['peak_cuda_mib']:.0f}"))
+    print(f"retriever bench: {result['dataset']} on {result['device']}")
     for name, value in rows:
         print(f"  {name:<22} {value}")
     out = cfg.experiment_root / "bench" / f"retriever_{cfg.dataset_name}.json"
