@@ -663,6 +663,15 @@ def add_ranker_args(parser: argparse.ArgumentParser) -> None:
     )
     add_flag(
         group,
+        "--gradient_checkpointing",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="recompute activations in the backward pass (saves memory, ~2x slower); auto: on only where a "
+        "training step without it would not fit the GPU's free memory (never on a CPU)",
+        resume=(),
+    )
+    add_flag(
+        group,
         "--lora_global_batch_size",
         type=int,
         default=None,

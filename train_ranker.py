@@ -33,7 +33,14 @@ def run(cfg: argparse.Namespace) -> dict:
     # transformers and peft cost seconds to import: only here, so --help and bad flags answer at once
     from dataloader.ranker_data import build_eval_sets, build_train_set
     from datasets import load_split
-    from model.llm import add_lora, load_adapter, load_model, load_tokenizer, resolve_model_path
+    from model.llm import (
+        add_lora,
+        load_adapter,
+        load_model,
+        load_tokenizer,
+        resolve_model_path,
+        use_gradient_checkpointing,
+    )
     from trainer.ranker import accumulation_steps, save_adapter, train_adapter
     from trainer.ranker_report import REPORT_KS, format_table, test_and_report, write_prompts_sample, write_results
     from trainer.verbalizer import check_training_target, letter_token_ids, save_verbalizer
@@ -140,8 +147,18 @@ def run(cfg: argparse.Namespace) -> dict:
     else:
         if not val_set:
             raise InputError(f"{retrieved}: no validation user has the true item among the top {num_candidates}")
+        longest = max(len(train_set[k]["prompt_ids"]) for k in range(min(len(train_set), 256))) + 2
+        checkpointing = use_gradient_checkpointing(
+            cfg.gradient_checkpointing, model, cfg.lora_micro_batch_size, longest
+        )
         model = add_lora(
-            model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, quantized=load_in_4bit
+            model,
+            cfg.lora_r,
+            cfg.lora_alpha,
+            cfg.lora_dropout,
+            cfg.lora_target_modules,
+            quantized=load_in_4bit,
+            gradient_checkpointing=checkpointing,
         )
         model, timing = train_adapter(
             cfg, model, train_set, val_set, letter_ids, tokenizer, eval_batch, device, run_dir
