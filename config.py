@@ -265,7 +265,33 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_retriever_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("retriever (LRURec)")
+    group = parser.add_argument_group("retriever (LRURec, or a baseline of the paper's Table 1)")
+    add_flag(
+        group,
+        "--retriever_model",
+        choices=("lru", "sasrec", "bert4rec", "narm"),
+        default="lru",
+        help="lru: LRURec (the paper's retriever); sasrec, bert4rec, narm: the Table 1 baselines (the --bert_* "
+        "sizes apply to all; NARM uses one GRU layer)",
+        resume=("retriever",),
+    )
+    add_flag(
+        group,
+        "--attn_heads",
+        type=int,
+        default=2,
+        help="attention heads of sasrec and bert4rec",
+        resume=("retriever",),
+        positive=True,
+    )
+    add_flag(
+        group,
+        "--bert_mask_prob",
+        type=float,
+        default=0.2,
+        help="bert4rec: share of a window's items masked for the cloze objective",
+        resume=("retriever",),
+    )
     # Dataset-dependent flags default to None; parse_config fills them from DATASET_DEFAULTS.
     add_flag(
         group,
@@ -804,6 +830,13 @@ def check_numbers(cfg: argparse.Namespace) -> None:
         raise InputError(f"--num_threads: expected 0 (torch's default) or more, found {cfg.num_threads}")
     if min(cfg.metric_ks) <= 0:
         raise InputError(f"--metric_ks: expected positive cut-offs, found {cfg.metric_ks}")
+    if not 0.0 < cfg.bert_mask_prob < 1.0:
+        raise InputError(f"--bert_mask_prob: expected a value in (0, 1), found {cfg.bert_mask_prob}")
+    if cfg.retriever_model == "bert4rec" and cfg.train_all_items and cfg.sliding_window_size < 1:
+        raise InputError(
+            "--retriever_model bert4rec: its cloze windows need --sliding_window_size 1 with --train_all_items "
+            f"(overlapping windows hide items), found {cfg.sliding_window_size}"
+        )
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise InputError(f"--label_smoothing: expected a value in [0, 1), found {cfg.label_smoothing}")
     for name in ("lr", "lora_lr", "lora_num_epochs"):

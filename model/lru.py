@@ -189,7 +189,39 @@ class LRUBlock(nn.Module):
         return self.feed_forward(self.lru_layer(x, mask))
 
 
-class LRURec(nn.Module):
+class NextItemModel(nn.Module):
+    """What every retriever shares: item embeddings `token` (row 0 = padding) tied with the output, scores =
+    hidden @ token^T + bias over all item ids, and the trainer's interface (encode, next_hidden, training_inputs)."""
+
+    causal = True  # encode()'s state at position t depends on positions <= t only
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, L] left-padded item ids -> [B, L, d]
+        raise NotImplementedError
+
+    def score(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores over all item ids (column 0 = padding) for hidden states [..., d]."""
+        return hidden @ self.token.weight.T + self.bias
+
+    def next_item_loss(self, hidden: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Mean cross-entropy over all items of hidden states [N, d] against item ids [N]; equals
+        F.cross_entropy(self.score(hidden), labels) (tested) at a lower cost. label_smoothing moves that
+        share of the target uniformly onto the real items (ids 1..num_items)."""
+        return ScoreCrossEntropy.apply(hidden, self.token.weight, self.bias, labels, label_smoothing)
+
+    def training_inputs(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A next-item training window (tokens = items before each label) as this model's own training example."""
+        return tokens, labels
+
+    def next_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The state [B, d] that predicts the item after each row's last item."""
+        return self.encode(tokens)[:, -1]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-item scores [B, num_items + 1] after the last position of each sequence."""
+        return self.score(self.next_hidden(tokens))
+
+
+class LRURec(NextItemModel):
     def __init__(
         self,
         num_items: int,
@@ -214,20 +246,6 @@ class LRURec(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         return x
-
-    def score(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Scores over all item ids (column 0 = padding) for hidden states [..., d]."""
-        return hidden @ self.token.weight.T + self.bias
-
-    def next_item_loss(self, hidden: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        """Mean cross-entropy over all items of hidden states [N, d] against item ids [N]; equals
-        F.cross_entropy(self.score(hidden), labels) (tested) at a lower cost. label_smoothing moves that
-        share of the target uniformly onto the real items (ids 1..num_items)."""
-        return ScoreCrossEntropy.apply(hidden, self.token.weight, self.bias, labels, label_smoothing)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Next-item scores [B, num_items + 1] after the last position of each sequence."""
-        return self.score(self.encode(tokens)[:, -1])
 
 
 def truncated_normal_init_(model: nn.Module, std: float = 0.02) -> None:

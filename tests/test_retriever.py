@@ -259,13 +259,18 @@ def test_metric_ks_without_10_works_with_a_matching_best_metric(tmp_path, tiny_a
     assert "error: --best_metric" in capsys.readouterr().err
 
 
-def test_training_prefix_candidates_equal_the_masked_top_k_of_each_prefix():
-    """Every prefix (short ones from one shared window, long ones from their own) gets exactly what evaluate()
-    gives for that prefix as a history: its top-k with the prefix masked, in retriever order."""
-    from trainer.retriever import train_prefix_candidates
+@pytest.mark.parametrize("name", ["lru", "sasrec", "bert4rec", "narm"])
+def test_training_prefix_candidates_equal_the_masked_top_k_of_each_prefix(name):
+    """Every prefix (short ones from one shared window, long ones from their own; a bidirectional model: each its
+    own) gets exactly what evaluate() gives for that prefix as a history: its top-k with the prefix masked."""
+    from argparse import Namespace
+
+    from trainer.retriever import build_model, train_prefix_candidates
 
     torch.manual_seed(0)
-    model = LRURec(30, hidden_units=8, num_blocks=2, dropout=0.0, attn_dropout=0.0).eval()
+    sizes = {"bert_hidden_units": 8, "bert_num_blocks": 2, "bert_dropout": 0.0, "bert_attn_dropout": 0.0}
+    cfg = Namespace(retriever_model=name, bert_max_len=6, attn_heads=2, bert_mask_prob=0.2, **sizes)
+    model = build_model(cfg, 30).eval()
     rng = np.random.default_rng(0)
     train = [rng.choice(np.arange(1, 31), size=n, replace=False).tolist() for n in (2, 5, 9, 13, 1)]
     got = train_prefix_candidates(model, train, max_len=6, topk=4, batch_size=3, device=torch.device("cpu"))
@@ -274,7 +279,10 @@ def test_training_prefix_candidates_equal_the_masked_top_k_of_each_prefix():
     histories = [train[u][:n] for u, n in pairs]
     labels = [train[u][n] for u, n in pairs]
     metrics, expected = evaluate(model, EvalData(histories, labels, 6), 5, [20], torch.device("cpu"), topk=4)
-    assert got["items"].tolist() == expected["items"].tolist()
+    if name == "lru":  # exact: LRURec's scan is the same computation however the window is cut
+        assert got["items"].tolist() == expected["items"].tolist()
+    else:  # other batch shapes and paddings: equal scores to float noise, so near-ties may swap
+        assert (got["items"] == expected["items"]).mean() > 0.95
     assert got["labels"].tolist() == labels and got["label_ranks"].tolist() == expected["label_ranks"].tolist()
     for row, (u, n) in enumerate(pairs):
         assert not set(got["items"][row].tolist()) & set(train[u][:n])

@@ -17,7 +17,10 @@ import torch
 from tqdm import tqdm
 
 from datasets.split import SplitData
-from model.lru import LRURec
+from model.bert4rec import BERT4Rec
+from model.lru import LRURec, NextItemModel
+from model.narm import NARM
+from model.sasrec import SASRec
 from trainer.candidates import save_candidates
 from trainer.metrics import label_ranks, metrics_from_ranks
 from trainer.utils import (
@@ -33,14 +36,23 @@ from trainer.utils import (
 BEST, LAST, HISTORY = "checkpoint_best.pt", "checkpoint_last.pt", "val_history.jsonl"  # in the run folder
 
 
-def build_model(cfg: Namespace, num_items: int) -> LRURec:
-    return LRURec(
-        num_items,
-        hidden_units=cfg.bert_hidden_units,
-        num_blocks=cfg.bert_num_blocks,
-        dropout=cfg.bert_dropout,
-        attn_dropout=cfg.bert_attn_dropout,
-    )
+def build_model(cfg: Namespace, num_items: int) -> NextItemModel:
+    """The --retriever_model with the run's sizes: LRURec (the paper's retriever) or a Table 1 baseline."""
+    name = getattr(cfg, "retriever_model", "lru")  # run folders written before the flag existed are LRURec runs
+    sizes = {"hidden_units": cfg.bert_hidden_units, "dropout": cfg.bert_dropout}
+    if name == "lru":
+        return LRURec(num_items, num_blocks=cfg.bert_num_blocks, attn_dropout=cfg.bert_attn_dropout, **sizes)
+    if name == "narm":
+        return NARM(num_items, **sizes)
+    if cfg.bert_hidden_units % cfg.attn_heads:
+        raise InputError(
+            f"--attn_heads: expected a divisor of --bert_hidden_units {cfg.bert_hidden_units}, found {cfg.attn_heads}"
+        )
+    attention = {"max_len": cfg.bert_max_len, "num_blocks": cfg.bert_num_blocks, "heads": cfg.attn_heads}
+    attention["attn_dropout"] = cfg.bert_attn_dropout
+    if name == "sasrec":
+        return SASRec(num_items, **attention, **sizes)
+    return BERT4Rec(num_items, **attention, **sizes, mask_prob=cfg.bert_mask_prob)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -128,7 +140,7 @@ def eval_data(split: SplitData, mode: str, max_len: int) -> EvalData:
 
 @torch.no_grad()
 def evaluate(
-    model: LRURec, data: EvalData, batch_size: int, ks: list[int], device: torch.device, topk: int = 0
+    model: NextItemModel, data: EvalData, batch_size: int, ks: list[int], device: torch.device, topk: int = 0
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Full-ranking metrics (means over users) and, with topk > 0, each user's top-k items and scores.
 
@@ -157,7 +169,7 @@ def evaluate(
 
 @torch.no_grad()
 def train_prefix_candidates(
-    model: LRURec, train: list[list[int]], max_len: int, topk: int, batch_size: int, device: torch.device
+    model: NextItemModel, train: list[list[int]], max_len: int, topk: int, batch_size: int, device: torch.device
 ) -> dict[str, np.ndarray]:
     """The retriever's masked top-k for every training prefix train[u][:L], 1 <= L < len(train[u]).
 
@@ -176,6 +188,9 @@ def train_prefix_candidates(
         if len(seq) < 2:
             continue
         first = len(users) - (len(seq) - 1)
+        if not model.causal:  # every state sees the whole window: each prefix needs its own pass
+            windows += [(seq[max(0, n - max_len) : n], first + n - 1, 0) for n in range(1, len(seq))]
+            continue
         head = seq[: min(len(seq) - 1, max_len)]
         windows.append((head, first, len(head)))  # prefixes 1..len(head): every position of the head
         for length in range(max_len + 1, len(seq)):
@@ -188,6 +203,9 @@ def train_prefix_candidates(
         tokens = torch.zeros(len(batch), width, dtype=torch.long)
         for row, (items, _, _) in enumerate(batch):
             tokens[row, width - len(items) :] = torch.tensor(items)
+        if not model.causal:  # count 0: the window's next_hidden (BERT4Rec: history + mask token)
+            hidden[[first for _, first, _ in batch]] = model.next_hidden(tokens.to(device)).cpu()
+            continue
         states = model.encode(tokens.to(device)).cpu()
         for row, (_, first, count) in enumerate(batch):
             hidden[first : first + count] = states[row, width - count :]
@@ -229,7 +247,7 @@ def train_prefix_candidates(
 # ------------------------------------------------------------------------------------------- training
 
 
-def build_optimizer(model: LRURec, cfg: Namespace) -> torch.optim.AdamW:
+def build_optimizer(model: NextItemModel, cfg: Namespace) -> torch.optim.AdamW:
     # As the original: no decay on parameters whose name contains "bias" or "layer_norm"; the LRU's
     # params_log (nu, theta, gamma) is decayed.
     decay, no_decay = [], []
@@ -286,7 +304,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def train_step(
-    model: LRURec,
+    model: NextItemModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
     tokens: torch.Tensor,
@@ -298,7 +316,7 @@ def train_step(
     # Drop the columns left of every row's first label (padding in every row; counting labels instead
     # would cut rows whose later labels are masked): real positions do not depend on padding (tested).
     width = labels.shape[1] - int((labels > 0).int().argmax(1).min())
-    tokens, labels = tokens[:, -width:], labels[:, -width:]
+    tokens, labels = model.training_inputs(tokens[:, -width:], labels[:, -width:])
     hidden = model.encode(tokens)
     real = labels > 0
     # Scores only at positions with a label: the [positions, items] product dominates the step's cost.
@@ -326,7 +344,7 @@ def initial_state() -> dict:
     }
 
 
-def save_last_checkpoint(path: Path, model: LRURec, optimizer, scheduler, state: dict) -> None:
+def save_last_checkpoint(path: Path, model: NextItemModel, optimizer, scheduler, state: dict) -> None:
     """Everything --resume needs to continue exactly: weights, optimizer, schedule, RNGs, state."""
     atomic_torch_save(
         {
@@ -340,7 +358,7 @@ def save_last_checkpoint(path: Path, model: LRURec, optimizer, scheduler, state:
     )
 
 
-def load_last_checkpoint(path: Path, model: LRURec, optimizer, scheduler, device: torch.device) -> dict:
+def load_last_checkpoint(path: Path, model: NextItemModel, optimizer, scheduler, device: torch.device) -> dict:
     """Restore what save_last_checkpoint wrote; return the training state."""
     ckpt = load_checkpoint(path, device)
     try:
@@ -354,7 +372,13 @@ def load_last_checkpoint(path: Path, model: LRURec, optimizer, scheduler, device
 
 
 def validate_and_checkpoint(
-    cfg: Namespace, model: LRURec, val_data: EvalData, state: dict, run_dir: Path, device: torch.device, wandb_run
+    cfg: Namespace,
+    model: NextItemModel,
+    val_data: EvalData,
+    state: dict,
+    run_dir: Path,
+    device: torch.device,
+    wandb_run,
 ) -> dict[str, float]:
     """One validation: update the best value and patience in `state` (state["done"] on early stopping), save
     checkpoint_best.pt on improvement, append to val_history.jsonl (and wandb). Returns the metrics."""
@@ -400,7 +424,7 @@ def short_metrics(metrics: dict[str, float]) -> dict[str, str]:
     }
 
 
-def train(cfg: Namespace, split: SplitData, model: LRURec, run_dir: Path, device: torch.device) -> dict:
+def train(cfg: Namespace, split: SplitData, model: NextItemModel, run_dir: Path, device: torch.device) -> dict:
     """Train with validation every cfg.val_iterations steps and early stopping; return the final state.
 
     Writes checkpoint_best.pt (best validation cfg.best_metric), checkpoint_last.pt (everything --resume
@@ -519,7 +543,7 @@ def held_out_prefix_candidates(
 
 
 def export_candidates(
-    cfg: Namespace, split: SplitData, model: LRURec, out_dir: Path, device: torch.device
+    cfg: Namespace, split: SplitData, model: NextItemModel, out_dir: Path, device: torch.device
 ) -> tuple[dict, dict]:
     """With `model` as it is: val/test metrics, test_metrics.json and candidates.npz (top cfg.retrieved_topk)."""
     topk = min(cfg.retrieved_topk, split.num_items)
@@ -564,7 +588,9 @@ def export_candidates(
     return val_metrics, test_metrics
 
 
-def export(cfg: Namespace, split: SplitData, model: LRURec, run_dir: Path, device: torch.device) -> tuple[dict, dict]:
+def export(
+    cfg: Namespace, split: SplitData, model: NextItemModel, run_dir: Path, device: torch.device
+) -> tuple[dict, dict]:
     """Load the best checkpoint, then export_candidates into the run folder."""
     best_path = run_dir / BEST
     if best_path.exists():

@@ -1,0 +1,91 @@
+"""The retrievers of the paper's Table 1 (LRURec, SASRec, BERT4Rec, NARM): shapes, causality, padding invariance,
+BERT4Rec's cloze masking, and a short training run of each through train_retriever.py."""
+
+import json
+from argparse import Namespace
+
+import pytest
+import torch
+
+from tests.test_retriever import run_dir_of, tiny_args  # noqa: F401 (tiny_args is a fixture)
+from train_retriever import main
+from trainer.retriever import build_model
+
+MODELS = ["lru", "sasrec", "bert4rec", "narm"]
+
+
+def small(name: str, max_len: int = 8):
+    torch.manual_seed(0)
+    sizes = {"bert_hidden_units": 16, "bert_num_blocks": 2, "bert_dropout": 0.0, "bert_attn_dropout": 0.0}
+    cfg = Namespace(retriever_model=name, bert_max_len=max_len, attn_heads=2, bert_mask_prob=0.3, **sizes)
+    return build_model(cfg, 40).eval()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_shapes(name):
+    model = small(name)
+    tokens = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 9]])
+    assert model.encode(tokens).shape == (2, 8, 16)
+    assert model(tokens).shape == (2, 41)  # every item id, column 0 = padding
+    assert model.next_hidden(tokens).shape == (2, 16)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_left_padding_changes_nothing(name):
+    model = small(name)
+    history = torch.tensor([[5, 9, 2, 7]])
+    padded = torch.tensor([[0, 0, 0, 5, 9, 2, 7]])
+    with torch.no_grad():
+        assert torch.allclose(model.encode(padded)[:, 3:], model.encode(history), atol=1e-5)
+        assert torch.allclose(model(padded), model(history), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["lru", "sasrec", "narm"])
+def test_causal_models_do_not_look_ahead(name):
+    """A later item cannot change an earlier position's state (the trainer reads every position of a window)."""
+    model = small(name)
+    a, b = torch.tensor([[0, 3, 4, 5, 6, 7]]), torch.tensor([[0, 3, 4, 5, 30, 31]])
+    with torch.no_grad():
+        assert torch.allclose(model.encode(a)[:, :4], model.encode(b)[:, :4], atol=1e-6)
+        assert not torch.allclose(model.encode(a)[:, 4:], model.encode(b)[:, 4:], atol=1e-6)
+    assert model.causal
+
+
+def test_bert4rec_is_bidirectional_and_predicts_at_an_appended_mask():
+    model = small("bert4rec")
+    a, b = torch.tensor([[0, 3, 4, 5, 6, 7]]), torch.tensor([[0, 3, 4, 5, 30, 31]])
+    with torch.no_grad():
+        assert not torch.allclose(model.encode(a)[:, :4], model.encode(b)[:, :4], atol=1e-6)  # sees the future
+        # next_hidden = the state at a mask token after the history (the oldest item dropped at max_len)
+        full = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+        expected = model.encode(torch.tensor([[2, 3, 4, 5, 6, 7, 8, model.mask_id]]))[:, -1]
+        assert torch.allclose(model.next_hidden(full), expected)
+    assert not model.causal
+
+
+def test_bert4rec_cloze_masks_only_real_items_and_labels_them():
+    model = small("bert4rec")
+    torch.manual_seed(1)
+    tokens = torch.tensor([[0, 0, 0, 1, 2, 3, 4, 5], [0, 6, 7, 8, 9, 10, 11, 12]] * 200)  # next-item windows
+    labels = torch.cat([tokens[:, 1:], torch.tensor([[6], [13]] * 200)], dim=1)
+    inputs, targets = model.training_inputs(tokens, labels)
+    items = torch.cat([tokens[:, 1:], labels[:, -1:]], dim=1)  # the windows' items: 1..6 and 6..13
+    masked = inputs == model.mask_id
+    assert torch.equal(targets[masked], items[masked]) and (targets[~masked] == 0).all()
+    assert torch.equal(inputs[~masked], items[~masked])  # unmasked items and padding pass unchanged
+    assert not (masked & (items == 0)).any()  # padding is never masked
+    assert masked.any(1).all()  # at least one masked item per window
+    share = masked.sum() / (items > 0).sum()
+    assert 0.25 < share < 0.36  # --bert_mask_prob 0.3, plus the forced ones
+
+
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec", "narm"])
+def test_each_baseline_trains_and_exports_through_train_retriever(name, tmp_path, tiny_args):  # noqa: F811
+    assert main(tiny_args + ["--retriever_model", name, "--max_steps", "6", "--run_name", name]) == 0
+    run = run_dir_of(tmp_path, name)
+    assert json.loads((run / "config.json").read_text())["retriever_model"] == name
+    history = [json.loads(line) for line in (run / "val_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [2, 4, 6] and all(h["train_loss"] > 0 for h in history)
+    assert (run / "candidates.npz").is_file() and (run / "test_metrics.json").is_file()
+    # --resume refuses another model for the same run
+    assert main(tiny_args + ["--retriever_model", "lru", "--run_name", name, "--resume"]) == 2
