@@ -134,7 +134,7 @@ def test_help_shows_each_boolean_default_once_in_its_group():
     text = " ".join(result.stdout.split())
     assert "--no-use_wandb set --use_wandb to False --wandb_project" in text  # no "(default: True)"
     assert "(default: None)" not in text
-    retriever_group = text[text.index("retriever (LRURec):") : text.index("ranker (LLM):")]
+    retriever_group = text[text.index("retriever (LRURec, or a baseline") : text.index("ranker (LLM):")]
     assert "--train_all_items" in retriever_group
 
 
