@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from config import CPU_EVAL_BATCH, resume_keys, run_cli
-from dataloader.prompts import PromptBuilder, candidate_letters
+from dataloader.prompts import candidate_letters, prompt_builder
 from trainer.candidates import load_candidates
 from trainer.utils import (
     InputError,
@@ -84,15 +84,7 @@ def run(cfg: argparse.Namespace) -> dict:
 
     tokenizer_name = cfg.llm_base_tokenizer or cfg.llm_base_model
     tokenizer = load_tokenizer(tokenizer_name, cfg.llm_cache_dir)
-    builder = PromptBuilder(
-        tokenizer,
-        split.titles,
-        system=cfg.llm_system_template,
-        input_template=cfg.llm_input_template,
-        max_title_len=cfg.llm_max_title_len,
-        max_text_len=cfg.llm_max_text_len,
-        max_history=cfg.llm_max_history,
-    )
+    builder = prompt_builder(cfg, tokenizer, split.titles)
     letters = letter_token_ids(builder, num_candidates)
     if main_process:
         save_verbalizer(run_dir / "verbalizer.json", letters, tokenizer.eos_token_id, tokenizer_name)
@@ -147,7 +139,8 @@ def run(cfg: argparse.Namespace) -> dict:
     else:
         if not val_set:
             raise InputError(f"{retrieved}: no validation user has the true item among the top {num_candidates}")
-        longest = max(len(train_set[k]["prompt_ids"]) for k in range(min(len(train_set), 256))) + 2
+        # prompt + answer letter: validation prompts are built like training ones and are already tokenised
+        longest = max(len(e.input_ids) for e in val_set) + 2
         checkpointing = use_gradient_checkpointing(
             cfg.gradient_checkpointing, model, cfg.lora_micro_batch_size, longest
         )

@@ -29,6 +29,20 @@ def candidate_letters(count: int) -> list[str]:
     return [chr(ord("A") + i) for i in range(count)]
 
 
+def prompt_builder(cfg, tokenizer, titles: Sequence[str]) -> "PromptBuilder":
+    """The PromptBuilder of a ranker config (its --llm_* template and length flags): training, evaluation and
+    recommend.py build prompts from one place."""
+    return PromptBuilder(
+        tokenizer,
+        titles,
+        system=cfg.llm_system_template,
+        input_template=cfg.llm_input_template,
+        max_title_len=cfg.llm_max_title_len,
+        max_text_len=cfg.llm_max_text_len,
+        max_history=cfg.llm_max_history,
+    )
+
+
 class PromptBuilder:
     """Prompt text and token ids for (history, candidates); titles cut once and cached per item."""
 

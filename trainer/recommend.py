@@ -138,7 +138,7 @@ class Ranker:
     """A ranker run's LLM (+ its adapter, if it trained one) with the run's prompt settings and fusion weight."""
 
     def __init__(self, run_dir: Path, cfg: Namespace, split: SplitData, device: torch.device):
-        from dataloader.prompts import PromptBuilder, candidate_letters
+        from dataloader.prompts import candidate_letters, prompt_builder
         from model.llm import load_adapter, load_model, load_tokenizer
         from trainer.verbalizer import letter_token_ids
 
@@ -146,15 +146,7 @@ class Ranker:
         self.num_candidates = cfg.llm_negative_sample_size + 1
         tokenizer = load_tokenizer(cfg.llm_base_tokenizer or cfg.llm_base_model, cfg.llm_cache_dir)
         self.pad_id = tokenizer.pad_token_id
-        self.builder = PromptBuilder(
-            tokenizer,
-            split.titles,
-            system=cfg.llm_system_template,
-            input_template=cfg.llm_input_template,
-            max_title_len=cfg.llm_max_title_len,
-            max_text_len=cfg.llm_max_text_len,
-            max_history=cfg.llm_max_history,
-        )
+        self.builder = prompt_builder(cfg, tokenizer, split.titles)
         letters = letter_token_ids(self.builder, self.num_candidates)
         self.letter_ids = torch.tensor([letters[c] for c in candidate_letters(self.num_candidates)])
         load_in_4bit = cfg.llm_load_in_4bit if cfg.llm_load_in_4bit is not None else device.type == "cuda"
