@@ -48,7 +48,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def bench(cfg: argparse.Namespace, bench_epochs: int) -> dict:
+def bench(cfg: argparse.Namespace, bench_epochs: int, train_only: bool = False) -> dict:
     torch.set_num_threads(cfg.num_threads if cfg.num_threads > 0 else torch.get_num_threads())
     set_seed(cfg.seed)
     split = load_split(cfg)
@@ -60,6 +60,7 @@ def bench(cfg: argparse.Namespace, bench_epochs: int) -> dict:
     scheduler = build_scheduler(optimizer, cfg, 10**9)
     result = {
         "dataset": split.name,
+        "retriever_model": cfg.retriever_model,
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": os.getloadavg()[0],
         "train_sequences_per_epoch": len(tokens),
@@ -95,6 +96,9 @@ def bench(cfg: argparse.Namespace, bench_epochs: int) -> dict:
     result["train_seconds_per_epoch"] = min(epoch_seconds)
     result["train_seconds_per_epoch_all"] = [round(s, 3) for s in epoch_seconds]
     result["train_sequences_per_second"] = len(tokens) / min(epoch_seconds)
+    if train_only:
+        result["peak_rss_mib"] = peak_rss_mib()
+        return result
 
     val = eval_data(split, "val", max_len)
     start = time.perf_counter()
@@ -127,31 +131,40 @@ def synchronize(device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench_epochs", type=int, default=1, help="timed training epochs (the fastest is reported)")
+    parser.add_argument(
+        "--train_only", action="store_true", help="time the training epochs only (no validation, export)"
+    )
     own, rest = parser.parse_known_args(argv)
     try:
         cfg = parse_config(rest)
         if cfg.num_threads == 0:
             cfg.num_threads = 2  # the CPU the reference timings were measured on has 2 cores
-        result = bench(cfg, own.bench_epochs)
+        result = bench(cfg, own.bench_epochs, own.train_only)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = [
+        ("model", result["retriever_model"]),
         (
             "train s/epoch",
             f"{result['train_seconds_per_epoch']:.2f}  ({result['steps_per_epoch']} steps, batch {result['batch_size']})",
         ),
         ("train sequences/s", f"{result['train_sequences_per_second']:.1f}"),
-        ("eval users/s", f"{result['eval_users_per_second']:.0f}"),
-        (
-            "export val+test+prefixes (s)",
-            f"{result['export_seconds']:.2f}  (top-{result['retrieved_topk']}, {result['candidates_file_bytes'] / 1e6:.2f} MB)",
-        ),
-        (
-            "  of which prefixes (s)",
-            f"{result['train_prefix_seconds']:.2f}  ({result['train_prefixes']} training prefixes, "
-            f"{result['train_prefixes'] / result['train_prefix_seconds']:.0f}/s)",
-        ),
+    ]
+    if not own.train_only:
+        rows += [
+            ("eval users/s", f"{result['eval_users_per_second']:.0f}"),
+            (
+                "export val+test+prefixes (s)",
+                f"{result['export_seconds']:.2f}  (top-{result['retrieved_topk']}, {result['candidates_file_bytes'] / 1e6:.2f} MB)",
+            ),
+            (
+                "  of which prefixes (s)",
+                f"{result['train_prefix_seconds']:.2f}  ({result['train_prefixes']} training prefixes, "
+                f"{result['train_prefixes'] / result['train_prefix_seconds']:.0f}/s)",
+            ),
+        ]
+    rows += [
         ("peak RSS (MiB)", f"{result['peak_rss_mib']:.0f}"),
         ("torch threads / load", f"{result['torch_threads']} / {result['load_average_at_start']:.2f}"),
     ]
@@ -160,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"retriever bench: {result['dataset']} on {result['device']}")
     for name, value in rows:
         print(f"  {name:<22} {value}")
-    out = cfg.experiment_root / "bench" / f"retriever_{cfg.dataset_name}.json"
+    suffix = ("" if cfg.retriever_model == "lru" else f"_{cfg.retriever_model}") + ("_train" if own.train_only else "")
+    out = cfg.experiment_root / "bench" / f"retriever_{cfg.dataset_name}{suffix}.json"
     atomic_write_json(out, result)
     print(f"wrote {out}")
     return 0

@@ -44,3 +44,18 @@ def test_generation_bench_generates_the_whole_list(tmp_path, restore_threads):
     assert [row["prompt_tokens"] for row in rows] == [140, 220]
     for row in rows:
         assert row["ratio"] == pytest.approx(row["generation_s"] / row["verbalizer_s"], rel=0.05)
+
+
+@pytest.mark.parametrize("model", ["lru", "sasrec", "bert4rec", "narm"])
+def test_retriever_bench_times_each_model(tmp_path, restore_threads, model):
+    import bench_retriever
+
+    argv = ["--dataset_code", "ml-100k", "--data_root", str(tmp_path / "data"), "--experiment_root", str(tmp_path)]
+    argv += ["--retriever_model", model, "--bert_max_len", "20", "--bert_hidden_units", "16", "--num_threads", "1"]
+    assert bench_retriever.main(argv + ["--train_only", "--train_batch_size", "256"]) == 0
+    suffix = "" if model == "lru" else f"_{model}"
+    result = json.loads((tmp_path / "bench" / f"retriever_ml-100k{suffix}_train.json").read_text())
+    assert result["retriever_model"] == model and result["torch_threads"] == 1
+    # one epoch = every training window once, in batches of 256
+    assert result["steps_per_epoch"] == -(-result["train_sequences_per_epoch"] // 256)
+    assert result["train_seconds_per_epoch"] > 0 and "export_seconds" not in result

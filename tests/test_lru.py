@@ -24,27 +24,28 @@ def sequential_scan(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
-@pytest.mark.parametrize("length", [1, 2, 7, 16, 50, 200])
-def test_parallel_scan_equals_sequential_recurrence(length):
+# Lengths with full and partial final chunks (chunk = ceil(sqrt(L))): 3 = 2+1, 17 = 5+5+5+2, 199 = 15*13+4.
+@pytest.mark.parametrize("length", [1, 2, 3, 7, 16, 17, 50, 199, 200])
+def test_chunked_scan_equals_sequential_recurrence(length):
     torch.manual_seed(length)
     x_re, x_im = torch.randn(3, length, 8, dtype=torch.float64), torch.randn(3, length, 8, dtype=torch.float64)
     lam_re, lam_im = random_lambda(8)
-    h_re, h_im = complex_linear_scan(x_re, x_im, lam_re, lam_im)
+    h_re, h_im = complex_linear_scan(torch.cat([x_re, x_im], -1), lam_re, lam_im).chunk(2, -1)
     ref = sequential_scan(torch.complex(x_re, x_im), torch.complex(lam_re, lam_im))
     # float64: agreement to rounding error (the scan reorders the sums)
     torch.testing.assert_close(h_re, ref.real, rtol=0, atol=1e-10)
     torch.testing.assert_close(h_im, ref.imag, rtol=0, atol=1e-10)
     # float32 (what training uses): within 1e-4 of the float64 recurrence (|h| is O(10) here)
-    f_re, f_im = complex_linear_scan(x_re.float(), x_im.float(), lam_re.float(), lam_im.float())
+    f_re, f_im = complex_linear_scan(torch.cat([x_re, x_im], -1).float(), lam_re.float(), lam_im.float()).chunk(2, -1)
     assert (f_re.double() - ref.real).abs().max() < 1e-4
     assert (f_im.double() - ref.imag).abs().max() < 1e-4
 
 
-def test_scan_gradient_matches_finite_differences():
+@pytest.mark.parametrize("length", [9, 11])  # 3 full chunks of 3; chunks of 4, 4 and 3
+def test_scan_gradient_matches_finite_differences(length):
     torch.manual_seed(0)
     inputs = (
-        torch.randn(2, 11, 3, dtype=torch.float64, requires_grad=True),
-        torch.randn(2, 11, 3, dtype=torch.float64, requires_grad=True),
+        torch.randn(2, length, 6, dtype=torch.float64, requires_grad=True),  # [Re | Im] of 3 channels
         *(p.requires_grad_() for p in random_lambda(3)),
     )
     assert torch.autograd.gradcheck(ComplexLinearScan.apply, inputs)
@@ -57,8 +58,7 @@ def reference_lru_layer(layer: LRULayer, x: torch.Tensor, mask: torch.Tensor) ->
     lam = torch.exp(torch.complex(-nu, theta))
     w, b = layer.in_proj.weight.double(), layer.in_proj.bias.double()
     bu = (x.to(torch.complex128) @ torch.complex(w[:hid], w[hid:]).T + torch.complex(b[:hid], b[hid:])) * gamma
-    bu_real = bu * mask.unsqueeze(-1)
-    h = sequential_scan(bu_real, lam) + bu * (~mask).unsqueeze(-1)
+    h = sequential_scan(bu * mask.unsqueeze(-1), lam)  # zero at (left) padding positions
     c = layer.out_proj.weight.double()
     y = h.real @ c[:, :hid].T + h.imag @ c[:, hid:].T + layer.out_proj.bias.double()
     return torch.nn.functional.layer_norm(
@@ -74,7 +74,9 @@ def test_lru_layer_matches_complex_sequential_reference():
     x = torch.randn(2, 13, 6, dtype=torch.float64)
     mask = torch.ones(2, 13, dtype=torch.bool)
     mask[0, :5] = False
-    torch.testing.assert_close(layer(x, mask), reference_lru_layer(layer, x, mask))
+    positions = mask.flatten().nonzero().squeeze(1)
+    packed = layer(x.flatten(0, 1)[positions], positions, mask.shape)
+    torch.testing.assert_close(packed, reference_lru_layer(layer, x, mask).flatten(0, 1)[positions])
 
 
 def small_model(seed: int = 0) -> LRURec:

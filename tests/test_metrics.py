@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from trainer.metrics import (
+    batch_averaged_metrics,
     fuse_scores,
     label_ranks,
     metrics_from_ranks,
@@ -103,3 +104,13 @@ def test_fusion_weight_zero_is_the_llm_and_inf_the_retriever():
     # in between, the sum of the two log-softmaxes, by hand for one row
     row = torch.log_softmax(llm[0].double(), 0) + 2.0 * torch.log_softmax(retriever[0].double(), 0)
     assert torch.allclose(fuse_scores(llm, retriever, 2.0)[0], row)
+
+
+def test_batch_averaged_metrics_weigh_a_short_last_batch_like_a_full_one():
+    ranks = torch.tensor([0, 20, 5])  # Recall@10 per user: 1, 0, 1
+    paper_way = batch_averaged_metrics(ranks, [10], batch_size=2)
+    assert paper_way["Recall@10"] == pytest.approx((0.5 + 1.0) / 2)  # batches [0, 20] and [5]
+    assert metrics_from_ranks(ranks, [10])["Recall@10"] == pytest.approx(2 / 3)
+    # NDCG@10: batch 1 = (1 + 0) / 2, batch 2 = 1 / log2(7)
+    assert paper_way["NDCG@10"] == pytest.approx((0.5 + 1 / math.log2(7)) / 2)
+    assert batch_averaged_metrics(torch.tensor([], dtype=torch.long), [10]) == {}

@@ -10,6 +10,7 @@ from model.lru import LRURec
 from tests.conftest import tiny_interactions
 from train_retriever import main
 from trainer.candidates import load_candidates
+from trainer.metrics import batch_averaged_metrics
 from trainer.retriever import EvalData, evaluate, fold_users, train_prefix_candidates, train_step, training_windows
 from trainer.utils import InputError
 
@@ -153,6 +154,12 @@ def test_end_to_end_run_folder_and_candidates_round_trip(tmp_path, tiny_args):
     cands = load_candidates(run, split)
     assert cands.meta["topk"] == 6 and cands.meta["test_metrics"] == test_metrics
     assert cands.test["items"].shape == (12, 6) and cands.test["items"].dtype == np.int32
+    # the paper's batch-averaged figure, from the same test ranks
+    paper_way = json.loads((run / "test_metrics_batch16.json").read_text())
+    assert paper_way == pytest.approx(
+        batch_averaged_metrics(torch.from_numpy(cands.test["label_ranks"]), [1, 5, 10, 20, 50])
+    )
+    assert paper_way == pytest.approx(test_metrics)  # 12 users are one batch: the two ways agree
     assert cands.val["labels"].tolist() == split.val and cands.test["labels"].tolist() == split.test
     for u in range(12):  # test candidates exclude the test history: train[u] + [val[u]]
         assert not set(cands.test["items"][u].tolist()) & set(split.train[u] + [split.val[u]])

@@ -29,6 +29,16 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, floa
     }
 
 
+PAPER_BATCH_SIZE = 16  # the original's test batch size
+
+
+def batch_averaged_metrics(ranks: torch.Tensor, ks: Sequence[int], batch_size: int = PAPER_BATCH_SIZE) -> dict:
+    """The paper's way, for comparison only: the mean over consecutive batches of `batch_size` users (in user
+    order) of each batch's mean, so a short last batch weighs as much as a full one."""
+    batches = [metrics_from_ranks(ranks[i : i + batch_size], ks) for i in range(0, len(ranks), batch_size)]
+    return {name: sum(b[name] for b in batches) / len(batches) for name in batches[0]} if batches else {}
+
+
 def per_user_metric(ranks: torch.Tensor, name: str) -> torch.Tensor:
     """One user's Recall@k / NDCG@k / MRR@k (name like "NDCG@10") for each 0-based rank: [N] -> [N] float64."""
     metric, k = name.split("@")

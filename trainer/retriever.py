@@ -22,7 +22,7 @@ from model.lru import LRURec, NextItemModel
 from model.narm import NARM
 from model.sasrec import SASRec
 from trainer.candidates import save_candidates
-from trainer.metrics import label_ranks, metrics_from_ranks
+from trainer.metrics import PAPER_BATCH_SIZE, batch_averaged_metrics, label_ranks, metrics_from_ranks
 from trainer.utils import (
     InputError,
     append_jsonl,
@@ -254,7 +254,8 @@ def build_optimizer(model: NextItemModel, cfg: Namespace) -> torch.optim.AdamW:
     for name, p in model.named_parameters():
         (no_decay if "bias" in name or "layer_norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.adam_epsilon)
+    # fused: one kernel for all parameters, ~3x faster than the default per-tensor loop on CPU
+    return torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.adam_epsilon, fused=True)
 
 
 def build_scheduler(
@@ -583,9 +584,17 @@ def export_candidates(
         train=train_arrays,
         train_metrics=train_metrics,
     )
+    write_batch_averaged(out_dir, cfg, torch.from_numpy(test_arrays["label_ranks"]))
     # Written last: a run folder with test_metrics.json also has its candidates.
     atomic_write_json(out_dir / "test_metrics.json", test_metrics)
     return val_metrics, test_metrics
+
+
+def write_batch_averaged(out_dir: Path, cfg: Namespace, test_ranks: torch.Tensor) -> None:
+    """test_metrics_batch16.json: the test metrics averaged over batches as the paper did, next to the true
+    per-user means of test_metrics.json; for comparing with the paper only (nothing selects on it)."""
+    metrics = batch_averaged_metrics(test_ranks, cfg.metric_ks)
+    atomic_write_json(out_dir / f"test_metrics_batch{PAPER_BATCH_SIZE}.json", metrics)
 
 
 def export(
@@ -623,9 +632,10 @@ def evaluate_saved(cfg: Namespace, split: SplitData, device: torch.device) -> di
         val_metrics, _ = evaluate(
             model, eval_data(split, "val", cfg.bert_max_len), cfg.test_batch_size, cfg.metric_ks, device
         )
-        test_metrics, _ = evaluate(
+        test_metrics, test_arrays = evaluate(
             model, eval_data(split, "test", cfg.bert_max_len), cfg.test_batch_size, cfg.metric_ks, device
         )
+        write_batch_averaged(out_dir, cfg, torch.from_numpy(test_arrays["label_ranks"]))
         atomic_write_json(out_dir / "test_metrics.json", test_metrics)
     atomic_write_json(out_dir / "val_metrics.json", val_metrics)
     return {"checkpoint": str(checkpoint), "eval_dir": str(out_dir), "val": val_metrics, "test": test_metrics}
