@@ -41,7 +41,8 @@ class NARM(NextItemModel):
         pad = tokens.shape[1] - lengths
         x = shift_rows(self.embed_dropout(self.token(tokens)), pad)  # real items first
         packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        states, _ = pad_packed_sequence(packed, batch_first=True, total_length=tokens.shape[1])
+        packed_states, _ = self.gru(packed)
+        states, _ = pad_packed_sequence(packed_states, batch_first=True, total_length=tokens.shape[1])
         states = shift_rows(states, -pad)  # back to left padding; padding positions hold zeros
         # alpha[b, t, j] for every query position t at once: causal over real positions
         scores = self.v(torch.sigmoid(self.a_1(states)[:, :, None, :] + self.a_2(states)[:, None, :, :])).squeeze(-1)

@@ -89,3 +89,22 @@ def test_each_baseline_trains_and_exports_through_train_retriever(name, tmp_path
     assert (run / "candidates.npz").is_file() and (run / "test_metrics.json").is_file()
     # --resume refuses another model for the same run
     assert main(tiny_args + ["--retriever_model", "lru", "--run_name", name, "--resume"]) == 2
+
+
+def test_narm_matches_its_definition_written_out():
+    """NARM's encode at every real position against the paper's formulas, one unpadded row at a time: the GRU
+    state h_t, alpha_tj = v^T sigmoid(A1 h_t + A2 h_j) over j <= t, c = [h_t ; sum_j alpha_tj h_j], B c."""
+    model = small("narm")
+    with torch.no_grad():
+        for p in model.parameters():  # weights large enough that a missing or wrong term shows
+            p.add_(0.3 * torch.randn_like(p))
+        tokens = torch.tensor([[0, 0, 0, 5, 9, 2, 7], [3, 1, 4, 1, 5, 9, 2]])
+        got = model.encode(tokens)
+        for row, start in ((0, 3), (1, 0)):
+            states, _ = model.gru(model.token(tokens[row : row + 1, start:]))
+            h = states[0]  # [T, d]
+            for t in range(len(h)):
+                alpha = model.v(torch.sigmoid(model.a_1(h[t]) + model.a_2(h[: t + 1]))).squeeze(-1)
+                local = alpha @ h[: t + 1]
+                want = model.decoder(torch.cat([h[t], local]))
+                torch.testing.assert_close(got[row, start + t], want, rtol=1e-4, atol=1e-5)
