@@ -3,12 +3,11 @@
 Item embedding -> dropout -> GRU. At position t the global encoder is the GRU state h_t and the local encoder
 attends over the states so far: alpha_tj = v^T sigmoid(A1 h_t + A2 h_j) for real j <= t, c_local = sum_j alpha_tj
 h_j. [h_t ; c_local] -> dropout -> the bilinear decoder B (2d -> d) -> scores against the item embeddings (+ bias),
-as the other retrievers. The GRU runs over each row's real items only (packed), so left padding changes nothing.
+as the other retrievers. The GRU runs over each row's real items only, so left padding changes nothing.
 """
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from model.lru import Dropout, NextItemModel, truncated_normal_init_
 
@@ -37,15 +36,26 @@ class NARM(NextItemModel):
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         real = tokens > 0
-        lengths = real.sum(1)
-        pad = tokens.shape[1] - lengths
-        x = shift_rows(self.embed_dropout(self.token(tokens)), pad)  # real items first
-        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        packed_states, _ = self.gru(packed)
-        states, _ = pad_packed_sequence(packed_states, batch_first=True, total_length=tokens.shape[1])
-        states = shift_rows(states, -pad)  # back to left padding; padding positions hold zeros
-        # alpha[b, t, j] for every query position t at once: causal over real positions
-        scores = self.v(torch.sigmoid(self.a_1(states)[:, :, None, :] + self.a_2(states)[:, None, :, :])).squeeze(-1)
-        allowed = real[:, None, :] & torch.ones_like(scores, dtype=torch.bool).tril()
-        local = (scores * allowed).matmul(states)
-        return self.decoder(self.output_dropout(torch.cat([states, local], dim=-1)))
+        pad = tokens.shape[1] - real.sum(1)
+        # Real items first (right padding): the GRU state at a real position then depends on real items only, and
+        # one unpacked GRU call over the whole batch is ~10x faster on CPU than a packed one.
+        states, _ = self.gru(shift_rows(self.embed_dropout(self.token(tokens)), pad))
+        states = shift_rows(states, -pad) * real.unsqueeze(-1)  # back to left padding, zeros there
+        return self.decoder(self.output_dropout(torch.cat([states, local_encoding(self, states, real)], dim=-1)))
+
+
+def local_encoding(model: NARM, states: torch.Tensor, real: torch.Tensor, chunks: int = 8) -> torch.Tensor:
+    """c_local[b, t] = sum_j alpha_tj h_j over real j <= t, alpha_tj = v^T sigmoid(A1 h_t + A2 h_j), for every t.
+
+    The [B, T, T, d] sigmoid term is the step's largest cost; query positions go in chunks, each against the
+    keys up to its own last position only, which skips ~45% of the pairs that causality zeroes anyway.
+    """
+    length = states.shape[1]
+    query, key = model.a_1(states), model.a_2(states)
+    local = []
+    for start in range(0, length, -(-length // chunks)):
+        end = min(length, start + -(-length // chunks))
+        scores = model.v(torch.sigmoid(query[:, start:end, None, :] + key[:, None, :end, :])).squeeze(-1)
+        allowed = real[:, None, :end] & torch.ones(end - start, end, dtype=torch.bool, device=real.device).tril(start)
+        local.append((scores * allowed).matmul(states[:, :end]))
+    return torch.cat(local, dim=1)

@@ -98,9 +98,12 @@ def test_narm_matches_its_definition_written_out():
     with torch.no_grad():
         for p in model.parameters():  # weights large enough that a missing or wrong term shows
             p.add_(0.3 * torch.randn_like(p))
-        tokens = torch.tensor([[0, 0, 0, 5, 9, 2, 7], [3, 1, 4, 1, 5, 9, 2]])
+        # 19 positions: the local encoder's query chunks hold 3 positions, the last one 1
+        tokens = torch.tensor(
+            [[0] * 12 + [5, 9, 2, 7, 1, 3, 8], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8]]
+        )
         got = model.encode(tokens)
-        for row, start in ((0, 3), (1, 0)):
+        for row, start in ((0, 12), (1, 0)):
             states, _ = model.gru(model.token(tokens[row : row + 1, start:]))
             h = states[0]  # [T, d]
             for t in range(len(h)):
