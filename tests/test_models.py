@@ -7,9 +7,12 @@ from argparse import Namespace
 import pytest
 import torch
 
+from config import parse_config
+from datasets import load_split
 from tests.test_retriever import run_dir_of, tiny_args  # noqa: F401 (tiny_args is a fixture)
 from train_retriever import main
-from trainer.retriever import build_model
+from trainer.candidates import load_candidates
+from trainer.retriever import build_model, train_step
 
 MODELS = ["lru", "sasrec", "bert4rec", "narm"]
 
@@ -87,8 +90,26 @@ def test_each_baseline_trains_and_exports_through_train_retriever(name, tmp_path
     history = [json.loads(line) for line in (run / "val_history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [2, 4, 6] and all(h["train_loss"] > 0 for h in history)
     assert (run / "candidates.npz").is_file() and (run / "test_metrics.json").is_file()
+    # stage 2 reads them as it reads LRURec's
+    split = load_split(parse_config(tiny_args))
+    candidates = load_candidates(run, split)
+    assert candidates.test["items"].shape[0] == len(split.test) and candidates.meta["topk"] > 0
+    assert candidates.test["labels"].tolist() == split.test
     # --resume refuses another model for the same run
     assert main(tiny_args + ["--retriever_model", "lru", "--run_name", name, "--resume"]) == 2
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fifty_training_steps_lower_the_loss(name):
+    model = small(name, max_len=12).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    generator = torch.Generator().manual_seed(0)
+    sequences = torch.randint(1, 41, (16, 13), generator=generator)
+    sequences[:4, :5] = 0  # some left padding
+    tokens, labels = sequences[:, :-1], sequences[:, 1:].masked_fill(sequences[:, :-1] == 0, 0)
+    losses = [train_step(model, optimizer, scheduler, tokens, labels, 5.0) for _ in range(50)]
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5  # ln(40) = 3.7 at the start
 
 
 def test_narm_matches_its_definition_written_out():
