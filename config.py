@@ -901,7 +901,8 @@ def config_to_json(cfg: argparse.Namespace) -> str:
 
 
 def run_cli(run: Callable[[argparse.Namespace], object], argv: list[str] | None = None) -> int:
-    """Shared `main` of both scripts: parse, --print_config, run; bad input -> one `error:` line, exit 2."""
+    """Shared `main` of both scripts: parse, --print_config, run; bad input -> one `error:` line, exit 2;
+    Ctrl-C -> one line, exit 130 (files are written atomically, so none is left half-written)."""
     try:
         cfg = parse_config(argv)
         if cfg.print_config:
@@ -911,4 +912,11 @@ def run_cli(run: Callable[[argparse.Namespace], object], argv: list[str] | None 
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: the files written so far are complete; --resume continues a training run from its last "
+            "saved checkpoint",
+            file=sys.stderr,
+        )
+        return 130
     return 0

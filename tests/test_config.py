@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from config import check_best_metric, parse_config
+from config import check_best_metric, parse_config, run_cli
 from trainer.utils import REPO_ROOT, InputError
 
 
@@ -151,3 +151,12 @@ def test_retriever_best_metric_must_be_computed(flags, message):
     with pytest.raises(InputError) as error:
         check_best_metric(cfg)
     assert message in str(error.value)
+
+
+def test_ctrl_c_ends_with_one_line_and_exit_130(capsys):
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    assert run_cli(interrupted, ["--dataset_code", "ml-100k"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
