@@ -34,14 +34,27 @@ class NARM(NextItemModel):
         self.bias = nn.Parameter(torch.zeros(num_items + 1))
         truncated_normal_init_(self)
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def gru_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """GRU states [B, L, d] for left-padded item ids [B, L], zeros at padding positions."""
         real = tokens > 0
         pad = tokens.shape[1] - real.sum(1)
         # Real items first (right padding): the GRU state at a real position then depends on real items only, and
         # one unpacked GRU call over the whole batch is ~10x faster on CPU than a packed one.
         states, _ = self.gru(shift_rows(self.embed_dropout(self.token(tokens)), pad))
-        states = shift_rows(states, -pad) * real.unsqueeze(-1)  # back to left padding, zeros there
-        return self.decoder(self.output_dropout(torch.cat([states, local_encoding(self, states, real)], dim=-1)))
+        return shift_rows(states, -pad) * real.unsqueeze(-1)  # back to left padding
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        states = self.gru_states(tokens)
+        local = local_encoding(self, states, tokens > 0)
+        return self.decoder(self.output_dropout(torch.cat([states, local], dim=-1)))
+
+    def next_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        # Evaluation needs the last position only: its local attention is [B, L], not encode's [B, L, L].
+        states = self.gru_states(tokens)
+        last = states[:, -1]
+        alpha = self.v(torch.sigmoid(self.a_1(last)[:, None] + self.a_2(states))).squeeze(-1) * (tokens > 0)
+        local = alpha[:, None].matmul(states).squeeze(1)
+        return self.decoder(self.output_dropout(torch.cat([last, local], dim=-1)))
 
 
 def local_encoding(model: NARM, states: torch.Tensor, real: torch.Tensor, chunks: int = 8) -> torch.Tensor:

@@ -132,3 +132,5 @@ def test_narm_matches_its_definition_written_out():
                 local = alpha @ h[: t + 1]
                 want = model.decoder(torch.cat([h[t], local]))
                 torch.testing.assert_close(got[row, start + t], want, rtol=1e-4, atol=1e-5)
+        # evaluation's shortcut for the last position gives encode's last state
+        torch.testing.assert_close(model.next_hidden(tokens), got[:, -1], rtol=1e-4, atol=1e-5)
