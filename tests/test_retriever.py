@@ -1,6 +1,7 @@
 """Retriever training/evaluation/export on tiny data: windows, masking, run folder, export round trip, resume."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -202,7 +203,7 @@ def test_end_to_end_run_folder_and_candidates_round_trip(tmp_path, tiny_args):
         load_candidates(tmp_path / "partial.npz", split)
 
 
-def test_resume_ends_with_the_same_best_model(tmp_path, tiny_args):
+def test_resume_ends_with_the_same_best_model(tmp_path, tiny_args, capsys):
     assert main(tiny_args + ["--run_name", "full"]) == 0
     # interrupted mid-epoch and between validations (step 5 of 12), then resumed
     assert main(tiny_args + ["--run_name", "cut", "--max_steps", "5"]) == 0
@@ -210,10 +211,19 @@ def test_resume_ends_with_the_same_best_model(tmp_path, tiny_args):
     # resuming with the same cap trains nothing more
     assert main(tiny_args + ["--run_name", "cut", "--max_steps", "5", "--resume"]) == 0
     assert torch.load(cut / "checkpoint_last.pt", weights_only=True)["state"]["step"] == 5
+    assert main(tiny_args + ["--run_name", "cut", "--eval_only"]) == 0  # eval/ of the step-5 best checkpoint
     # a line cut off by the interruption is dropped, not a crash
     with open(cut / "val_history.jsonl", "a") as f:
         f.write('{"step": 6, "Recall@1')
+    capsys.readouterr()
     assert main(tiny_args + ["--run_name", "cut", "--resume"]) == 0
+    # eval/ is newer than the best checkpoint (the best stayed at step 4): no note; once older, a note
+    note = f"note: {cut / 'eval'} is older than this run's best checkpoint"
+    assert note not in capsys.readouterr().out
+    best_time = (cut / "checkpoint_best.pt").stat().st_mtime
+    os.utime(cut / "eval" / "test_metrics.json", (best_time - 10, best_time - 10))
+    assert main(tiny_args + ["--run_name", "cut", "--resume"]) == 0
+    assert note in capsys.readouterr().out
     best_full = torch.load(full / "checkpoint_best.pt", weights_only=True)
     best_cut = torch.load(cut / "checkpoint_best.pt", weights_only=True)
     assert best_full["step"] == best_cut["step"]
