@@ -47,8 +47,8 @@ def run(cfg: argparse.Namespace) -> dict:
     state = train(cfg, split, model, run_dir, device)
     train_seconds = time.time() - start
     val_metrics, test_metrics = export(cfg, split, model, run_dir, device)
-    earlier_eval = run_dir / "eval" / "test_metrics.json"
-    if earlier_eval.exists() and earlier_eval.stat().st_mtime < (run_dir / "checkpoint_best.pt").stat().st_mtime:
+    earlier_eval, best = run_dir / "eval" / "test_metrics.json", run_dir / "checkpoint_best.pt"
+    if earlier_eval.exists() and best.exists() and earlier_eval.stat().st_mtime < best.stat().st_mtime:
         # e.g. --eval_only of a run cut by a cap, then --resume: eval/ no longer describes the best checkpoint
         print(f"note: {earlier_eval.parent} is older than this run's best checkpoint; rerun --eval_only to refresh it")
     summary = {

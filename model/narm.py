@@ -51,10 +51,9 @@ class NARM(NextItemModel):
     def next_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         # Evaluation needs the last position only: its local attention is [B, L], not encode's [B, L, L].
         states = self.gru_states(tokens)
-        last = states[:, -1]
-        alpha = self.v(torch.sigmoid(self.a_1(last)[:, None] + self.a_2(states))).squeeze(-1) * (tokens > 0)
-        local = alpha[:, None].matmul(states).squeeze(1)
-        return self.decoder(self.output_dropout(torch.cat([last, local], dim=-1)))
+        last = states[:, -1:]
+        local = attention_pool(self, self.a_1(last), self.a_2(states), states, (tokens > 0)[:, None])
+        return self.decoder(self.output_dropout(torch.cat([last, local], dim=-1)))[:, 0]
 
 
 def local_encoding(model: NARM, states: torch.Tensor, real: torch.Tensor, chunks: int = 8) -> torch.Tensor:
@@ -68,7 +67,15 @@ def local_encoding(model: NARM, states: torch.Tensor, real: torch.Tensor, chunks
     local = []
     for start in range(0, length, -(-length // chunks)):
         end = min(length, start + -(-length // chunks))
-        scores = model.v(torch.sigmoid(query[:, start:end, None, :] + key[:, None, :end, :])).squeeze(-1)
         allowed = real[:, None, :end] & torch.ones(end - start, end, dtype=torch.bool, device=real.device).tril(start)
-        local.append((scores * allowed).matmul(states[:, :end]))
+        local.append(attention_pool(model, query[:, start:end], key[:, :end], states[:, :end], allowed))
     return torch.cat(local, dim=1)
+
+
+def attention_pool(
+    model: NARM, query: torch.Tensor, key: torch.Tensor, states: torch.Tensor, allowed: torch.Tensor
+) -> torch.Tensor:
+    """sum_j alpha_qj states_j over allowed j, alpha_qj = v^T sigmoid(query_q + key_j); query [B, Q, d] = A1 h,
+    key [B, K, d] = A2 h, states [B, K, d], allowed [B, Q, K] -> [B, Q, d]."""
+    scores = model.v(torch.sigmoid(query[:, :, None, :] + key[:, None, :, :])).squeeze(-1)
+    return (scores * allowed).matmul(states)
