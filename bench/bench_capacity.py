@@ -1,9 +1,9 @@
 """Capacity check before a long ranker run: load time, training s/sample, eval users/s, peak memory and the
 projected wall time of one epoch, for the model and batch sizes you are about to use.
 
-    python bench/bench_capacity.py --random_init llama-2-7b --micro_batch_size 16 --eval_batch_sizes 16 32
-    python bench/bench_capacity.py --llm_base_model meta-llama/Llama-2-7b-hf --no-load_in_4bit --gradient_checkpointing off
-    python bench/bench_capacity.py --llm_base_model smollm2-135m --micro_batch_size 1 --eval_batch_sizes 1   # CPU
+    python -m bench.bench_capacity --random_init llama-2-7b --micro_batch_size 16 --eval_batch_sizes 16 32
+    python -m bench.bench_capacity --llm_base_model meta-llama/Llama-2-7b-hf --no-load_in_4bit --gradient_checkpointing off
+    python -m bench.bench_capacity --llm_base_model smollm2-135m --micro_batch_size 1 --eval_batch_sizes 1   # CPU
 
 --random_init builds a randomly initialised model of the named shapes on the device (no download; the weights do not
 change the speed). Prompts are random token ids of --prompt_tokens (the paper's ml-100k prompts are ~700 Llama-2
@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from config import add_bool_arg  # noqa: E402
-from model.llm import (  # noqa: E402
+from config import SETTING, add_bool_arg
+from model.llm import (
+    LoraSettings,
     add_lora,
     bf16_supported,
     fp32_lm_head,
@@ -33,7 +32,9 @@ from model.llm import (  # noqa: E402
     training_memory_bytes,
     use_gradient_checkpointing,
 )
-from trainer.utils import REPO_ROOT, InputError, atomic_write_json, resolve_device  # noqa: E402
+from trainer.runtime import resolve_device
+from utils.errors import InputError
+from utils.files import REPO_ROOT, atomic_write_json
 
 SHAPES = {  # LlamaConfig arguments
     "llama-2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32},
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llm_base_model", default="smollm2-135m", help="as train_ranker.py's")
     parser.add_argument("--random_init", choices=sorted(SHAPES), default=None, help="instead of --llm_base_model")
-    add_bool_arg(parser, "load_in_4bit", None, "NF4 4-bit base model (default: on iff CUDA)", resume=())
+    add_bool_arg(parser, "load_in_4bit", None, "NF4 4-bit base model (default: on iff CUDA)", role=SETTING)
     parser.add_argument("--gradient_checkpointing", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--micro_batch_size", type=int, default=16)
@@ -143,12 +144,22 @@ def bench(args: argparse.Namespace) -> dict:
     result["estimated_step_memory_gib_without_checkpointing"] = round(
         training_memory_bytes(model, args.micro_batch_size, tokens) / 2**30, 1
     )
-    model = add_lora(
-        model, 8, 32, 0.05, ["q_proj", "v_proj"], quantized=load_in_4bit, gradient_checkpointing=checkpointing
-    )
+    model = add_lora(model, LoraSettings(), quantized=load_in_4bit, gradient_checkpointing=checkpointing)
+    generator = torch.Generator().manual_seed(0)
+    result.update(time_training(model, args, device, generator))
+    result.update(time_evaluation(model, args, device, generator))
+    result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    result["epoch_prompts"] = args.epoch_prompts
+    hours = args.epoch_prompts * result["train_s_per_sample"] / 3600
+    result["projected_epoch_hours"] = round(hours, 2)
+    return result
+
+
+def time_training(model, args: argparse.Namespace, device: torch.device, generator: torch.Generator) -> dict:
+    """Seconds per training sample of the ranker's step (LoRA on q/v, loss on letter and EOS, AdamW)."""
+    cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.config.vocab_size
-    generator = torch.Generator().manual_seed(0)
     batch = torch.randint(3, vocab, (args.micro_batch_size, args.prompt_tokens + 1), generator=generator).to(device)
     targets = torch.tensor([[LETTERS[0] % vocab, 2]] * args.micro_batch_size, device=device)
 
@@ -170,13 +181,21 @@ def bench(args: argparse.Namespace) -> dict:
             f"--micro_batch_size {args.micro_batch_size}: a training step ran out of GPU memory; lower it, or pass "
             "--gradient_checkpointing on / --load_in_4bit"
         ) from None
-    median = statistics.median(step_seconds)
-    result["train_step_seconds"] = [round(s, 3) for s in step_seconds]
-    result["train_s_per_sample"] = round(median / args.micro_batch_size, 4)
+    result = {
+        "train_step_seconds": [round(s, 3) for s in step_seconds],
+        "train_s_per_sample": round(statistics.median(step_seconds) / args.micro_batch_size, 4),
+    }
     if cuda:
         result["train_peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return result
+
+
+def time_evaluation(model, args: argparse.Namespace, device: torch.device, generator: torch.Generator) -> dict:
+    """Users per second of the verbalizer at each of --eval_batch_sizes."""
     model.eval()
+    vocab = model.config.vocab_size
     letter_ids = torch.tensor([i % vocab for i in LETTERS], device=device)
+    result = {}
     for size in args.eval_batch_sizes:
         prompts = torch.randint(3, vocab, (size, args.prompt_tokens), generator=generator).to(device)
 
@@ -186,12 +205,8 @@ def bench(args: argparse.Namespace) -> dict:
 
         seconds = statistics.median(timed(eval_step, args.warmup_steps, args.steps, device))
         result[f"eval_users_per_s_batch_{size}"] = round(size / seconds, 2)
-    if cuda:
+    if device.type == "cuda":
         result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    result["epoch_prompts"] = args.epoch_prompts
-    hours = args.epoch_prompts * result["train_s_per_sample"] / 3600
-    result["projected_epoch_hours"] = round(hours, 2)
     return result
 
 

@@ -1,6 +1,6 @@
 """recommend.py speed: users/s from a retriever run alone and re-ranked by a ranker run, on real histories.
 
-    python bench/bench_recommend.py --retriever_run experiments/retriever/ml-100k/seed42 \
+    python -m bench.bench_recommend --retriever_run experiments/retriever/ml-100k/seed42 \
         --ranker_run experiments/ranker/ml-100k/seed42 --num_threads 2
 
 Histories are the dataset's users' whole sequences (repeated to --retriever_users). Model loading is timed apart
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from datasets import load_split  # noqa: E402
-from trainer.recommend import Ranker, Retriever, load_run_config, recommend, requests_for_users, resolve_items  # noqa: E402
-from trainer.utils import REPO_ROOT, atomic_write_json  # noqa: E402
+from config import RANKER, RETRIEVER, data_config
+from dataloader.histories import requests_for_users, resolve_items
+from datasets import load_split
+from recommend import Ranker, Retriever, check_candidates, finished_run, recommend
+from utils.files import REPO_ROOT, atomic_write_json, read_json_object
 
 
 def timed_recommend(requests, split, retriever, ranker, topk: int, batch_size: int) -> float:
@@ -42,23 +42,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     device = torch.device("cpu")
-    retriever_cfg = load_run_config(args.retriever_run, "retriever")
-    split = load_split(retriever_cfg)
+    retriever_flags = finished_run(args.retriever_run, RETRIEVER, "retriever_run")
+    split = load_split(data_config(retriever_flags))
     users = [split.user_raw_ids[k % split.num_users] for k in range(max(args.retriever_users, args.ranker_users))]
     requests = requests_for_users(split, users)
     resolve_items(requests, split)
     result = {"dataset": split.name, "torch_threads": torch.get_num_threads(), "device": str(device)}
     start = time.perf_counter()
-    retriever = Retriever(args.retriever_run, retriever_cfg, split, device)
+    retriever = Retriever(args.retriever_run, retriever_flags, split, device)
     result["retriever_load_s"] = round(time.perf_counter() - start, 3)
     seconds = timed_recommend(requests[: args.retriever_users], split, retriever, None, args.topk, args.batch_size)
     result["retriever_users"] = args.retriever_users
     result["retriever_users_per_s"] = round(args.retriever_users / seconds, 1)
     if args.ranker_run is not None:
         start = time.perf_counter()
-        ranker = Ranker(args.ranker_run, load_run_config(args.ranker_run, "ranker"), split, device)
+        ranker_flags = finished_run(args.ranker_run, RANKER, "ranker_run")
+        metrics = read_json_object(args.ranker_run / "test_metrics.json")
+        check_candidates(metrics, args.retriever_run)
+        ranker = Ranker(args.ranker_run, ranker_flags, metrics, split, device)
         result["ranker_load_s"] = round(time.perf_counter() - start, 3)
-        result["ranker_model"] = ranker.cfg.llm_base_model
+        result["ranker_model"] = ranker_flags.llm_base_model
         seconds = timed_recommend(requests[: args.ranker_users], split, retriever, ranker, args.topk, args.batch_size)
         result["ranker_users"] = args.ranker_users
         result["ranker_users_per_s"] = round(args.ranker_users / seconds, 2)

@@ -1,6 +1,6 @@
 """Retriever speed: training throughput, evaluation throughput, candidate export time, peak memory.
 
-    python bench/bench_retriever.py --dataset_code ml-100k --num_threads 2 --bench_epochs 1 --no-train_all_items \
+    python -m bench.bench_retriever --dataset_code ml-100k --num_threads 2 --bench_epochs 1 --no-train_all_items \
         --label_smoothing 0
 
 Uses the resolved config of train_retriever.py (any of its flags can be passed) on a freshly initialised
@@ -20,52 +20,50 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from config import parse_config  # noqa: E402
-from datasets import load_split  # noqa: E402
-from trainer.retriever import (  # noqa: E402
-    build_model,
-    build_optimizer,
-    build_scheduler,
-    config_training_windows,
-    epoch_batches,
-    eval_data,
-    evaluate,
-    export_candidates,
-    train_prefix_candidates,
-    train_step,
+from config import (
+    RETRIEVER,
+    build_parser,
+    candidate_export,
+    data_config,
+    parse_flags,
+    retriever_spec,
+    retriever_training,
 )
-from trainer.utils import (  # noqa: E402
-    InputError,  # noqa: E402
-    atomic_write_json,
-    resolve_device,
-    set_seed,
-)
+from dataloader.retriever_data import epoch_batches, eval_data, training_windows, window_step
+from datasets import load_split
+from model.retrievers import build_retriever
+from trainer.retriever_eval import evaluate, train_prefix_candidates
+from trainer.retriever_export import export_candidates
+from trainer.retriever_train import build_optimizer, build_scheduler, train_step
+from trainer.runtime import resolve_device, set_seed
+from utils.errors import InputError
+from utils.files import atomic_write_json
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def bench(cfg: argparse.Namespace, bench_epochs: int, train_only: bool = False) -> dict:
-    torch.set_num_threads(cfg.num_threads if cfg.num_threads > 0 else torch.get_num_threads())
-    set_seed(cfg.seed)
-    split = load_split(cfg)
-    device = resolve_device(cfg.device)  # --device: auto (cuda if available), cpu or cuda
-    model = build_model(cfg, split.num_items).to(device)
-    max_len = cfg.bert_max_len
-    tokens, labels = config_training_windows(cfg, split.train)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, 10**9)
+def bench(flags: argparse.Namespace, bench_epochs: int, train_only: bool = False) -> dict:
+    torch.set_num_threads(flags.num_threads if flags.num_threads > 0 else torch.get_num_threads())
+    set_seed(flags.seed)
+    split = load_split(data_config(flags))
+    device = resolve_device(flags.device)  # --device: auto (cuda if available), cpu or cuda
+    spec, training = retriever_spec(flags), retriever_training(flags)
+    model = build_retriever(spec, split.num_items).to(device)
+    max_len = spec.max_len
+    step_size = window_step(training.sliding_window_size, max_len)
+    tokens, labels = training_windows(split.train, max_len, step_size, training.train_all_items)
+    optimizer = build_optimizer(model, training.lr, training.weight_decay, training.adam_epsilon)
+    scheduler = build_scheduler(optimizer, training.enable_lr_schedule, training.warmup_steps, 10**9)
     result = {
         "dataset": split.name,
-        "retriever_model": cfg.retriever_model,
+        "retriever_model": spec.model,
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": os.getloadavg()[0],
         "train_sequences_per_epoch": len(tokens),
-        "steps_per_epoch": len(epoch_batches(len(tokens), cfg.train_batch_size, cfg.seed, 0)),
-        "batch_size": cfg.train_batch_size,
+        "steps_per_epoch": len(epoch_batches(len(tokens), training.batch_size, training.seed, 0)),
+        "batch_size": training.batch_size,
         "max_len": max_len,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
     }
@@ -77,19 +75,19 @@ def bench(cfg: argparse.Namespace, bench_epochs: int, train_only: bool = False) 
             scheduler,
             tokens[index].to(device),
             labels[index].to(device),
-            cfg.max_grad_norm,
-            cfg.label_smoothing,
+            training.max_grad_norm,
+            training.label_smoothing,
         )
 
     # Two warm-up steps (allocator, thread pool, CUDA kernels and their autotuning) outside the timing.
-    batches = epoch_batches(len(tokens), cfg.train_batch_size, cfg.seed, 0)
+    batches = epoch_batches(len(tokens), training.batch_size, training.seed, 0)
     for index in batches[:2]:
         step(index)
     epoch_seconds = []
     for epoch in range(bench_epochs):
         synchronize(device)
         start = time.perf_counter()
-        for index in epoch_batches(len(tokens), cfg.train_batch_size, cfg.seed, epoch):
+        for index in epoch_batches(len(tokens), training.batch_size, training.seed, epoch):
             step(index)
         synchronize(device)
         epoch_seconds.append(time.perf_counter() - start)
@@ -102,19 +100,20 @@ def bench(cfg: argparse.Namespace, bench_epochs: int, train_only: bool = False) 
 
     val = eval_data(split, "val", max_len)
     start = time.perf_counter()
-    evaluate(model, val, cfg.val_batch_size, cfg.metric_ks, device)
+    evaluate(model, val, training.val_batch_size, list(training.metric_ks), device)
     result["eval_seconds"] = time.perf_counter() - start
     result["eval_users_per_second"] = val.num_users / result["eval_seconds"]
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        export_candidates(cfg, split, model, Path(tmp), device)
+        export = candidate_export(flags)
+        export_candidates(model, split, spec, export, Path(tmp), device, (training, Path(tmp) / "folds"))
         result["candidates_file_bytes"] = (Path(tmp) / "candidates.npz").stat().st_size
     result["export_seconds"] = time.perf_counter() - start
-    result["retrieved_topk"] = min(cfg.retrieved_topk, split.num_items)
+    result["retrieved_topk"] = min(export.topk, split.num_items)
     # The training-prefix part of that export on its own (every prefix of every training sequence).
     start = time.perf_counter()
-    prefixes = train_prefix_candidates(model, split.train, max_len, cfg.retrieved_train_topk, 256, device)
+    prefixes = train_prefix_candidates(model, split.train, max_len, export.train_topk, 256, device)
     result["train_prefix_seconds"] = time.perf_counter() - start
     result["train_prefixes"] = len(prefixes["users"])
     result["peak_rss_mib"] = peak_rss_mib()
@@ -129,17 +128,19 @@ def synchronize(device: torch.device) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bench_epochs", type=int, default=1, help="timed training epochs (the fastest is reported)")
-    parser.add_argument(
+    parser = build_parser(RETRIEVER)  # every flag of train_retriever.py, plus the bench's own
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    group = parser.add_argument_group("bench")
+    group.add_argument("--bench_epochs", type=int, default=1, help="timed training epochs (the fastest is reported)")
+    group.add_argument(
         "--train_only", action="store_true", help="time the training epochs only (no validation, export)"
     )
-    own, rest = parser.parse_known_args(argv)
     try:
-        cfg = parse_config(rest)
-        if cfg.num_threads == 0:
-            cfg.num_threads = 2  # the CPU the reference timings were measured on has 2 cores
-        result = bench(cfg, own.bench_epochs, own.train_only)
+        flags = parse_flags(RETRIEVER, argv, parser)
+        if flags.num_threads == 0:
+            flags.num_threads = 2  # the CPU the reference timings were measured on has 2 cores
+        result = bench(flags, flags.bench_epochs, flags.train_only)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("train sequences/s", f"{result['train_sequences_per_second']:.1f}"),
     ]
-    if not own.train_only:
+    if not flags.train_only:
         rows += [
             ("eval users/s", f"{result['eval_users_per_second']:.0f}"),
             (
@@ -173,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"retriever bench: {result['dataset']} on {result['device']}")
     for name, value in rows:
         print(f"  {name:<22} {value}")
-    suffix = ("" if cfg.retriever_model == "lru" else f"_{cfg.retriever_model}") + ("_train" if own.train_only else "")
-    out = cfg.experiment_root / "bench" / f"retriever_{cfg.dataset_name}{suffix}.json"
+    suffix = ("" if flags.retriever_model == "lru" else f"_{flags.retriever_model}") + (
+        "_train" if flags.train_only else ""
+    )
+    out = flags.experiment_root / "bench" / f"retriever_{flags.dataset_name}{suffix}.json"
     atomic_write_json(out, result)
     print(f"wrote {out}")
     return 0

@@ -1,7 +1,6 @@
 """Ranker examples: training prompts (every prefix + sampled negatives) and val/test prompts (retrieved
 candidates), with left-padding collation so every prompt ends at the last position."""
 
-from argparse import Namespace
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -9,9 +8,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dataloader.candidates import Candidates
 from dataloader.prompts import PromptBuilder, candidate_letters
 from datasets.split import SplitData
-from trainer.utils import InputError
+from utils.errors import InputError
 
 
 def sample_negatives(rng: np.random.Generator, num_items: int, exclude: set[int], count: int) -> list[int]:
@@ -241,44 +241,64 @@ def true_letter(example: EvalExample) -> str:
     return candidate_letters(len(example.candidates))[example.label]
 
 
+@dataclass(frozen=True)
+class RankerData:
+    """Which prompts a ranker run trains and is validated on (the ranker's data flags)."""
+
+    seed: int = 42
+    num_negatives: int = 19  # --llm_negative_sample_size: candidates = this + 1
+    max_train_samples: int | None = None  # --llm_max_train_samples
+    max_eval_users: int | None = None  # --llm_max_eval_users: validation users ranked during training
+    shuffle_eval_candidates: bool = False
+    train_candidates: str = "uniform"  # uniform (the paper) or retrieved
+    train_missed: str = "drop"  # retrieved: drop or insert the prefixes whose next item the retriever missed
+    shuffle_train_candidates: bool = False
+
+    @property
+    def num_candidates(self) -> int:
+        return self.num_negatives + 1
+
+
 def build_eval_sets(
-    cfg: Namespace, builder: PromptBuilder, split: SplitData, candidates, num_candidates: int
+    builder: PromptBuilder, split: SplitData, candidates: Candidates, data: RankerData
 ) -> tuple[list[EvalExample], list[EvalExample]]:
     """(validation, test) prompts of the users whose true item was retrieved; validation capped at
-    --llm_max_eval_users (a seeded subset). `candidates`: a trainer.candidates.Candidates."""
-    test_set = eval_examples(
-        builder, split, candidates.test, "test", num_candidates, cfg.llm_shuffle_eval_candidates, cfg.seed
-    )
-    val_set = eval_examples(
-        builder, split, candidates.val, "val", num_candidates, cfg.llm_shuffle_eval_candidates, cfg.seed
-    )
-    if cfg.llm_max_eval_users is not None and cfg.llm_max_eval_users < len(val_set):
-        keep = torch.randperm(len(val_set), generator=torch.Generator().manual_seed(cfg.seed))
-        val_set = [val_set[k] for k in sorted(keep[: cfg.llm_max_eval_users].tolist())]
+    data.max_eval_users (a seeded subset)."""
+    num, shuffle = data.num_candidates, data.shuffle_eval_candidates
+    test_set = eval_examples(builder, split, candidates.test, "test", num, shuffle, data.seed)
+    val_set = eval_examples(builder, split, candidates.val, "val", num, shuffle, data.seed)
+    if data.max_eval_users is not None and data.max_eval_users < len(val_set):
+        keep = torch.randperm(len(val_set), generator=torch.Generator().manual_seed(data.seed))
+        val_set = [val_set[k] for k in sorted(keep[: data.max_eval_users].tolist())]
     return val_set, test_set
 
 
 def build_train_set(
-    cfg: Namespace, builder: PromptBuilder, split: SplitData, candidates, letter_ids: list[int], eos_id: int
+    builder: PromptBuilder,
+    split: SplitData,
+    candidates: Candidates,
+    data: RankerData,
+    letter_ids: list[int],
+    eos_id: int,
 ) -> TrainPrompts:
-    """The training prompts of --llm_train_candidates (uniform negatives or retrieved lists), capped at
-    --llm_max_train_samples."""
+    """The training prompts of data.train_candidates (uniform negatives or retrieved lists), capped at
+    data.max_train_samples."""
     lists = None
-    if cfg.llm_train_candidates == "retrieved":
+    if data.train_candidates == "retrieved":
         pairs, lists = retrieved_training_lists(
-            candidates.require_train(), len(letter_ids), cfg.llm_train_missed, cfg.llm_max_train_samples, cfg.seed
+            candidates.require_train(), data.num_candidates, data.train_missed, data.max_train_samples, data.seed
         )
     else:
-        pairs = training_prefixes(split.train, cfg.llm_max_train_samples, cfg.seed)
+        pairs = training_prefixes(split.train, data.max_train_samples, data.seed)
     return TrainPrompts(
         builder,
         split.train,
         split.num_items,
         pairs,
-        cfg.llm_negative_sample_size,
+        data.num_negatives,
         letter_ids,
         eos_id,
-        cfg.seed,
+        data.seed,
         lists=lists,
-        shuffle=cfg.llm_shuffle_train_candidates,
+        shuffle=data.shuffle_train_candidates,
     )

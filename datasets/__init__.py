@@ -1,4 +1,4 @@
-"""Datasets: raw files -> 5-core leave-one-out splits (cached). Entry point: `load_split(cfg)`.
+"""Datasets: raw files -> 5-core leave-one-out splits (cached). Entry point: `load_split(DataConfig(...))`.
 
 This package is named `datasets` (the layout our users asked for), which shadows Hugging Face's
 `datasets` package. When HF `datasets` is installed, transformers' Trainer imports `datasets`
@@ -9,14 +9,17 @@ tests/test_datasets.py runs a Trainer step with HF `datasets` installed to prove
 """
 
 import sys
-from argparse import Namespace
+from dataclasses import dataclass
+from pathlib import Path
 
 from datasets.cache import cache_key, load_cached_split, save_split
-from datasets.sources import read_amazon, read_custom, read_movielens, sha256_file
+from datasets.sources import AMAZON_FILES, ML_100K_SHIPPED, read_amazon, read_custom, read_movielens, sha256_file
 from datasets.split import SplitData, make_split
+from utils.files import REPO_ROOT
 
-__all__ = ["SplitData", "load_split", "make_split"]
+__all__ = ["DataConfig", "SplitData", "load_split", "make_split"]
 
+DATASET_CODES = ("ml-100k", "beauty", "games", "custom")
 _HF_DATASET_CLASSES = {"Dataset", "IterableDataset", "DatasetDict", "IterableDatasetDict"}
 
 
@@ -30,48 +33,66 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} (LlamaRec's datasets, not Hugging Face's) has no attribute {name!r}")
 
 
-def _read_raw(cfg: Namespace):
-    if cfg.dataset_code == "ml-100k":
-        return read_movielens(cfg.ml_100k_path, cfg.download)
-    if cfg.dataset_code in ("beauty", "games"):
-        return read_amazon(cfg.dataset_code, cfg.data_root, cfg.download)
-    return read_custom(cfg.custom_path)
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data and how it is preprocessed (the data flags)."""
+
+    code: str  # --dataset_code: ml-100k, beauty, games or custom
+    custom_path: Path | None = None  # folder with interactions.csv and items.csv (custom)
+    data_root: Path = REPO_ROOT / "data"  # raw Amazon files and the preprocessed cache
+    ml_100k_path: Path | None = None  # ml-latest-small ratings.csv/movies.csv (default: the shipped release)
+    download: bool = True
+    min_rating: float = 0
+    min_uc: int = 5
+    min_sc: int = 5
+
+    @property
+    def name(self) -> str:
+        """Name of the run and cache folders; custom datasets carry their folder's name."""
+        if self.code != "custom":
+            return self.code
+        return f"custom-{Path(self.custom_path).resolve().name or 'data'}"
 
 
-def _raw_paths(cfg: Namespace) -> list:
-    from datasets.sources import AMAZON_FILES, ML_100K_SHIPPED
+def _read_raw(data: DataConfig):
+    if data.code == "ml-100k":
+        return read_movielens(data.ml_100k_path, data.download)
+    if data.code in ("beauty", "games"):
+        return read_amazon(data.code, data.data_root, data.download)
+    return read_custom(data.custom_path)
 
-    if cfg.dataset_code == "ml-100k":
-        folder = cfg.ml_100k_path or ML_100K_SHIPPED
+
+def _raw_paths(data: DataConfig) -> list[Path]:
+    if data.code == "ml-100k":
+        folder = Path(data.ml_100k_path or ML_100K_SHIPPED)
         return [folder / "ratings.csv", folder / "movies.csv"]
-    if cfg.dataset_code in ("beauty", "games"):
-        return [cfg.data_root / cfg.dataset_code / name for name in AMAZON_FILES[cfg.dataset_code]]
-    return [cfg.custom_path / "interactions.csv", cfg.custom_path / "items.csv"]
+    if data.code in ("beauty", "games"):
+        return [Path(data.data_root) / data.code / name for name in AMAZON_FILES[data.code]]
+    return [Path(data.custom_path) / "interactions.csv", Path(data.custom_path) / "items.csv"]
 
 
-def load_split(cfg: Namespace) -> SplitData:
-    """The preprocessed split for cfg.dataset_code: from the cache when the raw files and options match."""
-    options = {"minrating": cfg.min_rating, "uc": cfg.min_uc, "sc": cfg.min_sc}
-    paths = _raw_paths(cfg)
+def load_split(data: DataConfig) -> SplitData:
+    """The preprocessed split of `data`: from the cache when the raw files and options match."""
+    options = {"minrating": data.min_rating, "uc": data.min_uc, "sc": data.min_sc}
+    cache_root = Path(data.data_root) / "preprocessed"
+    paths = _raw_paths(data)
     if all(p.is_file() for p in paths):
         raw_hashes = {p.name: sha256_file(p) for p in paths}
-        folder = cfg.data_root / "preprocessed" / cache_key(cfg.dataset_name, options, raw_hashes)
-        cached = load_cached_split(folder)
+        cached = load_cached_split(cache_root / cache_key(data.name, options, raw_hashes))
         if cached is not None:
             return cached
-    interactions, titles, files = _read_raw(cfg)
-    source = ", ".join(str(f) for f in files)
+    interactions, titles, files = _read_raw(data)
     split = make_split(
         interactions,
         titles,
-        name=cfg.dataset_name,
-        min_rating=cfg.min_rating,
-        min_uc=cfg.min_uc,
-        min_sc=cfg.min_sc,
-        source=source,
+        name=data.name,
+        min_rating=data.min_rating,
+        min_uc=data.min_uc,
+        min_sc=data.min_sc,
+        source=", ".join(str(f) for f in files),
     )
     raw_hashes = {p.name: sha256_file(p) for p in files}
-    folder = cfg.data_root / "preprocessed" / cache_key(cfg.dataset_name, options, raw_hashes)
+    folder = cache_root / cache_key(data.name, options, raw_hashes)
     save_split(folder, split, {"options": options, "raw_files": {str(p): raw_hashes[p.name] for p in files}})
     print(f"preprocessed {split.name}: {split.stats()} -> {folder}", file=sys.stderr)
     return split

@@ -1,22 +1,18 @@
-"""`python -m datasets --dataset_code CODE [flags]`: prepare a dataset and print its statistics as JSON."""
+"""`python -m datasets --dataset_code CODE [data flags]`: prepare a dataset and print its statistics as JSON."""
 
 import json
 import sys
 
-from config import parse_config
+from config import PREPARE, data_config, run_cli
 from datasets import load_split
-from trainer.utils import InputError
+
+
+def run(flags) -> None:
+    print(json.dumps(load_split(data_config(flags)).stats()))
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_config(argv)
-        split = load_split(cfg)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(split.stats()))
-    return 0
+    return run_cli(PREPARE, run, argv)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,13 @@ the file (the way a malicious pickle runs code) is refused.
 import argparse
 import csv
 import importlib
+import numbers
 import pickle
 import sys
 from pathlib import Path
 
-from trainer.utils import InputError, atomic_output
+from utils.errors import InputError
+from utils.files import atomic_output
 
 # numpy integers appear when a list was built from a pandas column; nothing else is ever constructed.
 ALLOWED_GLOBALS = {
@@ -48,7 +50,23 @@ def read_llamarec_pickle(path: Path) -> dict:
     if not isinstance(data, dict) or any(not isinstance(data.get(key), dict) for key in expected):
         found = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise InputError(f"{path}: expected a dict with dict values {list(expected)}, found {found}")
+    for name in ("train", "val", "test"):
+        for uid, items in data[name].items():
+            if not is_id(uid) or not isinstance(items, list | tuple) or not all(is_id(i) for i in items):
+                raise InputError(f"{path}: {name!r} must map user ids to lists of item ids, found {uid!r}: {items!r}")
+    for name in ("umap", "smap"):
+        for raw, index in data[name].items():
+            if not is_id(index):
+                raise InputError(f"{path}: {name!r} must map raw ids to integer ids, found {raw!r}: {index!r}")
+    for sid, title in data["meta"].items():
+        if not is_id(sid) or not isinstance(title, str):
+            raise InputError(f"{path}: 'meta' must map item ids to title strings, found {sid!r}: {title!r}")
     return data
+
+
+def is_id(value) -> bool:
+    """An integer id as the original code writes them (numpy integers included), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def convert(path: Path, out_dir: Path) -> dict:
@@ -70,6 +88,8 @@ def convert(path: Path, out_dir: Path) -> dict:
     untitled = sorted(used - titles.keys())
     if untitled:
         raise InputError(f"{path}: {len(untitled)} items have no title in 'meta' (first: {untitled[0]!r})")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: expected an output folder, found a file there")
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_output(out_dir / "interactions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

@@ -22,7 +22,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from trainer.utils import REPO_ROOT, InputError
+from utils.errors import InputError
+from utils.files import REPO_ROOT
 
 # (interactions, titles: raw item id -> title, the raw files read)
 RawData = tuple[pd.DataFrame, dict[str, str], list[Path]]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from trainer.utils import InputError
+from utils.errors import InputError
 
 
 @dataclass

@@ -11,7 +11,7 @@ by the mask token, read at that last position.
 import torch
 from torch import nn
 
-from model.lru import Dropout, NextItemModel, PositionwiseFeedForward, truncated_normal_init_
+from model.layers import Dropout, NextItemModel, PositionwiseFeedForward, truncated_normal_init_
 from model.sasrec import SelfAttention, attention_mask, position_ids
 
 

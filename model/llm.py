@@ -9,20 +9,52 @@ import copy
 import hashlib
 import importlib.util
 import json
+import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.utils import REPO_ROOT, InputError
+from utils.errors import InputError, one_line
+from utils.files import REPO_ROOT
 
 LLM_CACHE_DIR = REPO_ROOT / ".cache" / "llm"  # GGUF models converted to transformers folders
+
+# On a CPU with AVX-512 bf16, bitsandbytes looks for an optional 4-bit kernel package at import and logs a warning when
+# it is missing; its own CPU kernel then runs, so the warning is noise on every ranker command.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 if TYPE_CHECKING:  # transformers/peft are imported where used: importing them costs seconds
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class LLMSpec:
+    """Which causal LM ranks, and how it is loaded (the --llm_base_* flags)."""
+
+    base_model: str = "meta-llama/Llama-2-7b-hf"  # Hub id, local folder, .gguf file or an EMBEDDED_MODELS name
+    tokenizer: str = "meta-llama/Llama-2-7b-hf"  # default: the base model's
+    load_in_4bit: bool | None = None  # None: on iff CUDA
+    cache_dir: Path = LLM_CACHE_DIR  # GGUF models converted to transformers folders
+
+    def quantized_on(self, device: torch.device) -> bool:
+        """NF4 4-bit weights: as asked, else on CUDA only (bitsandbytes' CPU 4-bit path is slower than fp32)."""
+        return self.load_in_4bit if self.load_in_4bit is not None else device.type == "cuda"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA adapter (the --lora_r/alpha/dropout/target_modules flags)."""
+
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
 
 # Offline models shipped as a pip package: short name -> (python package, GGUF file inside it).
 EMBEDDED_MODELS = {
@@ -68,15 +100,23 @@ def _gguf_cache_folder(gguf_path: Path, cache_dir: Path) -> Path:
 def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
     """De-quantise a GGUF file once into a plain transformers folder (config, safetensors, tokenizer).
 
-    Loading GGUF de-quantises every tensor and converts the tokenizer (~30 s for SmolLM2-135M); the saved
-    folder loads in ~2 s. A GGUF-loaded model refuses save_pretrained ("quantized"), so a plain model is
-    rebuilt from its config and state dict.
+    Loading GGUF de-quantises every tensor and converts the tokenizer, which is slow; the saved folder loads
+    fast (docs/performance.md). A GGUF-loaded model refuses save_pretrained ("quantized"), so a plain model is
+    rebuilt from its config and state dict. That rebuild initialises weights randomly before loading them: it runs
+    on a forked RNG, so a run that converts draws the same random numbers afterwards (LoRA's initialisation, dropout)
+    as a run that finds the conversion cached.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
     folder = _gguf_cache_folder(gguf_path, cache_dir)
     if (folder / "done.json").is_file():
         return folder
+    with torch.random.fork_rng(devices=[]):
+        _convert_gguf(gguf_path, folder)
+    return folder
+
+
+def _convert_gguf(gguf_path: Path, folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
     print(f"converting {gguf_path.name} to a transformers folder under {folder} (once) ...", flush=True)
     start = time.time()
     source, name = str(gguf_path.parent), gguf_path.name
@@ -110,7 +150,6 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     print(f"converted in {time.time() - start:.1f} s", flush=True)
-    return folder
 
 
 def _local_or_hub(name: str, cache_dir: Path) -> str:
@@ -211,7 +250,7 @@ def training_memory_bytes(model: "PreTrainedModel", micro_batch: int, tokens: in
 
 def use_gradient_checkpointing(mode: str, model: "PreTrainedModel", micro_batch: int, tokens: int) -> bool:
     """--gradient_checkpointing: on, off, or auto = on only where a step without it would not fit the free GPU
-    memory (checkpointing recomputes the forward pass: ~2x slower; on a CPU it only costs time)."""
+    memory (checkpointing recomputes the forward pass; on a CPU it only costs time)."""
     if mode in ("on", "off"):
         return mode == "on"
     device = next(model.parameters()).device
@@ -226,13 +265,7 @@ def fits(estimate: int, free: int) -> bool:
 
 
 def add_lora(
-    model: "PreTrainedModel",
-    r: int,
-    alpha: int,
-    dropout: float,
-    target_modules: list[str],
-    quantized: bool,
-    gradient_checkpointing: bool = False,
+    model: "PreTrainedModel", lora: LoraSettings, quantized: bool, gradient_checkpointing: bool = False
 ) -> "PeftModel":
     """Wrap the model with LoRA adapters (PEFT) and print the trainable parameter count."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -245,10 +278,10 @@ def add_lora(
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grads into checkpointed blocks
     print(f"gradient checkpointing: {'on' if gradient_checkpointing else 'off'}", flush=True)
     config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=list(target_modules),
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -265,4 +298,10 @@ def load_adapter(model: "PreTrainedModel", adapter_dir: Path) -> "PeftModel":
     """Attach a saved PEFT adapter (adapter/ of a ranker run) to a base model for evaluation."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except Exception as e:  # a truncated or foreign adapter fails in safetensors, peft or torch
+        reason = one_line(str(e).strip().splitlines()[0]) if str(e).strip() else ""
+        raise InputError(
+            f"{adapter_dir}: not a readable LoRA adapter for this model ({type(e).__name__}: {reason})"
+        ) from None

@@ -9,7 +9,7 @@ as the other retrievers. The GRU runs over each row's real items only, so left p
 import torch
 from torch import nn
 
-from model.lru import Dropout, NextItemModel, truncated_normal_init_
+from model.layers import Dropout, NextItemModel, truncated_normal_init_
 
 
 def shift_rows(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,7 @@ class NARM(NextItemModel):
         real = tokens > 0
         pad = tokens.shape[1] - real.sum(1)
         # Real items first (right padding): the GRU state at a real position then depends on real items only, and
-        # one unpacked GRU call over the whole batch is ~10x faster on CPU than a packed one.
+        # one unpacked GRU call over the whole batch costs far less than a packed one.
         states, _ = self.gru(shift_rows(self.embed_dropout(self.token(tokens)), pad))
         return shift_rows(states, -pad) * real.unsqueeze(-1)  # back to left padding
 

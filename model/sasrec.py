@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.lru import Dropout, NextItemModel, truncated_normal_init_
+from model.layers import Dropout, NextItemModel, truncated_normal_init_
 
 
 def position_ids(tokens: torch.Tensor) -> torch.Tensor:

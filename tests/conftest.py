@@ -5,9 +5,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from config import parse_config
-from datasets import SplitData, load_split, make_split
-from trainer.utils import REPO_ROOT
+from config import RETRIEVER, data_config, parse_flags
+from datasets import DataConfig, SplitData, load_split, make_split
+from utils.files import REPO_ROOT
 
 LLAMA2_TOKENIZER = REPO_ROOT / "tests" / "fixtures" / "llama-2-tokenizer"  # Llama 2 licence: see its README
 
@@ -28,7 +28,12 @@ def llama2_tokenizer(llama2_tokenizer_path):
 def ml100k_split(tmp_path_factory) -> SplitData:
     """The real ml-latest-small 2018 split (shipped in data/); cached in a temp data root."""
     root = tmp_path_factory.mktemp("data_root")
-    return load_split(parse_config(["--dataset_code", "ml-100k", "--data_root", str(root)]))
+    return load_split(DataConfig("ml-100k", data_root=root))
+
+
+def split_of(argv: list[str], script: str = RETRIEVER) -> SplitData:
+    """The split a run of `script` with these flags reads."""
+    return load_split(data_config(parse_flags(script, argv)))
 
 
 def tiny_llama(seed: int = 0, hidden_size: int = 32):

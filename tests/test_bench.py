@@ -1,13 +1,8 @@
 """The benchmark scripts run end to end on a tiny random Llama (speed is measured by running them, not here)."""
 
 import json
-import sys
 
 import pytest
-
-from trainer.utils import REPO_ROOT
-
-sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 
 @pytest.fixture
@@ -20,7 +15,7 @@ def restore_threads():
 
 
 def test_capacity_check_reports_and_projects(tmp_path, restore_threads):
-    import bench_capacity
+    from bench import bench_capacity
 
     out = tmp_path / "capacity.json"
     argv = ["--random_init", "tiny", "--micro_batch_size", "2", "--eval_batch_sizes", "1", "2", "--prompt_tokens"]
@@ -34,7 +29,7 @@ def test_capacity_check_reports_and_projects(tmp_path, restore_threads):
 
 
 def test_generation_bench_generates_the_whole_list(tmp_path, restore_threads):
-    import bench_generation
+    from bench import bench_generation
 
     out = tmp_path / "generation.json"
     argv = ["--random_init", "tiny", "--title_lengths", "2", "4", "--repeats", "1", "--num_threads", "1"]
@@ -48,7 +43,7 @@ def test_generation_bench_generates_the_whole_list(tmp_path, restore_threads):
 
 @pytest.mark.parametrize("model", ["lru", "sasrec", "bert4rec", "narm"])
 def test_retriever_bench_times_each_model(tmp_path, restore_threads, model):
-    import bench_retriever
+    from bench import bench_retriever
 
     argv = ["--dataset_code", "ml-100k", "--data_root", str(tmp_path / "data"), "--experiment_root", str(tmp_path)]
     argv += ["--retriever_model", model, "--bert_max_len", "20", "--bert_hidden_units", "16", "--num_threads", "1"]

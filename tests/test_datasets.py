@@ -12,11 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from config import parse_config
-from datasets import load_split, make_split
+from datasets import DataConfig, load_split, make_split
 from datasets.llamarec_pickle import convert as convert_llamarec_pickle
 from datasets.sources import clean_movielens_title, parse_amazon_meta
-from trainer.utils import REPO_ROOT, InputError
+from tests.conftest import split_of
+from utils.errors import InputError
+from utils.files import REPO_ROOT
 
 
 def prepare(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -66,13 +67,8 @@ def test_llamarec_pickle_converts_to_the_same_split(tiny_split, tmp_path):
         pickle.dump(data, f)
     counts = convert_llamarec_pickle(tmp_path / "dataset.pkl", tmp_path / "csv")
     assert counts == {"users": 12, "items": tiny_split.num_items, "interactions": 12 * 9}
-    split = load_split(
-        # --min_sc 1 as the tiny split was made with (the paper's files are 5-core already, so 5 keeps them whole)
-        parse_config(
-            ["--dataset_code", "custom", "--custom_path", str(tmp_path / "csv"), "--data_root", str(tmp_path)]
-            + ["--min_sc", "1"]
-        )
-    )
+    # --min_sc 1 as the tiny split was made with (the paper's files are 5-core already, so 5 keeps them whole)
+    split = load_split(DataConfig("custom", custom_path=tmp_path / "csv", data_root=tmp_path, min_sc=1))
 
     def raw_sequences(s):
         return {
@@ -83,6 +79,30 @@ def test_llamarec_pickle_converts_to_the_same_split(tiny_split, tmp_path):
     assert raw_sequences(split) == raw_sequences(tiny_split)
     titles = dict(zip(split.item_raw_ids, split.titles, strict=True))
     assert all(titles[raw] == tiny_split.titles[i] for i, raw in enumerate(tiny_split.item_raw_ids) if i)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"train": {1: 5}}, "'train' must map user ids to lists of item ids, found 1: 5"),
+        ({"val": {"1": [3]}}, "'val' must map user ids to lists of item ids, found '1': [3]"),
+        ({"umap": {"userX": "abc"}}, "'umap' must map raw ids to integer ids, found 'userX': 'abc'"),
+        ({"meta": {1: None}}, "'meta' must map item ids to title strings, found 1: None"),
+    ],
+)
+def test_llamarec_pickle_with_wrong_value_types_is_one_clear_error(tiny_split, tmp_path, change, message):
+    import pickle
+
+    with open(tmp_path / "dataset.pkl", "wb") as f:
+        pickle.dump({**llamarec_pickle(tiny_split), **change}, f)
+    with pytest.raises(InputError) as error:
+        convert_llamarec_pickle(tmp_path / "dataset.pkl", tmp_path / "csv")
+    assert message in str(error.value) and str(tmp_path / "dataset.pkl") in str(error.value)
+    (tmp_path / "taken").write_text("a file")
+    with open(tmp_path / "dataset.pkl", "wb") as f:
+        pickle.dump(llamarec_pickle(tiny_split), f)
+    with pytest.raises(InputError, match="taken: expected an output folder, found a file there"):
+        convert_llamarec_pickle(tmp_path / "dataset.pkl", tmp_path / "taken")
 
 
 def test_llamarec_pickle_refuses_code(tmp_path):
@@ -175,9 +195,9 @@ def test_fingerprint_independent_of_hash_seed(tmp_path):
         folder / "items.csv", index=False
     )
     code = (
-        "from config import parse_config; from datasets import load_split; "
-        f"print(load_split(parse_config(['--dataset_code','custom','--custom_path',{str(folder)!r},"
-        f"'--data_root',{str(tmp_path / 'cache')!r},'--min_sc','1'])).fingerprint)"
+        "from pathlib import Path; from datasets import DataConfig, load_split; "
+        f"print(load_split(DataConfig('custom', custom_path=Path({str(folder)!r}), "
+        f"data_root=Path({str(tmp_path / 'cache')!r}), min_sc=1)).fingerprint)"
     )
     prints = set()
     for seed in ("1", "2", "3"):
@@ -210,17 +230,17 @@ GOOD_INTERACTIONS = "user_id,item_id,timestamp\n" + "".join(f"{u},{i},{i}\n" for
 def test_cache_reused_and_invalidated(tmp_path):
     folder = write_custom(tmp_path / "shop", GOOD_INTERACTIONS, GOOD_ITEMS)
     argv = ["--dataset_code", "custom", "--custom_path", str(folder), "--data_root", str(tmp_path / "root")]
-    first = load_split(parse_config(argv))
+    first = split_of(argv)
     caches = list((tmp_path / "root" / "preprocessed").iterdir())
     assert len(caches) == 1
-    again = load_split(parse_config(argv))
+    again = split_of(argv)
     assert again == first
     # another option -> another cache entry
-    load_split(parse_config([*argv, "--min_sc", "1"]))
+    split_of([*argv, "--min_sc", "1"])
     assert len(list((tmp_path / "root" / "preprocessed").iterdir())) == 2
     # an edited raw file -> preprocessed anew, with the new content
     (folder / "items.csv").write_text(GOOD_ITEMS.replace("Title 0", "Renamed"))
-    changed = load_split(parse_config(argv))
+    changed = split_of(argv)
     assert "Renamed" in changed.titles
     assert len(list((tmp_path / "root" / "preprocessed").iterdir())) == 3
 
@@ -255,7 +275,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, interactions, items, message):
 
 def test_missing_custom_folder_is_named(tmp_path):
     with pytest.raises(InputError, match="is not a folder"):
-        load_split(parse_config(["--dataset_code", "custom", "--custom_path", str(tmp_path / "nope")]))
+        split_of(["--dataset_code", "custom", "--custom_path", str(tmp_path / "nope")])
 
 
 def write_amazon_raw(root: Path) -> None:
@@ -274,8 +294,7 @@ def write_amazon_raw(root: Path) -> None:
 
 def test_amazon_raw_formats(tmp_path):
     write_amazon_raw(tmp_path)
-    cfg = parse_config(["--dataset_code", "beauty", "--data_root", str(tmp_path), "--no-download", "--min_sc", "1"])
-    split = load_split(cfg)
+    split = load_split(DataConfig("beauty", data_root=tmp_path, download=False, min_sc=1))
     assert split.stats()["users"] == 6 and split.num_items == 6  # B006 has no title
     assert split.titles[1] == "Crème n°0 'Deluxe'"
     assert split.item_raw_ids[1:] == [f"B{i:03d}" for i in range(6)]

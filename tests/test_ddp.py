@@ -6,15 +6,16 @@ import os
 import shutil
 import subprocess
 import sys
-from argparse import Namespace
 
 import pytest
 import torch
 
 import train_ranker
 from tests.test_ranker import tokenizer, write_tiny_project  # noqa: F401 (tokenizer is a fixture)
-from trainer.ranker import accumulation_steps
-from trainer.utils import REPO_ROOT, InputError, device_for, shard
+from trainer.ranker_train import RankerTraining, accumulation_steps
+from trainer.runtime import device_for, shard
+from utils.errors import InputError
+from utils.files import REPO_ROOT
 
 CAPS = ["--lora_max_steps", "4", "--lora_val_iterations", "2", "--lora_micro_batch_size", "2", "--llm_max_history"]
 CAPS += ["5", "--llm_max_eval_users", "6", "--num_threads", "1", "--lora_warmup_steps", "1"]
@@ -100,9 +101,9 @@ def test_shards_cover_every_index_once():
 
 
 def test_global_batch_sets_the_accumulation():
-    cfg = Namespace(lora_global_batch_size=128, lora_micro_batch_size=16, lora_gradient_accumulation_steps=1)
-    assert accumulation_steps(cfg, 1) == 8 and accumulation_steps(cfg, 2) == 4 and accumulation_steps(cfg, 8) == 1
+    training = RankerTraining(global_batch_size=128, micro_batch_size=16, gradient_accumulation_steps=1)
+    assert [accumulation_steps(training, processes) for processes in (1, 2, 8)] == [8, 4, 1]
     with pytest.raises(InputError, match="multiple of --lora_micro_batch_size x processes = 16 x 3 = 48"):
-        accumulation_steps(cfg, 3)
-    cfg.lora_global_batch_size = None
-    assert accumulation_steps(cfg, 4) == 1  # without it, --lora_gradient_accumulation_steps as given
+        accumulation_steps(training, 3)
+    training = RankerTraining(micro_batch_size=16, gradient_accumulation_steps=3)
+    assert accumulation_steps(training, 4) == 3  # without it, --lora_gradient_accumulation_steps as given

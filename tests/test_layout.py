@@ -1,21 +1,23 @@
-"""The code's structure: imports go one way (no circles; libraries never import the CLI module), and every flag
-declares whether --resume must keep it."""
+"""The code's structure: imports point down the layers (utils < datasets, model < dataloader < trainer < the scripts),
+only the scripts import the flag module, and every flag declares its role, from which --resume's keys and the
+report's experiment keys both come."""
 
 import ast
 
 import pytest
 
-from config import add_flag, build_parser, declared_flags, resume_keys
-from trainer.utils import REPO_ROOT
+from config import RANKER, RETRIEVER, add_flag, build_parser, experiment_keys, resume_keys
+from utils.files import REPO_ROOT
 
-PACKAGES = ("datasets", "model", "trainer", "dataloader")
-ENTRY_POINTS = ("train_retriever", "train_ranker", "recommend", "datasets.__main__")
+# A module may import modules of its own package and of lower layers only.
+LAYERS = {"utils": 0, "datasets": 1, "model": 1, "dataloader": 2, "trainer": 3}
+SCRIPTS = ("config", "train_retriever", "train_ranker", "recommend", "report", "datasets.__main__")
 
 
 def project_modules() -> dict[str, set[str]]:
     """module name -> the project modules it imports (anywhere in the file, lazy imports included)."""
     files = {path.stem: path for path in REPO_ROOT.glob("*.py")}
-    for package in PACKAGES:
+    for package in (*LAYERS, "bench"):
         for path in (REPO_ROOT / package).glob("*.py"):
             files[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
     graph = {}
@@ -47,24 +49,43 @@ def test_import_graph_has_no_circle():
             visit(module, [])
 
 
-def test_only_entry_points_import_the_cli_module():
+def test_imports_point_down_the_layers():
+    upward = []
+    for module, imported in project_modules().items():
+        package = module.split(".")[0]
+        if module in SCRIPTS or package not in LAYERS:
+            continue  # the scripts and benches sit on top
+        for dependency in imported:
+            target = dependency.split(".")[0]
+            if target != package and (target not in LAYERS or LAYERS[target] >= LAYERS[package]):
+                upward.append(f"{module} -> {dependency}")
+    assert upward == []
+
+
+def test_only_scripts_import_the_flag_module():
     importers = {module for module, imported in project_modules().items() if "config" in imported}
-    assert importers <= set(ENTRY_POINTS), importers - set(ENTRY_POINTS)
+    assert {m for m in importers if not m.startswith("bench.")} <= set(SCRIPTS)
 
 
-def test_every_flag_declares_its_resume_stages():
-    undeclared = [a.dest for a in build_parser()._actions if a.dest != "help" and not hasattr(a, "resume_stages")]
-    assert undeclared == []
+def test_every_flag_declares_its_role():
     with pytest.raises(TypeError):
-        add_flag(build_parser(), "--new_flag", type=int)  # no declaration, no flag
+        add_flag(build_parser(RETRIEVER), "--new_flag", type=int)  # no role, no flag
+    with pytest.raises(ValueError, match="unknown role"):
+        add_flag(build_parser(RETRIEVER), "--new_flag", type=int, role="maybe")
 
 
-def test_resume_keys_follow_the_declarations():
-    retriever, ranker = resume_keys("retriever"), resume_keys("ranker")
-    assert {"dataset_name", "seed", "min_uc", "lr", "bert_dropout", "train_all_items"} <= set(retriever)
-    assert {"dataset_name", "seed", "lora_lr", "lora_max_steps", "llm_train_candidates"} <= set(ranker)
+def test_resume_and_report_keys_follow_the_roles():
+    retriever, ranker = set(resume_keys(RETRIEVER)), set(resume_keys(RANKER))
+    assert {"dataset_name", "seed", "min_uc", "lr", "bert_dropout", "train_all_items", "best_metric"} <= retriever
+    assert {"dataset_name", "processes", "seed", "lora_lr", "lora_max_steps", "llm_retrieved_path"} <= ranker
     # flags that may change between a run and its --resume: limits, evaluation-only and output flags
     free = {"max_steps", "val_iterations", "early_stopping_patience", "llm_fusion", "llm_eval_batch_size", "run_name"}
-    assert not free & (set(retriever) | set(ranker))
+    assert not free & (retriever | ranker)
     assert "lr" not in ranker and "lora_lr" not in retriever
-    assert {"bert_max_len", "bert_hidden_units", "attn_heads", "lora_r"} <= set(declared_flags(lambda a: a.positive))
+    # the report pools seeds (and each seed's own retriever) but keeps apart runs with other limits or flags
+    report_retriever, report_ranker = set(experiment_keys(RETRIEVER)), set(experiment_keys(RANKER))
+    assert {"lr", "max_steps", "val_iterations", "early_stopping_patience", "metric_ks"} <= report_retriever
+    assert {"lora_lr", "llm_fusion", "processes", "lora_early_stopping_patience"} <= report_ranker
+    settings = {"seed", "llm_retrieved_path", "run_name", "num_threads", "val_batch_size", "test_batch_size"}
+    settings |= {"gradient_checkpointing", "llm_eval_batch_size", "device", "dataset_name"}
+    assert not settings & (report_retriever | report_ranker)

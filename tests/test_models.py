@@ -2,26 +2,24 @@
 BERT4Rec's cloze masking, and a short training run of each through train_retriever.py."""
 
 import json
-from argparse import Namespace
 
 import pytest
 import torch
 
-from config import parse_config
-from datasets import load_split
+from dataloader.candidates import load_candidates
+from model.retrievers import RetrieverSpec, build_retriever
+from tests.conftest import split_of
 from tests.test_retriever import run_dir_of, tiny_args  # noqa: F401 (tiny_args is a fixture)
 from train_retriever import main
-from trainer.candidates import load_candidates
-from trainer.retriever import build_model, train_step
+from trainer.retriever_train import train_step
 
 MODELS = ["lru", "sasrec", "bert4rec", "narm"]
 
 
 def small(name: str, max_len: int = 8):
     torch.manual_seed(0)
-    sizes = {"bert_hidden_units": 16, "bert_num_blocks": 2, "bert_dropout": 0.0, "bert_attn_dropout": 0.0}
-    cfg = Namespace(retriever_model=name, bert_max_len=max_len, attn_heads=2, bert_mask_prob=0.3, **sizes)
-    return build_model(cfg, 40).eval()
+    spec = RetrieverSpec(name, max_len, hidden_units=16, num_blocks=2, dropout=0.0, attn_dropout=0.0, mask_prob=0.3)
+    return build_retriever(spec, 40).eval()
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -91,7 +89,7 @@ def test_each_baseline_trains_and_exports_through_train_retriever(name, tmp_path
     assert [h["step"] for h in history] == [2, 4, 6] and all(h["train_loss"] > 0 for h in history)
     assert (run / "candidates.npz").is_file() and (run / "test_metrics.json").is_file()
     # stage 2 reads them as it reads LRURec's
-    split = load_split(parse_config(tiny_args))
+    split = split_of(tiny_args)
     candidates = load_candidates(run, split)
     assert candidates.test["items"].shape[0] == len(split.test) and candidates.meta["topk"] > 0
     assert candidates.test["labels"].tolist() == split.test

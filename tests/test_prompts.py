@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataloader.prompts import PromptBuilder, candidate_letters
+from dataloader.prompts import PromptBuilder, PromptConfig, candidate_letters
 from dataloader.ranker_data import (
     TrainCollator,
     TrainPrompts,
@@ -15,8 +15,8 @@ from dataloader.ranker_data import (
     training_prefixes,
 )
 from datasets import SplitData
-from trainer.utils import InputError
 from trainer.verbalizer import check_training_target, letter_token_ids
+from utils.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_golden_prompt_text(llama2_bos):
 
 def test_history_keeps_the_last_items(llama2_bos):
     split = small_split()
-    builder = PromptBuilder(llama2_bos, split.titles, max_history=3)
+    builder = PromptBuilder(llama2_bos, split.titles, PromptConfig(max_history=3))
     text = builder.text([1, 2, 3, 4, 5], [6])
     assert "(1) Movie 3 (1903) \n (2) Movie 4 (1904) \n (3) Movie 5 (1905);" in text
     assert "Movie 1 " not in text and "Movie 2 " not in text
@@ -70,7 +70,7 @@ def test_history_keeps_the_last_items(llama2_bos):
 
 def test_title_truncation(llama2_bos):
     long_title = "The " + " ".join(["Extraordinarily"] * 40) + " Movie (1999)"
-    builder = PromptBuilder(llama2_bos, ["", long_title, "Short (2000)"], max_title_len=8)
+    builder = PromptBuilder(llama2_bos, ["", long_title, "Short (2000)"], PromptConfig(max_title_len=8))
     cut = builder.title(1)
     assert long_title.startswith(cut) and len(cut) < len(long_title)
     assert len(llama2_bos(cut, add_special_tokens=False).input_ids) <= 8
@@ -79,7 +79,7 @@ def test_title_truncation(llama2_bos):
 
 def test_prompt_cut_from_the_left_keeps_bos_and_the_end(llama2_bos):
     split = small_split()
-    builder = PromptBuilder(llama2_bos, split.titles, max_text_len=60)
+    builder = PromptBuilder(llama2_bos, split.titles, PromptConfig(max_text_len=60))
     full = PromptBuilder(llama2_bos, split.titles).encode(list(range(1, 21)), list(range(21, 41)))
     ids = builder.encode(list(range(1, 21)), list(range(21, 41)))
     assert len(full) > 60 and len(ids) == 60
@@ -101,7 +101,7 @@ def test_letter_token_ids_are_the_in_context_tokens(llama2_bos):
 @pytest.mark.parametrize("template", ["only {}", "{} {} {}", "{0} and {1}", "{x} {}", "{} {} {"])
 def test_input_template_needs_exactly_two_empty_fields(llama2_bos, template):
     with pytest.raises(InputError, match="--llm_input_template: expected exactly two"):
-        PromptBuilder(llama2_bos, ["", "t"], input_template=template)
+        PromptBuilder(llama2_bos, ["", "t"], PromptConfig(input_template=template))
 
 
 def test_too_many_candidates_is_an_input_error():

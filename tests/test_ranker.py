@@ -10,15 +10,14 @@ import pytest
 import torch
 
 import train_ranker
-from config import parse_config
-from dataloader.prompts import PromptBuilder
+from config import RANKER
+from dataloader.candidates import load_candidates, save_candidates
+from dataloader.prompts import PromptBuilder, PromptConfig
 from dataloader.ranker_data import EvalExample, TrainCollator, TrainPrompts, training_prefixes
-from datasets import load_split
-from tests.conftest import tiny_llama
-from trainer.candidates import load_candidates, save_candidates
+from tests.conftest import split_of, tiny_llama
 from trainer.metrics import metrics_from_ranks
-from trainer.ranker import RankerTrainer, last_checkpoint, rank_examples
-from trainer.ranker_report import build_test_report
+from trainer.ranker_eval import build_test_report, rank_examples
+from trainer.ranker_train import RankerTrainer, last_checkpoint
 from trainer.verbalizer import letter_token_ids, verbalizer_scores
 
 
@@ -81,7 +80,7 @@ def ranker_trainer(model, tmp_path, dataset=None) -> RankerTrainer:
 
 
 def answer_batch(tokenizer, count: int = 4):
-    builder = PromptBuilder(tokenizer, [""] + [f"Film {i}" for i in range(1, 41)], max_history=3)
+    builder = PromptBuilder(tokenizer, [""] + [f"Film {i}" for i in range(1, 41)], PromptConfig(max_history=3))
     letters = letter_token_ids(builder, 20)
     train = [list(range(1, 12)), list(range(12, 20))]
     pairs = training_prefixes(train, None, 0)[:count]
@@ -109,9 +108,9 @@ def test_trainer_loss_is_cross_entropy_of_letter_then_eos(tokenizer, tmp_path):
 
 
 def test_training_steps_lower_the_loss(tokenizer, tmp_path):
-    from model.llm import add_lora
+    from model.llm import LoraSettings, add_lora
 
-    model = add_lora(tiny_llama(), 8, 32, 0.0, ["q_proj", "v_proj"], quantized=False)
+    model = add_lora(tiny_llama(), LoraSettings(dropout=0.0), quantized=False)
     _, _, batch = answer_batch(tokenizer)
     trainer = ranker_trainer(model, tmp_path)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -162,7 +161,7 @@ def write_tiny_project(root, tokenizer, num_users: int = 40, num_items: int = 36
     titles = [(f"i{i}", f"Movie number {i} (19{i:02d})") for i in range(num_items)]
     pd.DataFrame(titles, columns=["item_id", "title"]).to_csv(data / "items.csv", index=False)
     flags = ["--dataset_code", "custom", "--custom_path", str(data), "--data_root", str(root / "cache")]
-    split = load_split(parse_config(flags))
+    split = split_of(flags, RANKER)
     popularity = np.bincount([i for s in split.train for i in s], minlength=split.num_items + 1).astype(float)
 
     def part(which):
@@ -228,7 +227,7 @@ def check_rankings_and_metrics(run, flags, metrics) -> None:
     """What a finished run wrote says the right thing: each test user's true item is its split test item, its
     ranking is a permutation of its test candidates ordered by score, its ranks match that order, and the
     retriever rows of test_metrics.json are the candidates file's own ranks."""
-    split = load_split(parse_config(flags))
+    split = split_of(flags, RANKER)
     test = load_candidates(flags[flags.index("--llm_retrieved_path") + 1], split).test
     user_index = {raw: u for u, raw in enumerate(split.user_raw_ids)}
     rankings = [json.loads(line) for line in (run / "test_rankings.jsonl").read_text().splitlines()]
@@ -298,6 +297,14 @@ def test_ranker_run_end_to_end(tmp_path, tokenizer, capsys, restore_threads):
     assert json.loads((run / "eval" / "test_metrics.json").read_text())["trained"] is False
     assert train_ranker.main(flags + caps + ["--eval_only", "--eval_adapter", str(tmp_path)]) == 2
     assert "--eval_adapter: expected a PEFT adapter folder" in capsys.readouterr().err
+    # a truncated adapter is one error line, and eval/ keeps the earlier evaluation whole (written all or nothing)
+    before = {path.name: path.read_bytes() for path in (run / "eval").iterdir()}
+    truncated = tmp_path / "truncated"
+    shutil.copytree(run / "adapter", truncated)
+    (truncated / "adapter_model.safetensors").write_bytes(b"\0" * 50)
+    assert train_ranker.main(flags + caps + ["--eval_only", "--eval_adapter", str(truncated)]) == 2
+    assert "not a readable LoRA adapter" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in (run / "eval").iterdir()} == before
     # an existing run folder needs --resume or --overwrite; --resume reuses the finished adapter
     assert train_ranker.main(flags + caps) == 2
     assert "--resume" in capsys.readouterr().err
@@ -333,8 +340,10 @@ def test_ranker_resumes_an_interrupted_training(tmp_path, tokenizer, capsys, res
     # the validation line of step 4 (logged before its checkpoint) plus a cut-off line
     for path in (run / "adapter", run / "checkpoints" / "checkpoint-4", run / "test_metrics.json"):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (run / "training_summary.json").unlink()
     with open(run / "val_history.jsonl", "a") as f:
         f.write('{"step": 6, "ND')
+    clock_at_2 = json.loads((run / "checkpoints" / "checkpoint-2" / "training_clock.json").read_text())
     capsys.readouterr()
     # the learning-rate schedule decays over --lora_max_steps, so it is one of the flags a resume must keep
     assert train_ranker.main(flags + caps[:-2] + ["--lora_max_steps", "6", "--resume"]) == 2
@@ -345,6 +354,30 @@ def test_ranker_resumes_an_interrupted_training(tmp_path, tokenizer, capsys, res
     assert metrics["timing"]["train_steps"] == 4
     assert [json.loads(line)["step"] for line in (run / "val_history.jsonl").read_text().splitlines()] == [2, 4]
     assert metrics["subset"] == uninterrupted["subset"]
+    # the summary covers both sessions: the time up to the checkpoint resumed from, plus the resumed part
+    timing = metrics["timing"]
+    assert timing["sessions"] == 2 and clock_at_2["sessions"] == 1
+    assert timing["train_seconds_incl_validation"] > clock_at_2["seconds"] > 0
+    assert timing["train_loss"] == pytest.approx(uninterrupted["timing"]["train_loss"], rel=1e-4)
+    assert timing["best_step"] == uninterrupted["timing"]["best_step"]
+
+
+def test_ranker_killed_after_training_keeps_its_summary(tmp_path, tokenizer, capsys, restore_threads):
+    flags = write_tiny_project(tmp_path, tokenizer)
+    caps = ["--lora_val_iterations", "2", "--lora_micro_batch_size", "2", "--llm_max_history", "5"]
+    caps += ["--llm_max_eval_users", "4", "--num_threads", "1", "--llm_max_train_samples", "8", "--lora_max_steps", "2"]
+    assert train_ranker.main(flags + caps) == 0
+    run = tmp_path / "experiments" / "ranker" / "custom-data" / "seed42"
+    finished = json.loads((run / "test_metrics.json").read_text())["timing"]
+    assert finished["train_loss"] > 0 and finished["train_steps"] == 2 and finished["sessions"] == 1
+    assert finished["train_seconds_incl_validation"] > finished["validation_seconds"] > 0
+    # killed after the adapter was saved, before the test results were written
+    (run / "test_metrics.json").unlink()
+    (run / "test_rankings.jsonl").unlink()
+    assert train_ranker.main(flags + caps + ["--resume"]) == 0
+    resumed = json.loads((run / "test_metrics.json").read_text())["timing"]
+    for key in ("train_steps", "train_seconds_incl_validation", "validation_seconds", "train_loss", "best_step"):
+        assert resumed[key] == finished[key], key
 
 
 def test_last_checkpoint_skips_incomplete_and_foreign_folders(tmp_path):

@@ -1,6 +1,7 @@
 """recommend.py on a tiny custom dataset: a real retriever run, a real ranker run (tiny random Llama-2 + LoRA)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,11 +10,13 @@ import torch
 import recommend
 import train_ranker
 import train_retriever
-from config import parse_config
-from datasets import load_split
+from config import RETRIEVER, retriever_spec, saved_flags
+from dataloader.retriever_data import EvalData
+from model.retrievers import build_retriever
+from tests.conftest import split_of
 from tests.test_ranker import tokenizer, write_tiny_project  # noqa: F401 (tokenizer is a fixture)
-from trainer.retriever import EvalData, build_model, evaluate
-from trainer.utils import load_checkpoint
+from trainer.retriever_eval import evaluate
+from utils.files import load_checkpoint
 
 RETRIEVER_CAPS = ["--bert_max_len", "8", "--bert_hidden_units", "8", "--train_batch_size", "8", "--num_epochs", "3"]
 RETRIEVER_CAPS += ["--val_iterations", "5", "--val_batch_size", "8", "--test_batch_size", "8"]
@@ -35,7 +38,7 @@ def runs(tmp_path_factory, tokenizer):  # noqa: F811
     ranker_flags[flags.index("--llm_retrieved_path") + 1] = str(retriever_run)
     assert train_ranker.main(ranker_flags + RANKER_CAPS) == 0
     torch.set_num_threads(threads)
-    split = load_split(parse_config(data_flags))
+    split = split_of(data_flags)
     return root, retriever_run, root / "experiments" / "ranker" / "custom-data" / "seed42", split
 
 
@@ -65,8 +68,7 @@ def test_retriever_recommendations(runs, tmp_path, capsys):
     recommended = [r["item"] for r in a["recommendations"]]
     assert not set(recommended) & set(history)
     # the same ranking as the retriever's evaluation of that history
-    cfg = json.loads((retriever_run / "config.json").read_text())
-    model = build_model(argparse_namespace(cfg), split.num_items)
+    model = build_retriever(retriever_spec(saved_flags(retriever_run / "config.json", RETRIEVER)), split.num_items)
     model.load_state_dict(load_checkpoint(retriever_run / "checkpoint_best.pt")["model"])
     _, arrays = evaluate(model, EvalData([split.train[0][:5]], [1], 8), 1, [1], torch.device("cpu"), topk=7)
     assert recommended == [split.item_raw_ids[i] for i in arrays["items"][0]]
@@ -83,16 +85,10 @@ def test_retriever_recommendations(runs, tmp_path, capsys):
     assert "--retriever_run" in capsys.readouterr().err
 
 
-def argparse_namespace(saved: dict):
-    from argparse import Namespace
-
-    return Namespace(**saved)
-
-
 def test_ranker_recommendations_follow_the_verbalizer(runs, capsys):
     """With a ranker run: the retriever's top candidates, ordered by the fused score the run chose, whose LLM part
     is the verbalizer's letter logits of the prompt."""
-    from dataloader.prompts import PromptBuilder, candidate_letters
+    from dataloader.prompts import PromptBuilder, PromptConfig, candidate_letters
     from model.llm import load_adapter, load_model, load_tokenizer
     from trainer.metrics import fuse_scores
     from trainer.verbalizer import letter_token_ids
@@ -104,7 +100,7 @@ def test_ranker_recommendations_follow_the_verbalizer(runs, capsys):
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     weight = json.loads((ranker_run / "test_metrics.json").read_text())["fusion"]["weight"]
     tok = load_tokenizer(str(root / "llm"))
-    builder = PromptBuilder(tok, split.titles, max_history=5)
+    builder = PromptBuilder(tok, split.titles, PromptConfig(max_history=5))
     letters = letter_token_ids(builder, 20)
     letter_ids = torch.tensor([letters[c] for c in candidate_letters(20)])
     # the weights as the ranker run loads them (dtype, fp32 LM head), then its adapter
@@ -127,3 +123,129 @@ def test_ranker_recommendations_follow_the_verbalizer(runs, capsys):
         assert [r["fused_score"] for r in retriever_order] == pytest.approx(fused.tolist(), abs=1e-4)
         assert [r["fused_score"] for r in recs] == sorted((r["fused_score"] for r in recs), reverse=True)
     assert np.isfinite([r["llm_score"] for r in records[0]["recommendations"]]).all()
+
+
+def recommend_error(capsys, argv: list[str]) -> str:
+    """recommend.py's exit code must be 2 with a one-line error; returns that line."""
+    assert recommend.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: "), err
+    return line
+
+
+def copy_run(run, folder):
+    shutil.copytree(run, folder)
+    return folder
+
+
+def test_unfinished_or_mismatched_runs_are_refused(runs, tmp_path, capsys):
+    root, retriever_run, ranker_run, split = runs
+    users = ["--users", split.user_raw_ids[0]]
+    # a ranker run interrupted during training: no adapter, no test results yet
+    cut = copy_run(ranker_run, tmp_path / "cut")
+    for name in ("adapter", "test_metrics.json", "test_rankings.jsonl"):
+        shutil.rmtree(cut / name) if (cut / name).is_dir() else (cut / name).unlink()
+    line = recommend_error(capsys, ["--retriever_run", retriever_run, "--ranker_run", cut, *users])
+    assert "the run has not finished" in line and "--resume" in line
+    # its adapter gone but test_metrics.json saying it trained
+    no_adapter = copy_run(ranker_run, tmp_path / "no_adapter")
+    shutil.rmtree(no_adapter / "adapter")
+    assert "trained, but its adapter/ is missing" in recommend_error(
+        capsys, ["--retriever_run", retriever_run, "--ranker_run", no_adapter, *users]
+    )
+    # another retriever's candidates (same data, other file content): the fusion weight was chosen on others
+    other = copy_run(retriever_run, tmp_path / "other_retriever")
+    with np.load(other / "candidates.npz", allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    arrays["test_scores"] = arrays["test_scores"] + 1.0
+    np.savez_compressed(other / "candidates.npz", **arrays)
+    line = recommend_error(capsys, ["--retriever_run", other, "--ranker_run", ranker_run, *users])
+    assert "fingerprints differ" in line
+    # a folder of the other stage, at once (no model download attempted)
+    line = recommend_error(capsys, ["--retriever_run", retriever_run, "--ranker_run", retriever_run, *users])
+    assert "expected a run folder of train_ranker.py, found a run of the other stage" in line
+    line = recommend_error(capsys, ["--retriever_run", ranker_run, *users])
+    assert "expected a run folder of train_retriever.py" in line
+    # a corrupt test_metrics.json, a truncated adapter, a checkpoint of another dataset
+    corrupt = copy_run(ranker_run, tmp_path / "corrupt")
+    (corrupt / "test_metrics.json").write_text('{"subset": ')
+    assert "test_metrics.json: expected a JSON object" in recommend_error(
+        capsys, ["--retriever_run", retriever_run, "--ranker_run", corrupt, *users]
+    )
+    truncated = copy_run(ranker_run, tmp_path / "truncated")
+    weights = truncated / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert "not a readable LoRA adapter" in recommend_error(
+        capsys, ["--retriever_run", retriever_run, "--ranker_run", truncated, *users]
+    )
+    foreign = copy_run(retriever_run, tmp_path / "foreign")
+    spec = retriever_spec(saved_flags(retriever_run / "config.json", RETRIEVER))
+    torch.save({"model": build_retriever(spec, split.num_items + 7).state_dict()}, foreign / "checkpoint_best.pt")
+    assert "does not fit the run's own config.json" in recommend_error(capsys, ["--retriever_run", foreign, *users])
+    random_bytes = copy_run(retriever_run, tmp_path / "random_bytes")
+    (random_bytes / "checkpoint_best.pt").write_bytes(bytes(range(256)) * 4)
+    line = recommend_error(capsys, ["--retriever_run", random_bytes, *users])
+    assert "not a readable checkpoint" in line and "weights_only" not in line
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"user": "s", "history": "2571"}\n', "line 1: history is a str, not a list of item ids"),
+        ('{"user": "d", "history": {"1": 2}}\n', "line 1: history is a dict"),
+        ('{"user": "a", "history": ["1"]}\nnot json\n{"history": []}\n', "line 2: Expecting value"),
+        ('{"user": "a", "history": [null]}\n', "history holds None"),
+    ],
+)
+def test_malformed_histories_reject_the_file_naming_every_bad_line(runs, tmp_path, capsys, content, message):
+    _, retriever_run, _, _ = runs
+    (tmp_path / "h.jsonl").write_text(content)
+    line = recommend_error(capsys, ["--retriever_run", retriever_run, "--input", tmp_path / "h.jsonl"])
+    assert message in line and str(tmp_path / "h.jsonl") in line
+    if "not json" in content:
+        assert "line 3: not an object with 'user' and 'history'" in line
+
+
+def test_bad_input_files_and_outputs_are_one_line_errors(runs, tmp_path, capsys):
+    _, retriever_run, _, split = runs
+    base = ["--retriever_run", retriever_run]
+    (tmp_path / "latin1.jsonl").write_bytes('{"user": "é", "history": ["1"]}\n'.encode("latin-1"))
+    assert "expected UTF-8 text" in recommend_error(capsys, base + ["--input", tmp_path / "latin1.jsonl"])
+    (tmp_path / "h.csv").write_text("user_id,item_id,timestamp\na,1,5\nb,2\n")
+    assert "line 3: no timestamp" in recommend_error(capsys, base + ["--input", tmp_path / "h.csv"])
+    good = tmp_path / "good.jsonl"
+    write_histories(good, [{"user": "a", "history": [split.item_raw_ids[1]]}])
+    (tmp_path / "out_dir").mkdir()
+    line = recommend_error(capsys, base + ["--input", good, "--output", tmp_path / "out_dir"])
+    assert "expected a file to write, found a folder" in line
+    for flags in (["--topk", "0"], ["--topk", "-1"], ["--recommend_batch_size", "-2"], ["--recommend_batch_size", "0"]):
+        assert "expected a positive integer" in recommend_error(capsys, base + ["--input", good, *flags])
+
+
+def test_standard_input_and_a_catalogue_that_runs_out(runs, capsys, monkeypatch):
+    import io
+
+    _, retriever_run, ranker_run, split = runs
+    everything = split.item_raw_ids[1:]
+    lines = [
+        {"user": "most", "history": everything[:-3]},  # 3 items left outside the history
+        {"user": "all", "history": everything},
+    ]
+    monkeypatch.setattr(
+        "sys.stdin", io.TextIOWrapper(io.BytesIO("".join(json.dumps(r) + "\n" for r in lines).encode()))
+    )
+    assert recommend.main(["--retriever_run", str(retriever_run), "--input", "-", "--topk", "100000"]) == 0
+    most, full = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["item"] for r in most["recommendations"]) == sorted(everything[-3:])  # never a history item
+    assert all(np.isfinite(r["retriever_score"]) for r in most["recommendations"])
+    assert "recommendations" not in full and "no item outside the history" in full["error"]
+    # the ranker needs 20 candidates outside the history: a per-user error, the others are served
+    monkeypatch.setattr(
+        "sys.stdin", io.TextIOWrapper(io.BytesIO("".join(json.dumps(r) + "\n" for r in lines).encode()))
+    )
+    argv = ["--retriever_run", str(retriever_run), "--ranker_run", str(ranker_run), "--input", "-", "--topk", "3"]
+    assert recommend.main(argv + ["--num_threads", "1"]) == 0
+    most, full = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "fewer than 20 items outside the history" in most["error"] and "error" in full

@@ -1,4 +1,4 @@
-"""The results report (python -m trainer.report) over small run folders written in the real formats."""
+"""The results report (python report.py) over small run folders written in the real formats."""
 
 import csv
 import io
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.report import main
+from report import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

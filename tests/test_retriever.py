@@ -7,13 +7,17 @@ import numpy as np
 import pytest
 import torch
 
+from dataloader.candidates import load_candidates
+from dataloader.retriever_data import EvalData, training_windows
 from model.lru import LRURec
-from tests.conftest import tiny_interactions
+from model.retrievers import RetrieverSpec, build_retriever
+from tests.conftest import split_of, tiny_interactions
 from train_retriever import main
-from trainer.candidates import load_candidates
 from trainer.metrics import batch_averaged_metrics
-from trainer.retriever import EvalData, evaluate, fold_users, train_prefix_candidates, train_step, training_windows
-from trainer.utils import InputError
+from trainer.retriever_eval import evaluate, train_prefix_candidates
+from trainer.retriever_export import fold_users
+from trainer.retriever_train import train_step
+from utils.errors import InputError
 
 
 def test_training_windows_match_the_original_layout():
@@ -148,10 +152,7 @@ def test_end_to_end_run_folder_and_candidates_round_trip(tmp_path, tiny_args):
     for path in run.glob("*.pt"):
         torch.load(path, weights_only=True)
 
-    from config import parse_config
-    from datasets import load_split
-
-    split = load_split(parse_config(tiny_args))
+    split = split_of(tiny_args)
     cands = load_candidates(run, split)
     assert cands.meta["topk"] == 6 and cands.meta["test_metrics"] == test_metrics
     assert cands.test["items"].shape == (12, 6) and cands.test["items"].dtype == np.int32
@@ -187,11 +188,9 @@ def test_end_to_end_run_folder_and_candidates_round_trip(tmp_path, tiny_args):
         for key, value in getattr(cands, name).items():
             np.testing.assert_array_equal(getattr(again, name)[key], value)
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
-    with pytest.raises(InputError, match="--eval_checkpoint"):
-        from config import parse_config as parse
-        from trainer.retriever import evaluate_saved
-
-        evaluate_saved(parse(tiny_args + ["--eval_only", "--run_name", "none"]), split, torch.device("cpu"))
+    # --eval_only of a folder that holds no finished run, or of a checkpoint that is not there: one line, exit 2
+    assert main(tiny_args + ["--eval_only", "--run_name", "none"]) == 2
+    assert main(tiny_args + ["--eval_only", "--eval_checkpoint", str(tmp_path / "none.pt")]) == 2
 
     # a file missing an array is refused by name, not with a KeyError
     with np.load(run / "candidates.npz", allow_pickle=False) as data:
@@ -231,6 +230,53 @@ def test_resume_ends_with_the_same_best_model(tmp_path, tiny_args, capsys):
         assert torch.equal(value, best_cut["model"][key]), key
     assert val_history(full) == val_history(cut)
     assert json.loads((full / "test_metrics.json").read_text()) == json.loads((cut / "test_metrics.json").read_text())
+    # the training summary adds up the sessions: the same steps, best step and last loss as the uninterrupted run
+    summary_full = json.loads((full / "training_summary.json").read_text())
+    summary_cut = json.loads((cut / "training_summary.json").read_text())
+    for key in ("steps", "epochs", "best_step", "best_value", "train_loss", "stopped_by"):
+        assert summary_cut[key] == summary_full[key], key
+    assert (summary_full["sessions"], summary_cut["sessions"]) == (1, 4)
+    assert summary_cut["train_seconds_incl_validation"] >= summary_cut["validation_seconds"] > 0
+
+
+def test_a_run_killed_after_training_keeps_its_summary_and_eval_is_replaced_whole(tmp_path, tiny_args):
+    assert main(tiny_args) == 0
+    run = run_dir_of(tmp_path)
+    summary = json.loads((run / "training_summary.json").read_text())
+    assert summary["steps"] == 12 and summary["best_step"] in (2, 4, 6, 8, 10, 12) and summary["train_loss"] > 0
+    # killed after training, before the export: --resume exports, and the summary still covers the training
+    (run / "test_metrics.json").unlink()
+    (run / "candidates.npz").unlink()
+    assert main(tiny_args + ["--resume"]) == 0
+    again = json.loads((run / "training_summary.json").read_text())
+    assert again["steps"] == 12 and again["sessions"] == 2 and again["train_loss"] == summary["train_loss"]
+    seconds = summary["train_seconds_incl_validation"]
+    assert seconds <= again["train_seconds_incl_validation"] < seconds + 5
+    # eval/ is written whole: a later evaluation without candidates leaves none of the earlier ones behind
+    assert main(tiny_args + ["--eval_only", "--eval_export_candidates"]) == 0
+    assert (run / "eval" / "candidates.npz").is_file()
+    assert main(tiny_args + ["--eval_only"]) == 0
+    assert sorted(p.name for p in (run / "eval").iterdir()) == [
+        "config.json", "environment.json", "test_metrics.json", "test_metrics_batch16.json", "val_metrics.json",
+    ]  # fmt: skip
+    assert not list(run.glob(".eval.*"))  # no temporary folder left
+
+
+def test_a_run_without_validation_keeps_its_last_model_and_says_so(tmp_path, tiny_args, capsys):
+    assert main(tiny_args + ["--max_steps", "1", "--val_iterations", "50"]) == 0
+    run = run_dir_of(tmp_path)
+    assert "no validation ran (--val_iterations 50); the last model is checkpoint_best.pt" in capsys.readouterr().out
+    summary = json.loads((run / "training_summary.json").read_text())
+    assert summary["best_is_last_model"] and summary["best_step"] is None and summary["steps"] == 1
+    best = torch.load(run / "checkpoint_best.pt", weights_only=True)["model"]
+    last = torch.load(run / "checkpoint_last.pt", weights_only=True)["model"]
+    assert all(torch.equal(value, last[key]) for key, value in best.items())
+    assert main(tiny_args + ["--eval_only"]) == 0  # servable and evaluable like any finished run
+    # killed before its test results: not evaluated as if finished
+    (run / "test_metrics.json").unlink()
+    capsys.readouterr()
+    assert main(tiny_args + ["--eval_only"]) == 2
+    assert "the run has not finished" in capsys.readouterr().err
 
 
 def test_validation_frequency_does_not_change_training(tmp_path, tiny_args):
@@ -280,14 +326,9 @@ def test_metric_ks_without_10_works_with_a_matching_best_metric(tmp_path, tiny_a
 def test_training_prefix_candidates_equal_the_masked_top_k_of_each_prefix(name):
     """Every prefix (short ones from one shared window, long ones from their own; a bidirectional model: each its
     own) gets exactly what evaluate() gives for that prefix as a history: its top-k with the prefix masked."""
-    from argparse import Namespace
-
-    from trainer.retriever import build_model, train_prefix_candidates
-
     torch.manual_seed(0)
-    sizes = {"bert_hidden_units": 8, "bert_num_blocks": 2, "bert_dropout": 0.0, "bert_attn_dropout": 0.0}
-    cfg = Namespace(retriever_model=name, bert_max_len=6, attn_heads=2, bert_mask_prob=0.2, **sizes)
-    model = build_model(cfg, 30).eval()
+    spec = RetrieverSpec(model=name, max_len=6, hidden_units=8, num_blocks=2, dropout=0.0, attn_dropout=0.0)
+    model = build_retriever(spec, 30).eval()
     rng = np.random.default_rng(0)
     train = [rng.choice(np.arange(1, 31), size=n, replace=False).tolist() for n in (2, 5, 9, 13, 1)]
     got = train_prefix_candidates(model, train, max_len=6, topk=4, batch_size=3, device=torch.device("cpu"))
@@ -308,12 +349,9 @@ def test_training_prefix_candidates_equal_the_masked_top_k_of_each_prefix(name):
 def test_user_disjoint_fold_candidates(tmp_path, tiny_args):
     """--retrieved_train_folds 2: each user's training-prefix candidates come from the fold model that was trained
     without that user, exactly as that model ranks the prefix; every prefix appears once, in (user, length) order."""
-    from config import parse_config
-    from datasets import load_split
-
     assert main(tiny_args + ["--retrieved_train_folds", "2"]) == 0
     run = run_dir_of(tmp_path)
-    split = load_split(parse_config(tiny_args))
+    split = split_of(tiny_args)
     cands = load_candidates(run, split)
     assert cands.meta["train_metrics"]["source"] == "2 user-disjoint folds"
     prefixes = [(u, n) for u, seq in enumerate(split.train) for n in range(1, len(seq))]

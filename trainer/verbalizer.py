@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from dataloader.prompts import PromptBuilder, candidate_letters
-from trainer.utils import InputError, atomic_write_json
+from utils.errors import InputError
+from utils.files import atomic_write_json
 
 
 def letter_token_ids(builder: PromptBuilder, count: int) -> dict[str, int]:

@@ -2,7 +2,10 @@
 by seed (or other flags that do not define the experiment) pooled into one row as mean ± sample sd, the paper's
 numbers beside them, unfinished runs listed apart, and optional validation curves (--plots).
 
-    python -m trainer.report [ROOT] [--format md|csv|json] [--output FILE] [--plots DIR]
+    python report.py [ROOT] [--format md|csv|json] [--output FILE] [--plots DIR]
+
+Which flags make two runs repeats of one experiment comes from the flags' own declarations in config.py (the same
+ones --resume checks): runs are pooled when they agree in every TRAINING and OUTCOME flag.
 """
 
 import argparse
@@ -12,51 +15,14 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.utils import InputError, atomic_output, atomic_write_text
+from config import RANKER, RETRIEVER, experiment_keys
+from trainer.run_folder import STAGES, Run, describe_unfinished, find_runs
+from utils.errors import InputError
+from utils.files import atomic_output, atomic_write_text
 
-STAGES = ("retriever", "ranker")
-RUN_FILES = ("config.json", "test_metrics.json", "val_history.jsonl")
-
-# Bookkeeping, paths and speed settings: runs that differ only in these are repeats of one experiment.
-NON_EXPERIMENT_FLAGS = frozenset(
-    {
-        "seed",
-        "run_name",
-        "experiment_root",
-        "resume",
-        "overwrite",
-        "print_config",
-        "num_threads",
-        "num_workers",
-        "device",
-        "use_wandb",
-        "wandb_project",
-        "data_root",
-        "llm_cache_dir",
-        "llm_retrieved_path",
-        "custom_path",
-        "ml_100k_path",
-        "download",
-        "llm_eval_batch_size",
-        "dataset_name",
-        "dataset_code",
-        # evaluation-only and recommend.py flags
-        "eval_only",
-        "eval_checkpoint",
-        "eval_export_candidates",
-        "eval_adapter",
-        "retriever_run",
-        "ranker_run",
-        "input",
-        "users",
-        "topk",
-        "output",
-        "recommend_batch_size",
-    }
-)
+STAGE_SCRIPTS = {"retriever": RETRIEVER, "ranker": RANKER}
 
 # column -> where test_metrics.json keeps it
 RETRIEVER_METRICS = {
@@ -110,95 +76,6 @@ PAPER_TABLE3 = {
 PAPER_DATASETS = {"ml-100k": "ml-100k", "custom-beauty": "beauty", "custom-games": "games"}
 
 
-@dataclass
-class Run:
-    stage: str
-    dataset: str
-    name: str
-    path: Path
-    config: dict | None
-    test: dict | None  # None: unfinished
-    history: list[dict]
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def _read_json_object(path: Path) -> dict:
-    """A JSON object from path; ValueError naming the file when it is anything else."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: expected a JSON object, found unreadable JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(obj).__name__}")
-    return obj
-
-
-def _read_history(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []  # zero-shot rankers and runs stopped before their first validation have none
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{path}: line {number}: expected a JSON object, found unreadable JSON ({e})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: line {number}: expected a JSON object, found {type(record).__name__}")
-        records.append(record)
-    return records
-
-
-def load_run(stage: str, run_dir: Path) -> Run | None:
-    """The run in run_dir, or None (after a warning) when one of its files is malformed."""
-    try:
-        config_path, test_path = run_dir / "config.json", run_dir / "test_metrics.json"
-        config = _read_json_object(config_path) if config_path.is_file() else None
-        test = _read_json_object(test_path) if test_path.is_file() else None
-        history = _read_history(run_dir / "val_history.jsonl")
-    except (OSError, ValueError) as e:
-        _warn(f"{e}; run skipped")
-        return None
-    if test is not None and config is None:
-        _warn(f"{run_dir}: has test_metrics.json but no config.json, so its flags are unknown; run skipped")
-        return None
-    return Run(stage, run_dir.parent.name, run_dir.name, run_dir, config, test, history)
-
-
-def _is_run_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / name).is_file() for name in RUN_FILES)
-
-
-def find_runs(root: Path) -> list[Run]:
-    """Every readable run folder ROOT/<stage>/<dataset>/<run>/; anything else under ROOT is ignored."""
-    root = Path(root)
-    if not root.is_dir():
-        found = "a file" if root.exists() else "nothing"
-        raise InputError(f"ROOT {root}: expected an experiments folder, found {found} there")
-    run_dirs = [
-        (stage, run_dir)
-        for stage in STAGES
-        if (root / stage).is_dir()
-        for dataset_dir in sorted((root / stage).iterdir())
-        if dataset_dir.is_dir()
-        for run_dir in sorted(dataset_dir.iterdir())
-        if _is_run_dir(run_dir)
-    ]
-    if not run_dirs:
-        raise InputError(
-            f"ROOT {root}: expected run folders ROOT/retriever/<dataset>/<run>/ or ROOT/ranker/<dataset>/<run>/ "
-            f"(with a config.json, test_metrics.json or val_history.jsonl), found none"
-        )
-    runs = [run for stage, run_dir in run_dirs if (run := load_run(stage, run_dir)) is not None]
-    if not runs:
-        raise InputError(f"ROOT {root}: found {len(run_dirs)} run folders, none readable (see the warnings above)")
-    return runs
-
-
 def _flag_text(config: dict, key: str) -> str:
     if key not in config:
         return "unset"  # a flag added after this run was made
@@ -206,9 +83,9 @@ def _flag_text(config: dict, key: str) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def differing_flags(configs: list[dict]) -> list[str]:
-    """The experiment-defining flags whose values are not the same in all configs."""
-    keys = sorted(set().union(*configs) - NON_EXPERIMENT_FLAGS)
+def differing_flags(stage: str, configs: list[dict]) -> list[str]:
+    """The experiment-defining flags of `stage` whose values are not the same in all configs."""
+    keys = sorted(experiment_keys(STAGE_SCRIPTS[stage]))
     return [key for key in keys if len({_flag_text(config, key) for config in configs}) > 1]
 
 
@@ -263,7 +140,7 @@ def build_rows(runs: list[Run]) -> list[dict]:
             tables.setdefault((run.stage, run.dataset), []).append(run)
     rows = []
     for (stage, dataset), table_runs in sorted(tables.items(), key=lambda item: (STAGES.index(item[0][0]), item[0][1])):
-        flags = differing_flags([run.config for run in table_runs])
+        flags = differing_flags(stage, [run.config for run in table_runs])
         groups: dict[str, list[Run]] = {}
         for run in table_runs:
             groups.setdefault(group_label(run.config, flags), []).append(run)
@@ -277,13 +154,6 @@ def build_rows(runs: list[Run]) -> list[dict]:
             row["paper source"] = paper.get("source")
             rows.append(row)
     return rows
-
-
-def describe_unfinished(run: Run) -> str:
-    steps = [record["step"] for record in run.history if "step" in record]
-    plural = "" if len(steps) == 1 else "s"
-    progress = f"{len(steps)} validation{plural}, last at step {steps[-1]}" if steps else "no validation yet"
-    return f"{run.stage} / {run.dataset} / {run.name}: {progress}"
 
 
 # ---------------------------------------------------------------------------------------------- output formats
@@ -446,9 +316,7 @@ def write_plots(plt, runs: list[Run], plot_dir: Path) -> list[Path]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m trainer.report", description="Results report over every run under ROOT."
-    )
+    parser = argparse.ArgumentParser(prog="python report.py", description="Results report over every run under ROOT.")
     parser.add_argument("root", nargs="?", type=Path, default=Path("experiments"), help="experiments folder")
     parser.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
     parser.add_argument("--output", type=Path, help="write the report to this file instead of stdout")

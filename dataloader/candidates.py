@@ -11,6 +11,7 @@ int32 [P], train_label_ranks int64 [P], for every prefix of every training seque
 Memory and disk are O((users + prefixes) x K), never users x items.
 """
 
+import hashlib
 import io
 import json
 import zipfile
@@ -20,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from datasets.split import SplitData
-from trainer.utils import InputError, atomic_output
+from utils.errors import InputError
+from utils.files import atomic_output
 
 FORMAT = "llamarec-candidates-v2"
 OLD_FORMATS = ("llamarec-candidates-v1",)  # val/test only: readable, but without training-prefix candidates
@@ -95,6 +97,15 @@ def save_candidates(
         np.savez_compressed(f, **arrays)
 
 
+def file_sha256(path: Path) -> str:
+    """The candidates file's content fingerprint: what a ranker run records and recommend.py checks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_candidates(path: Path, split: SplitData | None = None) -> Candidates:
     """Read a candidates file (or a retriever run folder holding one); with `split`, refuse other data."""
     path = Path(path)
@@ -121,9 +132,9 @@ def load_candidates(path: Path, split: SplitData | None = None) -> Candidates:
         raise InputError(f"{path}: incomplete candidates file, missing {missing}")
     if split is not None and (meta["fingerprint"] != split.fingerprint or meta["dataset"] != split.name):
         raise InputError(
-            f"{path}: built from dataset {meta['dataset']!r} (fingerprint {meta['fingerprint'][:16]}), but this run "
-            f"uses {split.name!r} (fingerprint {split.fingerprint[:16]}); point --llm_retrieved_path at a "
-            "retriever run on the same data and preprocessing flags"
+            f"{path}: built from dataset {meta['dataset']!r} (fingerprint {meta['fingerprint'][:16]}), but the data "
+            f"now give {split.name!r} (fingerprint {split.fingerprint[:16]}): use a retriever run on the same data and "
+            "preprocessing flags (or rerun it if its data changed)"
         )
     parts = {name: {key: arrays[f"{name}_{key}"] for key in ARRAYS} for name in ("val", "test")}
     train = None

@@ -1,5 +1,6 @@
-"""Stage-2 results: the ranker (and the fused score) against the retriever's own order on the same users,
-with paired bootstrap confidence intervals, overall metrics over all test users, and the printed table."""
+"""Stage-2 evaluation: the verbalizer's scores of the candidates, and the test report of the ranker (and the fused
+score) against the retriever's own order on the same users, with paired bootstrap confidence intervals, overall
+metrics over all test users, and the printed table."""
 
 import json
 import math
@@ -9,11 +10,55 @@ from pathlib import Path
 import torch
 
 from dataloader.prompts import PromptBuilder, candidate_letters
-from dataloader.ranker_data import EvalExample, true_letter
+from dataloader.ranker_data import EvalExample, eval_batches, left_pad, true_letter
 from datasets.split import SplitData
 from trainer.metrics import fuse_scores, label_ranks, metrics_from_ranks, paired_bootstrap, per_user_metric
-from trainer.ranker import rank_examples
-from trainer.utils import atomic_write_json, atomic_write_text
+from trainer.runtime import gather_rows, process_rank, shard
+from trainer.verbalizer import verbalizer_scores
+from utils.files import atomic_write_json, atomic_write_text
+
+CPU_EVAL_BATCH = 1  # on CPU, batch 1 was the fastest (no padding, smaller activations; docs/performance.md)
+
+
+def eval_batch_size(requested: int | None, micro_batch_size: int, device: torch.device) -> int:
+    """--llm_eval_batch_size, else the training micro-batch on CUDA and CPU_EVAL_BATCH on a CPU."""
+    return requested or (micro_batch_size if device.type == "cuda" else CPU_EVAL_BATCH)
+
+
+@torch.no_grad()
+def rank_examples(
+    model,
+    examples: list[EvalExample],
+    letter_ids: torch.Tensor,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Verbalizer scores [N, num_candidates] (fp32, in `examples` order); one forward pass per batch,
+    the LM head only at the last position (logits_to_keep=1).
+
+    With several processes, each ranks its shard of the examples (every example exactly once) and all of them get
+    every score, so every process computes the same metrics and takes the same early-stopping decision.
+    """
+    was_training = model.training
+    model.eval()
+    mine = shard(len(examples), *process_rank())
+    own = [examples[k] for k in mine]
+    scores = torch.empty(len(own), len(letter_ids))
+    letter_ids = letter_ids.to(device)
+    for indices in eval_batches(own, batch_size):
+        batch = left_pad([own[k].input_ids for k in indices], pad_id)
+        batch = {key: value.to(device) for key, value in batch.items()}
+        logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
+        scores[indices] = verbalizer_scores(logits, letter_ids).cpu()
+    model.train(was_training)
+    return gather_rows(scores, mine, len(examples))
+
+
+def subset_metrics(scores: torch.Tensor, examples: list[EvalExample], ks: list[int]) -> dict[str, float]:
+    labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    return metrics_from_ranks(label_ranks(scores, labels), ks)
+
 
 # Fusion weights tried on validation: 0 is the LLM alone, inf the retriever's order alone.
 FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
@@ -135,6 +180,13 @@ def build_test_report(
         "overall": overall,
         "test_vs_retriever": comparison["vs_retriever"],
     }
+    return report, ranking_records(scores, examples, ranks, split)
+
+
+def ranking_records(
+    scores: torch.Tensor, examples: list[EvalExample], ranks: dict[str, torch.Tensor], split: SplitData
+) -> list[str]:
+    """test_rankings.jsonl lines: per user the true item, its ranks and the candidates ordered by the LLM's score."""
     letters = candidate_letters(scores.shape[1])
     rankings = []
     for k, (e, row) in enumerate(zip(examples, scores.tolist(), strict=True)):
@@ -157,7 +209,7 @@ def build_test_report(
             for c in order
         ]
         rankings.append(json.dumps(record, ensure_ascii=False))
-    return report, rankings
+    return rankings
 
 
 def _ci_text(stats: dict) -> str:
@@ -252,6 +304,7 @@ def test_and_report(
 
 
 def write_results(run_dir: Path, result: dict, rankings: list[str]) -> None:
-    """test_metrics.json and test_rankings.jsonl, each written whole or not at all."""
-    atomic_write_json(run_dir / "test_metrics.json", result)
+    """test_rankings.jsonl, then test_metrics.json (written last: a run folder with it is complete), each written
+    whole or not at all."""
     atomic_write_text(run_dir / "test_rankings.jsonl", "\n".join(rankings) + "\n")
+    atomic_write_json(run_dir / "test_metrics.json", result)

@@ -1,0 +1,118 @@
+"""Files that are written whole or not at all (a crash or Ctrl-C never leaves a half-written one), and readers that
+turn a damaged file into an InputError naming it."""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from utils.errors import InputError, one_line
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success rename it to `path`, on any error delete it."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: expected a file to write, found a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside `path`; on success it replaces `path` (and everything in it), on any error
+    it is deleted and `path` stays as it was. So `path` never mixes files of two writes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """torch.load(weights_only=True) with a clear error for a file that is not one of our checkpoints."""
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # unpickling, zip and I/O errors all mean "not a readable checkpoint"
+        reason = one_line(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e):  # torch then advises weights_only=False: never for a file of unknown origin
+            reason = "it is not a torch file of tensors and plain values"
+        raise InputError(f"{path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict):
+        raise InputError(f"{path}: expected a checkpoint dict, found {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from path; InputError naming the file when it is missing, unreadable or anything else."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{path}: expected a JSON object, found an unreadable file ({e})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def append_jsonl(path: Path, obj) -> None:
+    """Append one JSON line (a log: a crash can at worst lose the line being written)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def truncate_history(path: Path, max_step: int) -> None:
+    """Keep the validation lines of steps <= max_step: the rest belong to the part of an interrupted run that
+    --resume repeats. A line cut off by the interruption is dropped too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", math.inf) <= max_step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_text(path, "".join(kept))
