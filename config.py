@@ -292,8 +292,9 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
              help="validations without gain before stop")
     add_flag(group, "--retrieved_topk", type=int, default=50, check=positive, role=SETTING,
              help="candidates kept per user in candidates.npz")
-    add_flag(group, "--retrieved_train_topk", type=int, default=20, check=positive, role=SETTING,
-             help="candidates kept per training prefix in candidates.npz (for --llm_train_candidates retrieved)")
+    add_flag(group, "--retrieved_train_topk", type=int, default=20, check=non_negative, role=SETTING,
+             help="candidates kept per training prefix in candidates.npz (for --llm_train_candidates retrieved); 0: "
+                  "none (saves the export's longest part where no ranker trains on them, e.g. a sweep's trials)")
     add_flag(group, "--retrieved_train_folds", type=int, default=0, role=SETTING,
              help="training-prefix candidates from the run's own model (0: in-sample) or, with K >= 2, each user's "
                   "from a retriever trained on the other K-1 folds of users (K extra trainings)")
@@ -414,6 +415,45 @@ def add_recommend_args(parser: argparse.ArgumentParser) -> None:
     # fmt: on
 
 
+def add_sweep_args(parser: argparse.ArgumentParser) -> None:
+    # fmt: off
+    group = parser.add_argument_group("sweep.py (the trials' fixed flags follow --)")
+    add_flag(group, "script", choices=("train_retriever.py", "train_ranker.py"), role=SETTING,
+             help="the script every trial runs")
+    add_flag(group, "--study", default=None, role=SETTING,
+             help="the study's name (required); its folder is <experiment_root>/sweeps/<study>/")
+    add_flag(group, "--space", nargs="+", default=None, role=SETTING,
+             help="the search space (required), one entry per flag: name=choice:a,b,c | name=int:low:high | "
+                  "name=float:low:high, with :log appended for a log scale (e.g. lr=float:1e-4:1e-2:log)")
+    add_flag(group, "--trials", type=int, default=20, check=positive, role=SETTING,
+             help="trials the study ends with (counted over every worker and every machine sharing the study)")
+    add_flag(group, "--workers", type=int, default=1, check=positive, role=SETTING,
+             help="trials run at once on this machine, each a process of the script")
+    add_flag(group, "--threads_per_worker", type=int, default=None, check=positive, role=SETTING,
+             help="--num_threads of each trial (default: the CPU count divided by --workers)")
+    add_flag(group, "--storage", default=None, role=SETTING,
+             help="an Optuna storage URL (e.g. postgresql://user:password@host/db, shared by machines that join the "
+                  "study); default: sqlite:///<study folder>/study.db")
+    add_flag(group, "--sampler", default="tpe", choices=("tpe", "random"), role=SETTING,
+             help="how trials pick their flags")
+    add_flag(group, "--sampler_seed", type=int, default=0, role=SETTING,
+             help="the sampler's seed")
+    add_flag(group, "--pruner", default="none", choices=("none", "median"), role=SETTING,
+             help="median: stop a trial whose validation metric is below the median of earlier trials at the same "
+                  "step")
+    add_flag(group, "--pruner_startup_trials", type=int, default=3, check=non_negative, role=SETTING,
+             help="trials finished before --pruner median stops any")
+    add_flag(group, "--pruner_warmup_steps", type=int, default=0, check=non_negative, role=SETTING,
+             help="training steps of a trial before --pruner median may stop it")
+    add_flag(group, "--max_restarts", type=int, default=3, check=non_negative, role=SETTING,
+             help="times an interrupted trial is resumed before it counts as failed")
+    add_flag(group, "--heartbeat_seconds", type=int, default=10, check=positive, role=SETTING,
+             help="a running trial's heartbeat; one silent for 3 beats (its sweep was killed) is re-queued")
+    add_flag(group, "--seeds", type=int, nargs="+", default=None, role=SETTING,
+             help="after the search, run the chosen flags on these seeds and report test mean ± sd")
+    # fmt: on
+
+
 def candidate_count(name: str, value: int) -> None:
     if not 1 <= value <= 25:
         raise InputError(f"--{name}: expected 1..25 (candidates = negatives + 1, labelled A..Z), found {value}")
@@ -422,17 +462,21 @@ def candidate_count(name: str, value: int) -> None:
 # ---------------------------------------------------------------------------------------------- scripts
 
 RETRIEVER, RANKER, RECOMMEND, PREPARE = "train_retriever.py", "train_ranker.py", "recommend.py", "python -m datasets"
+SWEEP = "sweep.py"
 SCRIPT_GROUPS = {
     RETRIEVER: (add_run_args, add_data_args, add_retriever_args),
     RANKER: (add_run_args, add_data_args, add_ranker_args),
     RECOMMEND: (add_recommend_args,),
     PREPARE: (add_data_args,),
+    SWEEP: (add_sweep_args,),
 }
 DESCRIPTIONS = {
     RETRIEVER: "LlamaRec stage 1: train a retriever (LRURec or a Table 1 baseline), evaluate it, export candidates",
     RANKER: "LlamaRec stage 2: QLoRA-finetune an LLM to rank the retriever's candidates with a verbalizer",
     RECOMMEND: "Recommendations for user histories from finished retriever (and ranker) runs",
     PREPARE: "Prepare a dataset (5-core, leave-one-out, cached) and print its statistics as JSON",
+    SWEEP: "Hyper-parameter search (Optuna) over runs of train_retriever.py or train_ranker.py, chosen on validation; "
+    "the script's own flags follow --",
 }
 
 
@@ -601,6 +645,10 @@ def check_retriever_flags(flags: argparse.Namespace, parser: argparse.ArgumentPa
         raise InputError(
             f"--retrieved_train_folds: expected 0 (in-sample) or >= 2, found {flags.retrieved_train_folds}"
         )
+    if flags.retrieved_train_topk == 0 and flags.retrieved_train_folds:
+        raise InputError(
+            "--retrieved_train_folds: only used with training-prefix candidates (--retrieved_train_topk > 0)"
+        )
     # Windows step back by this fraction of max_len; above 1 they leave gaps, so "every item a label once" would not hold.
     upper = 1.0 if flags.train_all_items else math.inf
     if not 0.0 < flags.sliding_window_size <= upper:
@@ -631,6 +679,15 @@ def check_ranker_flags(flags: argparse.Namespace, parser: argparse.ArgumentParse
         )
     if passed(flags, parser, "eval_adapter") and not flags.eval_only:
         raise InputError("--eval_adapter: only used with --eval_only")
+
+
+@group_check("study", "space")
+def check_sweep_flags(flags: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    for dest in ("study", "space"):
+        if getattr(flags, dest) is None:
+            raise InputError(f"--{dest}: required (see {SWEEP} --help)")
+    if not flags.study.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise InputError(f"--study: expected letters, digits, '-', '_' or '.', found {flags.study!r}")
 
 
 @group_check("retriever_run", "ranker_run", "input", "users")

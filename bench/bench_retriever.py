@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bench.roofline import RETRIEVER_SCORES, SQUARE, count_flops, cpu_features, machine_rates, share
 from config import (
     RETRIEVER,
     build_parser,
@@ -83,6 +84,9 @@ def bench(flags: argparse.Namespace, bench_epochs: int, train_only: bool = False
     batches = epoch_batches(len(tokens), training.batch_size, training.seed, 0)
     for index in batches[:2]:
         step(index)
+    # An epoch's FLOPs: every batch but the last has the first one's shape.
+    full, last = count_flops(lambda: step(batches[0])), count_flops(lambda: step(batches[-1]))
+    result["train_flops_per_epoch"] = full * (len(batches) - 1) + last
     epoch_seconds = []
     for epoch in range(bench_epochs):
         synchronize(device)
@@ -102,6 +106,9 @@ def bench(flags: argparse.Namespace, bench_epochs: int, train_only: bool = False
     start = time.perf_counter()
     evaluate(model, val, training.val_batch_size, list(training.metric_ks), device)
     result["eval_seconds"] = time.perf_counter() - start
+    result["eval_flops"] = count_flops(
+        lambda: evaluate(model, val, training.val_batch_size, list(training.metric_ks), device)
+    )
     result["eval_users_per_second"] = val.num_users / result["eval_seconds"]
 
     start = time.perf_counter()
@@ -122,6 +129,27 @@ def bench(flags: argparse.Namespace, bench_epochs: int, train_only: bool = False
     return result
 
 
+def add_roofline(result: dict, matmul_seconds: float) -> list[tuple[str, str]]:
+    """The machine's fp32 matmul rates (at 2048^3 and at the score shape), each timing's achieved GFLOP/s and share
+    of them; the rows to print."""
+    rates = machine_rates({"2048^3": SQUARE, "retriever scores": RETRIEVER_SCORES}, matmul_seconds)
+    result["machine"], result["matmul_gflops_per_s"] = cpu_features(), rates
+    rows = [("matmul fp32 GFLOP/s", f"{rates['2048^3']['fp32']:.0f} at 2048^3, {rates['retriever scores']['fp32']:.0f} "
+             f"at the score shape {'x'.join(map(str, RETRIEVER_SCORES))} (bf16: {rates['2048^3']['bf16']:.0f}, "
+             f"{rates['retriever scores']['bf16']:.0f})")]  # fmt: skip
+    for what, flops, seconds in (
+        ("train", "train_flops_per_epoch", "train_seconds_per_epoch"),
+        ("eval", "eval_flops", "eval_seconds"),
+    ):
+        if flops in result:
+            at_shape = share(result[flops], result[seconds], rates["retriever scores"]["fp32"])
+            at_square = share(result[flops], result[seconds], rates["2048^3"]["fp32"])
+            result[f"{what}_roofline"] = {**at_shape, "share_of_2048": at_square["share"]}
+            rows.append((f"{what} GFLOP/s (share)", f"{at_shape['gflops_per_s']:.0f} of {at_shape['gflop']:.1f} GFLOP: "
+                         f"{at_shape['share']:.0%} of fp32 at the score shape, {at_square['share']:.0%} of 2048^3"))  # fmt: skip
+    return rows
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -133,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     group = parser.add_argument_group("bench")
     group.add_argument("--bench_epochs", type=int, default=1, help="timed training epochs (the fastest is reported)")
+    group.add_argument("--matmul_seconds", type=float, default=1.0, help="time spent measuring each matmul rate")
     group.add_argument(
         "--train_only", action="store_true", help="time the training epochs only (no validation, export)"
     )
@@ -165,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{result['train_prefixes'] / result['train_prefix_seconds']:.0f}/s)",
             ),
         ]
+    if resolve_device(flags.device).type == "cpu":
+        rows += add_roofline(result, flags.matmul_seconds)
     rows += [
         ("peak RSS (MiB)", f"{result['peak_rss_mib']:.0f}"),
         ("torch threads / load", f"{result['torch_threads']} / {result['load_average_at_start']:.2f}"),

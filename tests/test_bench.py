@@ -47,10 +47,43 @@ def test_retriever_bench_times_each_model(tmp_path, restore_threads, model):
 
     argv = ["--dataset_code", "ml-100k", "--data_root", str(tmp_path / "data"), "--experiment_root", str(tmp_path)]
     argv += ["--retriever_model", model, "--bert_max_len", "20", "--bert_hidden_units", "16", "--num_threads", "1"]
-    assert bench_retriever.main(argv + ["--train_only", "--train_batch_size", "256"]) == 0
+    assert bench_retriever.main(argv + ["--train_only", "--train_batch_size", "256", "--matmul_seconds", "0.01"]) == 0
     suffix = "" if model == "lru" else f"_{model}"
     result = json.loads((tmp_path / "bench" / f"retriever_ml-100k{suffix}_train.json").read_text())
     assert result["retriever_model"] == model and result["torch_threads"] == 1
     # one epoch = every training window once, in batches of 256
     assert result["steps_per_epoch"] == -(-result["train_sequences_per_epoch"] // 256)
     assert result["train_seconds_per_epoch"] > 0 and "export_seconds" not in result
+    roofline, rate = result["train_roofline"], result["matmul_gflops_per_s"]["retriever scores"]["fp32"]
+    achieved = result["train_flops_per_epoch"] / result["train_seconds_per_epoch"] / 1e9
+    assert roofline["gflops_per_s"] == pytest.approx(achieved, rel=0.01, abs=0.1)
+    assert roofline["share"] == pytest.approx(achieved / rate, rel=0.02, abs=0.001)
+
+
+def test_flop_count_is_the_work_asked_for():
+    """FLOPs come from torch's counter: a matmul is 2mkn, its backward twice that."""
+    import torch
+
+    from bench.roofline import count_flops, share
+
+    a, b = torch.randn(4, 8, requires_grad=True), torch.randn(8, 16)
+    assert count_flops(lambda: torch.mm(a, b)) == 2 * 4 * 8 * 16
+    assert count_flops(lambda: torch.mm(a, b).sum().backward()) == 2 * (2 * 4 * 8 * 16)  # forward + grad of a
+    assert share(2e9, 0.5, 8.0) == {"gflop": 2.0, "gflops_per_s": 4.0, "share": 0.5}
+
+
+def test_sweep_bench_estimates_what_pruning_saved(tmp_path):
+    from bench.bench_sweep import pruning_saving
+
+    trials = [
+        {"state": "COMPLETE", "seconds": 100.0},
+        {"state": "COMPLETE", "seconds": 200.0},
+        {"state": "PRUNED", "seconds": 30.0},
+        {"state": "PRUNED", "seconds": 50.0},
+        {"state": "FAIL", "seconds": 5.0},  # interrupted and re-queued: its time is in the retry
+    ]
+    (tmp_path / "summary.json").write_text(json.dumps({"study": "s", "trials": trials}))
+    saving = pruning_saving(tmp_path)
+    assert saving["mean_complete_trial_s"] == 150.0  # each pruned trial would have run as long as a complete one
+    assert saving["trial_s_spent"] == 380.0 and saving["trial_s_estimated_without_pruning"] == 600.0
+    assert saving["saved_share"] == round(1 - 380 / 600, 3)

@@ -11,7 +11,7 @@ from utils.files import REPO_ROOT
 
 # A module may import modules of its own package and of lower layers only.
 LAYERS = {"utils": 0, "datasets": 1, "model": 1, "dataloader": 2, "trainer": 3}
-SCRIPTS = ("config", "train_retriever", "train_ranker", "recommend", "report", "datasets.__main__")
+SCRIPTS = ("config", "train_retriever", "train_ranker", "recommend", "report", "sweep", "datasets.__main__")
 
 
 def project_modules() -> dict[str, set[str]]:

@@ -121,6 +121,36 @@ def export_candidates(
     val_metrics, val_arrays, test_metrics, test_arrays = evaluate_splits(
         model, split, spec.max_len, export, device, topk
     )
+    train_arrays, train_metrics = (
+        prefix_candidates(model, split, spec, export, device, fold_training, test_metrics)
+        if export.train_topk > 0
+        else (None, None)
+    )
+    save_candidates(
+        out_dir / "candidates.npz",
+        split=split,
+        topk=topk,
+        val=val_arrays,
+        test=test_arrays,
+        val_metrics=val_metrics,
+        test_metrics=test_metrics,
+        train=train_arrays,
+        train_metrics=train_metrics,
+    )
+    write_test_metrics(out_dir, test_metrics, test_arrays["label_ranks"], export.metric_ks)
+    return val_metrics, test_metrics
+
+
+def prefix_candidates(
+    model: NextItemModel,
+    split: SplitData,
+    spec: RetrieverSpec,
+    export: CandidateExport,
+    device: torch.device,
+    fold_training: tuple[RetrieverTraining, Path] | None,
+    test_metrics: dict,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Every training prefix's top export.train_topk items (in-sample, or from user-disjoint folds) and their metrics."""
     start = time.time()
     train_topk = min(export.train_topk, split.num_items)
     if export.train_folds > 1:
@@ -143,19 +173,7 @@ def export_candidates(
         f"/ {test_metrics.get('NDCG@20', math.nan):.4f}",
         flush=True,
     )
-    save_candidates(
-        out_dir / "candidates.npz",
-        split=split,
-        topk=topk,
-        val=val_arrays,
-        test=test_arrays,
-        val_metrics=val_metrics,
-        test_metrics=test_metrics,
-        train=train_arrays,
-        train_metrics=train_metrics,
-    )
-    write_test_metrics(out_dir, test_metrics, test_arrays["label_ranks"], export.metric_ks)
-    return val_metrics, test_metrics
+    return train_arrays, train_metrics
 
 
 def write_test_metrics(out_dir: Path, test_metrics: dict, test_ranks: np.ndarray, ks: tuple[int, ...]) -> None:

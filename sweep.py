@@ -1,0 +1,251 @@
+"""Hyper-parameter search on Optuna over runs of train_retriever.py or train_ranker.py, chosen on validation only.
+
+    python sweep.py train_retriever.py --study NAME --space "bert_dropout=float:0:0.4" "lr=float:1e-4:1e-2:log" \\
+        --trials 12 --workers 2 [--pruner median] [--seeds 1 2 3] -- --dataset_code ml-100k [the script's flags]
+
+Every trial is an ordinary run folder (<experiment_root>/<stage>/<dataset>/<study>_trial<N>/). Its objective is the
+run's best validation metric, the one its early stopping uses; trials' output goes to the study folder's logs/, so
+no test metric is shown while the search runs. Once --trials trials have ended, the sweep names the chosen flags, and
+only then reads the chosen trial's test metrics. The study lives in an Optuna storage (SQLite in the study folder by
+default; a shared database URL lets sweeps on several machines join one study). Running the same command again
+continues the study: trials of a killed sweep are resumed from their run folders, none is lost or run twice.
+Files: README, "Hyper-parameter search"; details: docs/sweeps.md.
+"""
+
+import os
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import optuna
+
+from config import RANKER, RETRIEVER, SWEEP, build_parser, foreign_flag_error, parse_flags, run_cli
+from report import build_rows, render_md
+from trainer.ranker_train import SELECTION_METRIC
+from trainer.run_folder import load_run, run_folder
+from trainer.search import (
+    FAIL,
+    Dimension,
+    Sweep,
+    chosen_trial,
+    ended,
+    flag_args,
+    parse_dimension,
+    run_process,
+    run_workers,
+    say,
+)
+from utils.errors import InputError
+from utils.files import atomic_write_json, atomic_write_text
+
+# The heartbeat API (how a killed sweep's trials are found and re-queued) is marked experimental; it is used as its
+# documentation shows, with ask/tell instead of Study.optimize so that a trial is a process of the script.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+STAGES = {RETRIEVER: "retriever", RANKER: "ranker"}
+CONTROLLED = ("run_name", "resume", "overwrite", "eval_only", "print_config", "num_threads")  # set by the sweep
+NOT_SEARCHED = CONTROLLED + ("seed", "dataset_code", "experiment_root", "best_metric", "custom_path", "data_root")
+
+
+def check_dimension(spec: str, script: str) -> Dimension:
+    """A --space entry that names a flag of `script` the sweep may vary."""
+    name = spec.partition("=")[0]
+    flags = {action.dest for action in build_parser(script)._actions}
+    if name not in flags:
+        owner = foreign_flag_error(script, f"--{name}")
+        raise InputError(f"--space {spec!r}: {owner or f'--{name} is not a {script} flag (see {script} --help)'}")
+    if name in NOT_SEARCHED:
+        raise InputError(f"--space {spec!r}: --{name} is fixed in a sweep (seeds: --seeds; others: after --)")
+    return parse_dimension(spec)
+
+
+def check_trial_flags(script: str, fixed: list[str], space: list[Dimension]) -> object:
+    """The fixed flags, and each corner of the space with them, pass the script's own checks; returns the parse."""
+    for token in fixed:
+        name = token[2:].split("=", 1)[0] if token.startswith("--") else None
+        if name in CONTROLLED:
+            instead = " (pass --threads_per_worker)" if name == "num_threads" else ""
+            raise InputError(f"--{name} after --: the sweep sets it for every trial{instead}")
+    try:
+        flags = parse_flags(script, fixed)
+        for dim in space:
+            for value in dim.corners():
+                parse_flags(script, fixed + flag_args({dim.name: value}))
+    except SystemExit:
+        raise InputError(f"the flags for {script} are not valid (see the message above)") from None
+    except InputError as e:
+        raise InputError(f"{script} refuses these flags: {e}") from None
+    return flags
+
+
+# ---------------------------------------------------------------------------------------------- one trial
+
+
+# ---------------------------------------------------------------------------------------------- the study
+
+
+def open_study(flags, script: str, fixed: list[str], folder: Path) -> optuna.Study:
+    """Create or join the study; joining checks that it searches the same script, fixed flags and space."""
+    folder.mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.RDBStorage(
+        flags.storage or f"sqlite:///{folder / 'study.db'}",
+        heartbeat_interval=flags.heartbeat_seconds,
+        grace_period=3 * flags.heartbeat_seconds,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=flags.max_restarts, inherit_intermediate_values=True
+        ),
+    )
+    sampler_class = optuna.samplers.TPESampler if flags.sampler == "tpe" else optuna.samplers.RandomSampler
+    pruner = (
+        optuna.pruners.MedianPruner(
+            n_startup_trials=flags.pruner_startup_trials, n_warmup_steps=flags.pruner_warmup_steps
+        )
+        if flags.pruner == "median"
+        else optuna.pruners.NopPruner()
+    )
+    study = optuna.create_study(
+        study_name=flags.study, storage=storage, pruner=pruner, direction="maximize", load_if_exists=True
+    )
+    # A restarted sweep must not replay the random draws of its first start: the seed moves on with the study.
+    study.sampler = sampler_class(seed=flags.sampler_seed + len(study.get_trials(deepcopy=False)))
+    settings = {"script": script, "fixed_flags": fixed, "space": flags.space}
+    if not study.user_attrs:
+        for key, value in settings.items():
+            study.set_user_attr(key, value)
+    changed = [key for key, value in settings.items() if study.user_attrs.get(key) != value]
+    if changed:
+        details = "; ".join(f"{key} {study.user_attrs.get(key)!r} -> {settings[key]!r}" for key in changed)
+        raise InputError(f"--study {flags.study}: the study was started with other settings ({details}); "
+                         "pass its own, or name another study")  # fmt: skip
+    return study
+
+
+def test_of(stage: str, run_dir: Path, trial: optuna.trial.FrozenTrial):
+    run = load_run(stage, run_dir)
+    if run is None or run.test is None:
+        raise InputError(
+            f"{run_dir}: no test_metrics.json here (the run was made on {trial.user_attrs.get('host')}); rerun this "
+            "command there, or give every machine one shared --experiment_root"
+        )
+    return run
+
+
+def metric_text(row: dict, stage: str) -> str:
+    columns = ("Recall@10", "NDCG@10") if stage == "retriever" else ("llm NDCG@10", "llm Recall@10")
+    return ", ".join(f"{c} {row[f'{c} mean']:.4f}" for c in columns if row.get(f"{c} mean") is not None)
+
+
+def summarize(sweep: Sweep, summary_path: Path) -> dict:
+    """Name the chosen trial from validation alone, then read its test metrics (the only test read)."""
+    trials = sweep.study.get_trials(deepcopy=False)
+    best = chosen_trial(sweep.study)
+    if best is None:
+        raise InputError(f"--study {sweep.study.study_name}: no trial completed; see {sweep.folder / 'logs'}")
+    summary = {
+        "study": sweep.study.study_name,
+        "script": sweep.script.name,
+        "objective": f"best validation {sweep.metric}",
+        "trials": [
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                **{
+                    k: t.user_attrs[k]
+                    for k in ("flags", "run_name", "resumes", "restarts", "pruned", "error", "seconds")
+                    if k in t.user_attrs
+                },
+                **({"interrupted": "re-queued as a new trial"} if t.state == FAIL and not ended(t) else {}),
+            }
+            for t in trials
+        ],  # fmt: skip
+        "chosen": {
+            "trial": best.number,
+            "flags": best.user_attrs["flags"],
+            "validation": best.value,
+            "run_name": best.user_attrs["run_name"],
+            "chosen_at": time.time(),
+        },  # fmt: skip
+    }
+    flags = " ".join(f"--{k} {v}" for k, v in best.user_attrs["flags"].items())
+    say(f"chosen on validation: trial {best.number} ({sweep.metric} {best.value:.4f}): {flags}")
+    stage = sweep.stage
+    run = test_of(stage, sweep.run_root / best.user_attrs["run_name"], best)
+    row = build_rows([run])[0]
+    summary["test_read_for_trials"] = [best.number]
+    summary["chosen_test"] = {"test_read_at": time.time(), **{k: v for k, v in row.items() if k.endswith("mean")}}
+    say(f"test of trial {best.number} (read once, after the choice): {metric_text(row, stage)}")
+    atomic_write_json(summary_path, summary)
+    return summary
+
+
+def run_seeds(sweep: Sweep, best: optuna.trial.FrozenTrial, seeds: list[int], search_seed: int, workers: int) -> str:
+    """The chosen flags on each seed (the chosen trial itself for the search's seed); the report's table of them."""
+    stage = sweep.stage
+    flags = best.user_attrs["flags"]
+
+    def one(seed: int) -> Path:
+        if seed == search_seed:
+            return sweep.run_root / best.user_attrs["run_name"]
+        run_name = f"{sweep.study.study_name}_chosen_seed{seed}"
+        run_dir = sweep.run_root / run_name
+        if not (run_dir / "test_metrics.json").is_file():
+            argv = sweep.fixed + flag_args(flags) + ["--seed", str(seed), "--run_name", run_name]
+            argv += ["--num_threads", str(sweep.threads)] + (
+                ["--resume"] if run_dir.is_dir() and any(run_dir.iterdir()) else []
+            )
+            code = run_process(sweep, argv, sweep.folder / "logs" / f"{run_name}.log")
+            if code != 0:
+                raise InputError(f"seed {seed}: exit code {code}; see {sweep.folder / 'logs' / (run_name + '.log')}")
+            say(f"seed {seed}: {run_name} finished")
+        return run_dir
+
+    with ThreadPoolExecutor(workers) as pool:
+        run_dirs = list(pool.map(one, seeds))
+    rows = build_rows([load_run(stage, d) for d in run_dirs])
+    return render_md(rows, [], sweep.run_root.parent.parent)
+
+
+def run(flags, fixed: list[str]) -> dict:
+    script = flags.script
+    space = [check_dimension(spec, script) for spec in flags.space]
+    trial_flags = check_trial_flags(script, fixed, space)
+    experiment_root = Path(trial_flags.experiment_root)
+    folder = experiment_root / "sweeps" / flags.study
+    study = open_study(flags, script, fixed, folder)
+    sweep = Sweep(
+        script=Path(__file__).parent / script, stage=STAGES[script], study=study, fixed=fixed, space=space,
+        run_root=run_folder(experiment_root, STAGES[script], trial_flags.dataset_name, "x").parent,
+        folder=folder, metric=trial_flags.best_metric if script == RETRIEVER else SELECTION_METRIC,
+        trials=flags.trials, threads=flags.threads_per_worker or max(1, (os.cpu_count() or 1) // flags.workers),
+        pruning=flags.pruner != "none", max_restarts=flags.max_restarts, heartbeat=flags.heartbeat_seconds,
+        lock=threading.Lock(), stopping=threading.Event(),
+    )  # fmt: skip
+    done = sum(ended(t) for t in study.get_trials(deepcopy=False))
+    say(f"study {flags.study}: {done}/{flags.trials} trials ended; {flags.workers} workers x {sweep.threads} threads; "
+        f"trial output in {folder / 'logs'}")  # fmt: skip
+    run_workers(sweep, flags.workers)
+    summary = summarize(sweep, folder / "summary.json")
+    if flags.seeds:
+        best = chosen_trial(study)
+        table = run_seeds(sweep, best, flags.seeds, trial_flags.seed, flags.workers)
+        atomic_write_text(folder / "seeds_report.md", table)
+        say(table)
+        summary["seeds"] = {"seeds": flags.seeds, "report": str(folder / "seeds_report.md")}
+        atomic_write_json(folder / "summary.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    return run_cli(SWEEP, lambda flags: run(flags, argv[split + 1 :]), argv[:split])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

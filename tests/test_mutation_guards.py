@@ -1,0 +1,314 @@
+"""Guards against one-line mistakes that a manual mutation analysis found no other test would catch.
+
+Each test pins one behaviour with hand-computed values; its docstring names the mistake it catches.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dataloader.candidates import Candidates, load_candidates, save_candidates
+from dataloader.prompts import PromptBuilder, PromptConfig, candidate_letters
+from dataloader.ranker_data import (
+    EvalExample,
+    RankerData,
+    build_eval_sets,
+    eval_examples,
+    retrieved_training_lists,
+    sample_negatives,
+)
+from dataloader.retriever_data import EvalData, training_windows, window_step
+from datasets import SplitData
+from model.retrievers import RetrieverSpec, build_retriever
+from tests.conftest import split_of
+from tests.test_retriever import run_dir_of, tiny_args  # noqa: F401 (tiny_args is a fixture)
+from train_retriever import main
+from trainer.metrics import paired_bootstrap
+from trainer.ranker_eval import _ci_text, build_test_report, ranking_records
+from trainer.retriever_eval import evaluate
+from trainer.retriever_export import fold_users, write_test_metrics
+from utils.files import load_checkpoint
+
+CPU = torch.device("cpu")
+
+
+def split_with(num_users: int, num_items: int = 12) -> SplitData:
+    """num_users users with 3 training items each (ids 1..num_items), val/test items after them."""
+    return SplitData(
+        name="guard",
+        train=[[1 + (u % 3), 4 + (u % 2), 6] for u in range(num_users)],
+        val=[7] * num_users,
+        test=[8] * num_users,
+        titles=[""] + [f"Film {i}" for i in range(1, num_items + 1)],
+        user_raw_ids=[f"u{u}" for u in range(num_users)],
+        item_raw_ids=[""] + [f"m{i}" for i in range(1, num_items + 1)],
+        fingerprint="f" * 64,
+    )
+
+
+# trainer/metrics.py
+
+
+def test_bootstrap_interval_is_the_central_95_percent():
+    """Catches a 90% (5%/95%) interval, or resampling fewer users than there are, passed off as the 95% one."""
+    # 400 users with paired differences +1/-1: the mean's bootstrap sd is 1/sqrt(400) = 0.05, the 95% interval
+    # about +-1.96 x 0.05 = +-0.098 (a 90% one is +-0.082; resampling half the users widens it to +-0.139).
+    diff = torch.tensor([1.0, -1.0]).repeat(200)
+    widths = []
+    for seed in range(4):
+        low, high = paired_bootstrap(diff, torch.zeros(400), resamples=2000, seed=seed)["ci95"]
+        assert -0.12 < low < -0.085 and 0.085 < high < 0.12
+        widths.append(high - low)
+    assert 0.18 < np.mean(widths) < 0.215
+
+
+# trainer/ranker_eval.py
+
+DESCENDING = [float(20 - k) for k in range(20)]
+
+
+def test_overall_metrics_map_subset_users_through_the_candidates_file_rows():
+    """Catches indexing the all-users rank array by user id instead of by the user's row in the candidates file."""
+    split = split_with(4, num_items=30)
+    examples = [
+        EvalExample(0, [], list(range(1, 21)), 2, 2, [], DESCENDING),
+        EvalExample(2, [], list(range(1, 21)), 0, 0, [], DESCENDING),
+    ]
+    scores = torch.zeros(2, 20)
+    scores[0, 2] = 1.0  # user 0: LLM rank 0 (retriever 2)
+    scores[1, 5] = 1.0  # user 2: LLM rank 19 (all 19 others tie at 0) (retriever 0)
+    # rows in reverse user order: user 3 rank 45, user 2 rank 0, user 1 rank 30, user 0 rank 2
+    part = {"users": np.array([3, 2, 1, 0]), "label_ranks": np.array([45, 0, 30, 2])}
+    report, _ = build_test_report(scores, examples, part, split, (1, 5))
+    # overall LLM ranks per user: u0 0, u1 30, u2 19, u3 45 -> only u0 hits
+    assert report["overall"]["llm"]["Recall@1"] == pytest.approx(0.25)
+    assert report["overall"]["llm"]["NDCG@5"] == pytest.approx(0.25)
+    assert report["overall"]["retriever"]["Recall@5"] == pytest.approx(0.5)  # u0 (rank 2) and u2 (rank 0)
+
+
+def test_ranking_records_name_the_true_item_by_label_not_retriever_rank():
+    """Catches taking the true item at the retriever's rank, which is wrong once candidates are shuffled."""
+    split = split_with(1)
+    # shown order [5, 3, 9]: the true item 9 is letter C (label 2) but was the retriever's first (rank 0)
+    example = EvalExample(0, [1], [5, 3, 9], 2, 0, [], [2.0, 1.0, 3.0])
+    scores = torch.tensor([[0.1, 0.7, 0.4]])
+    ranks = {"llm": torch.tensor([1]), "retriever": torch.tensor([0])}
+    record = json.loads(ranking_records(scores, [example], ranks, split)[0])
+    assert record["true_item"] == "m9" and record["retriever_rank"] == 0 and record["llm_rank"] == 1
+    assert [(c["item"], c["letter"], c["retriever_score"]) for c in record["candidates"]] == [
+        ("m3", "B", 1.0),
+        ("m9", "C", 3.0),
+        ("m5", "A", 2.0),
+    ]
+
+
+def test_confidence_interval_verdict_needs_the_whole_interval_on_one_side():
+    """Catches calling a difference 'better'/'worse' when its interval still straddles zero."""
+    assert _ci_text({"diff": 0.1, "ci95": [0.02, 0.2]}).endswith(" better")
+    assert _ci_text({"diff": -0.2, "ci95": [-0.3, -0.1]}).endswith(" worse")
+    assert _ci_text({"diff": 0.05, "ci95": [-0.1, 0.2]}).endswith("no clear difference")
+    assert _ci_text({"diff": -0.05, "ci95": [-0.2, 0.1]}).endswith("no clear difference")
+
+
+# dataloader/ranker_data.py
+
+
+def test_sample_negatives_can_draw_the_last_item():
+    """Catches an exclusive upper bound that never samples item num_items."""
+    rng = np.random.default_rng(0)
+    drawn = {item for _ in range(200) for item in sample_negatives(rng, 5, set(), 1)}
+    assert drawn == {1, 2, 3, 4, 5}
+
+
+def test_retrieved_lists_treat_rank_equal_to_the_list_size_as_missed():
+    """Catches `<=` in the hit test: a label at 0-based rank num_candidates is NOT among the top num_candidates."""
+    part = {
+        "users": np.array([0]),
+        "lengths": np.array([1], dtype=np.int32),
+        "items": np.array([[7, 8, 9, 10, 11]], dtype=np.int32),
+        "labels": np.array([11], dtype=np.int32),
+        "label_ranks": np.array([4]),
+    }
+    assert retrieved_training_lists(part, 4, "drop", None, seed=0)[0] == []
+    pairs, lists = retrieved_training_lists(part, 4, "insert", None, seed=0)
+    assert pairs == [(0, 1)] and 11 in lists[0].tolist()
+
+
+def test_inserted_true_item_can_land_at_every_position_including_the_last():
+    """Catches drawing the insert position from num_candidates - 1 slots (never last)."""
+    size = 60
+    part = {
+        "users": np.arange(size),
+        "lengths": np.ones(size, dtype=np.int32),
+        "items": np.tile(np.array([1, 2, 3, 4, 5], dtype=np.int32), (size, 1)),
+        "labels": np.full(size, 20, dtype=np.int32),
+        "label_ranks": np.full(size, 50),
+    }
+    _, lists = retrieved_training_lists(part, 4, "insert", None, seed=0)
+    positions = [row.tolist().index(20) for row in lists]
+    assert set(positions) == {0, 1, 2, 3}
+    assert all([i for i in row.tolist() if i != 20] == [1, 2, 3] for row in lists)
+
+
+def guard_candidates(num_users: int) -> tuple[SplitData, Candidates]:
+    split = split_with(num_users)
+    items = np.array([[7, 9, 10]] * num_users, dtype=np.int32)
+    part = {
+        "users": np.arange(num_users),
+        "items": items,
+        "scores": np.tile(np.array([3.0, 2.0, 1.0], dtype=np.float32), (num_users, 1)),
+        "labels": np.full(num_users, 7, dtype=np.int32),
+        "label_ranks": np.zeros(num_users, dtype=np.int64),
+    }
+    test_part = {**part, "items": np.array([[8, 9, 10]] * num_users, dtype=np.int32), "labels": np.full(num_users, 8)}
+    return split, Candidates(path=Path("guard.npz"), meta={}, val=part, test=test_part, train=None)
+
+
+def test_max_eval_users_keeps_exactly_that_many_validation_users(llama2_tokenizer):
+    """Catches an off-by-one in the --llm_max_eval_users cap (one user too few, or no cap at len - 1)."""
+    split, candidates = guard_candidates(5)
+    builder = PromptBuilder(llama2_tokenizer, split.titles)
+    for cap, expected in ((None, 5), (5, 5), (4, 4), (2, 2)):
+        val_set, test_set = build_eval_sets(builder, split, candidates, RankerData(num_negatives=2, max_eval_users=cap))
+        users = [e.user for e in val_set]
+        assert len(users) == expected and users == sorted(set(users)), cap
+        assert len(test_set) == 5  # the test set is never capped
+
+
+def test_test_candidates_are_shuffled_independently_of_validation(llama2_tokenizer):
+    """Catches the test shuffle reusing the validation stream (the same letter order for a user in both)."""
+    split, candidates = guard_candidates(6)
+    builder = PromptBuilder(llama2_tokenizer, split.titles)
+    part = candidates.val
+    val = eval_examples(builder, split, part, "val", 3, shuffle=True, seed=0)
+    test = eval_examples(builder, split, part, "test", 3, shuffle=True, seed=0)
+    assert [e.candidates for e in val] != [e.candidates for e in test]
+    assert all(sorted(e.candidates) == [7, 9, 10] and e.candidates[e.label] == 7 for e in val + test)
+
+
+# dataloader/retriever_data.py
+
+
+def test_sequence_of_exactly_max_len_plus_step_is_cut_into_windows():
+    """Catches `<=` at the one-example boundary, or a window loop that never reaches start 0."""
+    tokens, labels = training_windows([list(range(1, 9))], max_len=4, sliding_step=4)
+    assert labels.tolist() == [[5, 6, 7, 8], [1, 2, 3, 4]]
+    assert tokens.tolist() == [[0, 5, 6, 7], [0, 1, 2, 3]]
+    # one item longer: windows start at 5 and 1; the leftover head (item 1) is never a label
+    _, labels = training_windows([list(range(1, 10))], max_len=4, sliding_step=4)
+    assert labels.tolist() == [[6, 7, 8, 9], [2, 3, 4, 5]]
+
+
+def test_window_step_truncates_the_fraction():
+    """Catches rounding --sliding_window_size x max_len instead of truncating it (the original's int())."""
+    assert window_step(0.75, 10) == 7
+    assert window_step(0.5, 7) == 3
+    assert window_step(0.01, 50) == 1
+
+
+# dataloader/prompts.py
+
+
+def test_twenty_six_candidates_get_a_to_z():
+    """Catches an upper bound that refuses the 26th candidate (--llm_negative_sample_size 25)."""
+    assert candidate_letters(26) == [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    assert candidate_letters(1) == ["A"]
+
+
+def test_max_history_zero_shows_no_history(llama2_tokenizer):
+    """Catches list[-0:] showing the whole history when --llm_max_history is 0."""
+    builder = PromptBuilder(llama2_tokenizer, ["", "Alpha", "Beta", "Gamma"], PromptConfig(max_history=0))
+    text = builder.text([1, 2], [3])
+    assert "User history: ; \n Candidate pool: (A) Gamma" in text
+    assert "Alpha" not in text and "Beta" not in text
+
+
+def test_title_one_token_too_long_is_cut(llama2_tokenizer):
+    """Catches an off-by-one that keeps a title of max_title_len + 1 tokens whole."""
+    title = "The Extraordinarily Movie (1999)"
+    length = len(llama2_tokenizer(title, add_special_tokens=False).input_ids)
+    builder = PromptBuilder(llama2_tokenizer, ["", title], PromptConfig(max_title_len=length - 1))
+    cut = builder.title(1)
+    assert cut != title and title.startswith(cut)
+    assert len(llama2_tokenizer(cut, add_special_tokens=False).input_ids) <= length - 1
+    assert PromptBuilder(llama2_tokenizer, ["", title], PromptConfig(max_title_len=length)).title(1) == title
+
+
+def test_left_cut_adds_no_bos_when_the_tokenizer_adds_none(llama2_tokenizer):
+    """Catches prepending BOS to a cut prompt whose tokenizer never put one there."""
+    titles = [""] + [f"Movie {i}" for i in range(1, 31)]
+    full_builder = PromptBuilder(llama2_tokenizer, titles)
+    full = full_builder.encode(list(range(1, 11)), list(range(11, 21)))
+    assert full[0] != llama2_tokenizer.bos_token_id and len(full) > 40
+    ids = PromptBuilder(llama2_tokenizer, titles, PromptConfig(max_text_len=40)).encode(
+        list(range(1, 11)), list(range(11, 21))
+    )
+    assert ids == full[-40:]
+
+
+# dataloader/candidates.py
+
+
+def test_candidates_round_trip_keeps_large_ranks_and_lengths(tmp_path):
+    """Catches too narrow integer dtypes for label ranks (catalogue-sized) or prefix lengths (long histories)."""
+    split = split_with(2)
+    part = {
+        "users": np.array([0, 1]),
+        "items": np.array([[3, 4], [5, 6]]),
+        "scores": np.array([[0.5, 0.25], [1.5, -2.0]]),
+        "labels": np.array([3, 9]),
+        "label_ranks": np.array([0, 100_000]),
+    }
+    train = {
+        "users": np.array([0, 1]),
+        "lengths": np.array([1, 300]),
+        "items": np.array([[2], [7]]),
+        "labels": np.array([2, 8]),
+        "label_ranks": np.array([70_000, 1]),
+    }
+    path = tmp_path / "candidates.npz"
+    save_candidates(path, split=split, topk=2, val=part, test=part, val_metrics={}, test_metrics={}, train=train)
+    loaded = load_candidates(path, split)
+    assert loaded.test["label_ranks"].tolist() == [0, 100_000]
+    assert loaded.train["lengths"].tolist() == [1, 300]
+    assert loaded.train["label_ranks"].tolist() == [70_000, 1]
+
+
+# trainer/retriever_export.py
+
+
+def test_batch16_file_averages_batch_means(tmp_path):
+    """Catches test_metrics_batch16.json holding the per-user mean instead of the paper's batch-averaged figure."""
+    ranks = np.array([0] * 16 + [100] * 4)  # batch 1: 16 hits at rank 0; batch 2: 4 misses
+    write_test_metrics(tmp_path, {"Recall@1": 0.8}, ranks, (1, 10))
+    paper_way = json.loads((tmp_path / "test_metrics_batch16.json").read_text())
+    assert paper_way["Recall@1"] == pytest.approx((1.0 + 0.0) / 2)
+    assert paper_way["NDCG@10"] == pytest.approx(0.5) and paper_way["MRR@10"] == pytest.approx(0.5)
+    assert json.loads((tmp_path / "test_metrics.json").read_text()) == {"Recall@1": 0.8}
+
+
+def test_fold_models_train_and_validate_on_the_other_folds_users_only(tmp_path, tiny_args):  # noqa: F811
+    """Catches a fold model trained (and validated) on all users, its own fold's included."""
+    assert main(tiny_args + ["--retrieved_train_folds", "2"]) == 0
+    run = run_dir_of(tmp_path)
+    split = split_of(tiny_args)
+    for k, users in enumerate(fold_users(split.num_users, 2, 42)):
+        fold_run = run / "folds" / f"fold{k}"
+        others = np.setdiff1d(np.arange(split.num_users), users)
+        # 6 other users -> 6 windows / batch 4 = 2 steps per epoch, 4 epochs (all 12 users would be 3 per epoch)
+        assert json.loads((fold_run / "training_summary.json").read_text())["steps"] == 8
+        history = [json.loads(line) for line in (fold_run / "val_history.jsonl").read_text().splitlines()]
+        assert [row["step"] for row in history] == [2, 4, 6, 8]
+        # the last validation is the last model's on the other users' validation items
+        spec = RetrieverSpec(model="lru", max_len=5, hidden_units=8, num_blocks=2)
+        model = build_retriever(spec, split.num_items)
+        model.load_state_dict(load_checkpoint(fold_run / "checkpoint_last.pt", CPU)["model"])
+        data = EvalData([split.train[u] for u in others], [split.val[u] for u in others], 5)
+        metrics, _ = evaluate(model, data, 5, [1, 5, 10], CPU)
+        for name, value in metrics.items():
+            assert history[-1][name] == pytest.approx(value), name
+        assert not math.isnan(history[-1]["NDCG@10"])

@@ -1,0 +1,193 @@
+"""sweep.py: trials chosen on validation only, every trial an ordinary run folder, a killed sweep resumed without
+losing or repeating a trial, pruning from the validation curve, and flags checked before anything runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import optuna
+import pytest
+
+import sweep
+from tests.test_ranker import write_tiny_project
+from trainer.search import FAIL, Pruned, Sweep, chosen_trial, ended, parse_dimension, report_validations
+from utils.errors import InputError
+from utils.files import REPO_ROOT
+
+
+def retriever_sweep_args(tmp_path, study: str, trials: int, workers: int, max_steps: int = 20) -> list[str]:
+    return [
+        "train_retriever.py", "--study", study, "--space", "bert_dropout=float:0.0:0.4", "label_smoothing=choice:0,0.1",
+        "--trials", str(trials), "--workers", str(workers), "--threads_per_worker", "1", "--heartbeat_seconds", "1",
+        "--", "--dataset_code", "ml-100k", "--data_root", str(tmp_path / "data"), "--experiment_root",
+        str(tmp_path / "exp"), "--max_steps", str(max_steps), "--val_iterations", "10", "--retrieved_train_topk", "0",
+        "--bert_max_len", "20",
+    ]  # fmt: skip
+
+
+def load_study(tmp_path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'exp' / 'sweeps' / name / 'study.db'}")
+
+
+def test_retriever_sweep_chooses_on_validation_and_reads_test_once(tmp_path, capsys):
+    args = retriever_sweep_args(tmp_path, "s", trials=3, workers=2)
+    assert sweep.main(args) == 0
+    out = capsys.readouterr().out
+    study = load_study(tmp_path, "s")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    runs = tmp_path / "exp" / "retriever" / "ml-100k"
+    assert sorted(p.name for p in runs.iterdir()) == ["s_trial0", "s_trial1", "s_trial2"]
+    for t in trials:
+        run = runs / t.user_attrs["run_name"]
+        summary = json.loads((run / "training_summary.json").read_text())
+        assert t.value == summary["best_value"]  # the objective is the run's best validation Recall@10
+        config = json.loads((run / "config.json").read_text())
+        assert config["bert_dropout"] == float(t.user_attrs["flags"]["bert_dropout"])
+        assert str(config["label_smoothing"]) in ("0", "0.0", "0.1") and config["num_threads"] == 1
+        assert not any("test" in key for key in t.user_attrs)
+        assert "train_users" not in np.load(run / "candidates.npz").files  # --retrieved_train_topk 0
+    best = max(trials, key=lambda t: (t.value, -t.number))
+    result = json.loads((tmp_path / "exp" / "sweeps" / "s" / "summary.json").read_text())
+    assert result["chosen"]["trial"] == best.number
+    assert result["test_read_for_trials"] == [best.number]
+    assert result["chosen"]["chosen_at"] <= result["chosen_test"]["test_read_at"]
+    test = json.loads((runs / f"s_trial{best.number}" / "test_metrics.json").read_text())
+    assert result["chosen_test"]["Recall@10 mean"] == pytest.approx(test["Recall@10"])
+    progress = out[out.index("\n") : out.index("chosen on validation")]  # after the header line (its paths)
+    assert "[3/3]" in progress and "test" not in progress.lower()  # no test metric is shown while the search runs
+    assert sweep.main(args) == 0  # the study has its trials: nothing runs again
+    assert len(load_study(tmp_path, "s").get_trials()) == 3
+    assert "3/3 trials ended" in capsys.readouterr().out
+
+
+def test_killed_sweep_resumes_its_trial_without_a_second_run_folder(tmp_path):
+    args = retriever_sweep_args(tmp_path, "k", trials=2, workers=1, max_steps=40)
+    command = [sys.executable, str(REPO_ROOT / "sweep.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    checkpoint = tmp_path / "exp" / "retriever" / "ml-100k" / "k_trial0" / "checkpoint_last.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.exists(), "the first trial never reached its first validation"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resumes the interrupted run k_trial0" in done.stdout
+    trials = load_study(tmp_path, "k").get_trials()
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 2
+    interrupted = [t for t in trials if t.state == FAIL]
+    assert [t.number for t in interrupted] == [0] and not ended(interrupted[0])
+    resumed = [t for t in complete if t.user_attrs.get("resumes") == "k_trial0"]
+    assert len(resumed) == 1 and resumed[0].params == interrupted[0].params
+    runs = tmp_path / "exp" / "retriever" / "ml-100k"
+    assert sorted(p.name for p in runs.iterdir()) == ["k_trial0", f"k_trial{({1, 2} - {resumed[0].number}).pop()}"]
+    summary = json.loads((runs / "k_trial0" / "training_summary.json").read_text())
+    assert summary["sessions"] == 2 and summary["steps"] == 40  # continued with --resume, not started again
+
+
+def test_ranker_sweep_with_a_tiny_llama(tmp_path, llama2_tokenizer, capsys):
+    flags = write_tiny_project(tmp_path, llama2_tokenizer)
+    caps = ["--lora_max_steps", "4", "--lora_val_iterations", "2", "--lora_micro_batch_size", "2",
+            "--llm_max_history", "5", "--llm_max_eval_users", "6", "--lora_warmup_steps", "1",
+            "--llm_max_train_samples", "16"]  # fmt: skip
+    args = ["train_ranker.py", "--study", "r", "--space", "lora_lr=float:1e-4:1e-2:log", "--trials", "2"]
+    assert sweep.main(args + ["--threads_per_worker", "1", "--"] + flags + caps) == 0
+    study = optuna.load_study(
+        study_name="r", storage=f"sqlite:///{tmp_path / 'experiments' / 'sweeps' / 'r' / 'study.db'}"
+    )
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for t in trials:
+        run = tmp_path / "experiments" / "ranker" / "custom-data" / t.user_attrs["run_name"]
+        summary = json.loads((run / "training_summary.json").read_text())
+        assert t.value == summary["best_val_metric"]["NDCG@10"]
+        assert (run / "adapter").is_dir() and (run / "test_metrics.json").is_file()
+    assert "chosen on validation: trial" in capsys.readouterr().out
+
+
+def test_chosen_trial_is_the_best_validation_and_the_earliest_on_ties():
+    study = optuna.create_study(direction="maximize")
+    for value in (0.2, 0.5, 0.5, 0.1):
+        study.add_trial(optuna.trial.create_trial(value=value))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, intermediate_values={1: 0.9}))
+    assert chosen_trial(study).number == 1
+
+
+def test_trials_count_when_they_end_but_not_when_re_queued():
+    failed = optuna.trial.create_trial(state=FAIL, user_attrs={"error": "exit code 2"})
+    interrupted = optuna.trial.create_trial(state=FAIL)
+    assert ended(failed) and not ended(interrupted)
+    assert ended(optuna.trial.create_trial(value=1.0))
+
+
+def test_pruner_sees_each_validation_and_stops_a_hopeless_trial(tmp_path):
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    study.add_trial(optuna.trial.create_trial(value=0.5, intermediate_values={10: 0.4, 20: 0.5}))
+    trial = study.ask()
+    (tmp_path / "val_history.jsonl").write_text(json.dumps({"step": 10, "Recall@10": 0.45}) + "\n")
+    args = dict.fromkeys(("script", "stage", "fixed", "space", "run_root", "folder", "trials", "threads"))
+    state = Sweep(**args, study=study, metric="Recall@10", pruning=True, max_restarts=0, heartbeat=1, lock=None,
+                  stopping=None)  # fmt: skip
+    reported = set()
+    report_validations(state, trial, tmp_path, reported)  # above the median at step 10: goes on
+    assert reported == {10}
+    with open(tmp_path / "val_history.jsonl", "a") as f:
+        f.write(json.dumps({"step": 20, "Recall@10": 0.1}) + "\n")
+    with pytest.raises(Pruned, match="step 20"):
+        report_validations(state, trial, tmp_path, reported)
+    assert study.get_trials()[-1].intermediate_values == {10: 0.45, 20: 0.1}
+
+
+@pytest.mark.parametrize(
+    "space, fixed, message",
+    [
+        (["lora_lr=float:1e-4:1e-2"], [], "--lora_lr is a train_ranker.py flag"),
+        (["no_such_flag=int:1:2"], [], "--no_such_flag is not a train_retriever.py flag"),
+        (["seed=int:1:5"], [], "--seed is fixed in a sweep"),
+        (["bert_dropout=float:0.5:0.1"], [], "low < high"),
+        (["lr=float:0:0.1:log"], [], "low > 0 for :log"),
+        (["bert_dropout=uniform:0:1"], [], "expected name=choice"),
+        (["bert_dropout=float:0.0:1.5"], [], "--bert_dropout: expected a value in [0, 1), found 1.5"),
+        (["bert_dropout=float:0.0:0.5"], ["--run_name", "x"], "--run_name after --"),
+        (["bert_dropout=float:0.0:0.5"], ["--num_threads", "2"], "--threads_per_worker"),
+    ],
+)
+def test_space_and_fixed_flags_are_checked_before_any_trial(tmp_path, capsys, space, fixed, message):
+    args = ["train_retriever.py", "--study", "bad", "--space", *space, "--", "--dataset_code", "ml-100k"]
+    assert sweep.main(args + ["--experiment_root", str(tmp_path), *fixed]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_study_refuses_other_settings(tmp_path, capsys):
+    args = retriever_sweep_args(tmp_path, "s", trials=0 + 1, workers=1)
+    sweep.open_study(sweep_flags(args), "train_retriever.py", args[args.index("--") + 1 :], tmp_path / "study")
+    changed = [a.replace("0.4", "0.3") for a in args]
+    with pytest.raises(InputError, match="started with other settings"):
+        sweep.open_study(
+            sweep_flags(changed), "train_retriever.py", changed[changed.index("--") + 1 :], tmp_path / "study"
+        )
+
+
+def sweep_flags(args):
+    from config import SWEEP, parse_flags
+
+    return parse_flags(SWEEP, args[: args.index("--")])
+
+
+def test_float_values_are_passed_as_recorded():
+    study = optuna.create_study()
+    dimension = parse_dimension("lr=float:1e-4:1e-2:log")
+    assert dimension.log and (dimension.low, dimension.high) == (1e-4, 1e-2)
+    value = dimension.suggest(study.ask())
+    assert 1e-4 <= float(value) <= 1e-2
+    assert parse_dimension("n=int:2:8").corners() == ["2", "8"]
+    assert parse_dimension("x=choice:a,b").suggest(study.ask()) in ("a", "b")

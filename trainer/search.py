@@ -1,0 +1,312 @@
+"""The trials of a hyper-parameter search (sweep.py): the search space, one trial as a process of the training
+script with its own ordinary run folder, validation reports to the pruner, heartbeats, and the workers that take
+trials from the shared Optuna study until it has enough.
+
+A trial whose sweep dies (kill -9, a lost machine) stops beating; the next worker that looks fails it and queues a
+retry with the same flags and run folder, which continues the run with --resume (RetryHeartbeatStaleTrialCallback).
+"""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from trainer.ranker_train import SELECTION_METRIC
+from utils.errors import InputError
+
+COMPLETE, PRUNED, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
+RUNNING, WAITING = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING
+# Started through `python -c`: the trial's process dies with the sweep (Linux), so a killed sweep leaves no trial
+# running that a restarted sweep would resume a second time.
+CHILD = """import ctypes, os, runpy, signal, sys
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(137)
+sys.argv = sys.argv[2:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One flag of the search space: `name=choice:a,b` | `name=int:low:high[:log]` | `name=float:low:high[:log]`."""
+
+    name: str
+    kind: str
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    choices: tuple[str, ...] = ()
+
+    def suggest(self, trial: optuna.Trial) -> str:
+        if self.kind == "choice":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return str(trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log))
+        return f"{trial.suggest_float(self.name, self.low, self.high, log=self.log):.6g}"
+
+    def corners(self) -> list[str]:
+        """Values that show a flag's range check what the search may pass."""
+        if self.kind == "choice":
+            return list(self.choices)
+        return [str(int(v)) if self.kind == "int" else f"{v:.6g}" for v in (self.low, self.high)]
+
+
+def parse_dimension(spec: str) -> Dimension:
+    """`name=choice:a,b,c`, `name=int:low:high` or `name=float:low:high`, with `:log` appended for a log scale."""
+    name, _, rest = spec.partition("=")
+    kind, _, values = rest.partition(":")
+    expected = "name=choice:a,b,c, name=int:low:high or name=float:low:high (:log appended for a log scale)"
+    if kind == "choice" and values:
+        return Dimension(name, kind, choices=tuple(values.split(",")))
+    parts = values.split(":")
+    log = parts[-1] == "log"
+    parts = parts[:-1] if log else parts
+    try:
+        low, high = (int(p) for p in parts) if kind == "int" else (float(p) for p in parts)
+    except ValueError:
+        raise InputError(f"--space {spec!r}: expected {expected}") from None
+    if kind not in ("int", "float") or not low < high or (log and low <= 0):
+        raise InputError(f"--space {spec!r}: expected {expected}, with low < high (and low > 0 for :log)")
+    return Dimension(name, kind, low, high, log)
+
+
+def flag_args(values: dict[str, str]) -> list[str]:
+    return [token for name, value in values.items() for token in (f"--{name}", *value.split())]
+
+
+@dataclass
+class Sweep:
+    """What every worker of one sweep shares: the study, how to run a trial, and how many trials to end with."""
+
+    script: Path  # train_retriever.py or train_ranker.py
+    stage: str  # retriever or ranker
+    study: optuna.Study
+    fixed: list[str]
+    space: list[Dimension]
+    run_root: Path  # <experiment_root>/<stage>/<dataset>
+    folder: Path  # <experiment_root>/sweeps/<study>
+    metric: str
+    trials: int
+    threads: int
+    pruning: bool
+    max_restarts: int
+    heartbeat: int
+    lock: threading.Lock
+    stopping: threading.Event
+
+
+class Pruned(Exception):
+    pass
+
+
+class Interrupted(Exception):
+    """The sweep itself is stopping (Ctrl-C): its trials are re-queued, to be resumed by the next start."""
+
+
+def ended(trial: optuna.trial.FrozenTrial) -> bool:
+    """Counts toward --trials: complete, pruned, or failed by itself (not a trial re-queued after an interruption)."""
+    return trial.state in (COMPLETE, PRUNED) or (trial.state == FAIL and "error" in trial.user_attrs)
+
+
+def run_process(sweep: Sweep, argv: list[str], log: Path, on_poll=None) -> int:
+    """The script with `argv` in a child process (stdout and stderr appended to `log`); its exit code, negative
+    for a signal. `on_poll` is called every second and may raise to stop the child (Ctrl-C: its files stay whole)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(sweep.threads), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-c", CHILD, str(os.getpid()), str(sweep.script), *argv]
+    with open(log, "a", encoding="utf-8") as out:
+        out.write(f"\n$ {sweep.script.name} {' '.join(argv)}\n")
+        out.flush()
+        # its own session: a Ctrl-C at the terminal reaches the sweep only, which stops its trials in order
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            while child.poll() is None:
+                time.sleep(1)
+                if sweep.stopping.is_set():
+                    raise Interrupted
+                if on_poll is not None:
+                    on_poll()
+        except BaseException:
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+            raise
+    return child.returncode
+
+
+def report_validations(sweep: Sweep, trial: optuna.Trial, run_dir: Path, reported: set[int]) -> None:
+    """Each new validation of the run goes to the pruner; raises Pruned when it says stop."""
+    path = run_dir / "val_history.jsonl"
+    if not path.is_file():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line being written
+        step, value = record.get("step"), record.get(sweep.metric)
+        if step in reported or not isinstance(value, int | float):
+            continue
+        reported.add(step)
+        trial.report(value, step)
+        if trial.should_prune():
+            raise Pruned(f"pruned at step {step} ({sweep.metric} {value:.4f})")
+
+
+def objective_value(sweep: Sweep, run_dir: Path) -> float:
+    """The run's best validation metric, from its training_summary.json."""
+    path = run_dir / "training_summary.json"
+    summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    value = (
+        summary.get("best_value")
+        if sweep.stage == "retriever"
+        else summary.get("best_val_metric", {}).get(SELECTION_METRIC)
+    )
+    if not isinstance(value, int | float) or math.isnan(value):
+        raise RuntimeError(f"{run_dir}: no validation metric (did a validation run? see --val_iterations)")
+    return float(value)
+
+
+def run_trial(sweep: Sweep, trial: optuna.Trial) -> float:
+    """Train the trial's run (resuming its folder after an interruption); its best validation metric."""
+    run_name = trial.user_attrs.get("run_name")  # a re-queued trial inherits the interrupted one's attributes
+    if run_name is None:
+        run_name = f"{sweep.study.study_name}_trial{trial.number}"
+        trial.set_user_attr("run_name", run_name)
+    else:
+        trial.set_user_attr("resumes", run_name)
+        say(f"trial {trial.number}: resumes the interrupted run {run_name}")
+    trial.set_user_attr("host", socket.gethostname())
+    values = {dim.name: dim.suggest(trial) for dim in sweep.space}
+    trial.set_user_attr("flags", values)  # as passed on the command line
+    run_dir = sweep.run_root / run_name
+    argv = sweep.fixed + flag_args(values) + ["--run_name", run_name, "--num_threads", str(sweep.threads)]
+    reported = set(sweep.study._storage.get_trial(trial._trial_id).intermediate_values)  # inherited on a re-queue
+    poll = (lambda: report_validations(sweep, trial, run_dir, reported)) if sweep.pruning else None
+    for restart in range(sweep.max_restarts + 1):
+        if (run_dir / "test_metrics.json").is_file():
+            break  # finished before the interruption
+        resume = ["--resume"] if run_dir.is_dir() and any(run_dir.iterdir()) else []
+        code = run_process(sweep, argv + resume, sweep.folder / "logs" / f"{run_name}.log", poll)
+        if code == 0:
+            break
+        if code not in (130, -signal.SIGINT) and code >= 0 or restart == sweep.max_restarts:
+            raise RuntimeError(f"exit code {code}; see {sweep.folder / 'logs' / (run_name + '.log')}")
+        trial.set_user_attr("restarts", restart + 1)
+        say(f"trial {trial.number}: its process was interrupted (exit code {code}); resuming it (--resume)")
+    return objective_value(sweep, run_dir)
+
+
+def heartbeat(storage: optuna.storages.RDBStorage, trial: optuna.Trial, seconds: int, stop: threading.Event) -> None:
+    while not stop.wait(seconds):
+        storage.record_heartbeat(trial._trial_id)  # Optuna has no public accessor of a live trial's id
+
+
+def work(sweep: Sweep) -> None:
+    """One worker: take the next trial (re-queued ones first) until the study has --trials ended trials."""
+    storage = sweep.study._storage
+    while True:
+        with sweep.lock:
+            optuna.storages.fail_stale_trials(sweep.study)
+            trials = sweep.study.get_trials(deepcopy=False)
+            done = sum(ended(t) for t in trials)
+            running, waiting = (sum(t.state == state for t in trials) for state in (RUNNING, WAITING))
+            if done >= sweep.trials or sweep.stopping.is_set():
+                return
+            trial = sweep.study.ask() if waiting or done + running < sweep.trials else None
+        if trial is None:  # the remaining trials run elsewhere: wait until they end or go stale
+            time.sleep(sweep.heartbeat)
+            continue
+        stop = threading.Event()
+        threading.Thread(target=heartbeat, args=(storage, trial, sweep.heartbeat, stop), daemon=True).start()
+        start = time.time()
+        try:
+            value = run_trial(sweep, trial)
+            state = optuna.trial.TrialState.COMPLETE
+        except Pruned as e:
+            value, state = None, optuna.trial.TrialState.PRUNED
+            trial.set_user_attr("pruned", str(e))
+        except RuntimeError as e:
+            value, state = None, optuna.trial.TrialState.FAIL
+            trial.set_user_attr("error", str(e))
+        except Interrupted:
+            requeue(sweep.study, trial)
+            return
+        finally:
+            stop.set()
+        trial.set_user_attr("seconds", round(time.time() - start, 1))
+        sweep.study.tell(trial, value, state=state)
+        say(progress_line(sweep, trial.number))
+
+
+def progress_line(sweep: Sweep, number: int) -> str:
+    trials = sweep.study.get_trials(deepcopy=False)
+    trial = trials[number]
+    attrs = trial.user_attrs
+    outcome = {
+        COMPLETE: lambda: f"{sweep.metric} {trial.value:.4f}",
+        PRUNED: lambda: attrs.get("pruned", "pruned"),
+        FAIL: lambda: f"failed: {attrs.get('error')}",
+    }[trial.state]()
+    flags = " ".join(f"--{k} {v}" for k, v in trial.user_attrs.get("flags", {}).items())
+    done = sum(ended(t) for t in trials)
+    best = chosen_trial(sweep.study)
+    best_text = f"best: trial {best.number} ({best.value:.4f})" if best else "no complete trial yet"
+    return f"[{done}/{sweep.trials}] trial {number} {outcome} | {flags} | {attrs.get('seconds', 0):.0f} s | {best_text}"
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def requeue(study: optuna.Study, trial: optuna.Trial) -> None:
+    """What the heartbeat check does to a trial whose sweep died, done at once: fail it and queue its retry."""
+    storage = study._storage
+    storage.set_trial_state_values(trial._trial_id, state=FAIL)
+    storage.get_heartbeat_stale_trial_callback()(study, storage.get_trial(trial._trial_id))
+
+
+def chosen_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The complete trial with the best validation value; the earliest on ties."""
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == COMPLETE]
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
+def run_workers(sweep: Sweep, workers: int) -> None:
+    errors: list[BaseException] = []
+
+    def guarded() -> None:
+        try:
+            work(sweep)
+        except BaseException as e:  # shown by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, daemon=True) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    try:
+        while any(thread.is_alive() for thread in threads):
+            for thread in threads:
+                thread.join(0.5)
+    except KeyboardInterrupt:
+        sweep.stopping.set()
+        for thread in threads:
+            thread.join()
+        print("\ninterrupted: running trials were re-queued; run the same command to resume them", file=sys.stderr)
+        raise SystemExit(130) from None
+    if errors:
+        raise errors[0]
