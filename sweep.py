@@ -208,6 +208,8 @@ def run_seeds(sweep: Sweep, best: optuna.trial.FrozenTrial, seeds: list[int], se
     with ThreadPoolExecutor(workers) as pool:
         run_dirs = list(pool.map(one, seeds))
     rows = build_rows([load_run(stage, d) for d in run_dirs])
+    for row in rows:  # the report names a group by the flags its runs differ in: here, none
+        row["group"] = " ".join(f"--{name} {value}" for name, value in flags.items())
     return render_md(rows, [], sweep.run_root.parent.parent)
 
 

@@ -1,5 +1,7 @@
-"""Ranker speed on the machine it runs on: evaluation users/s (verbalizer, several batch sizes) and LoRA training
-seconds per sample, with peak memory, on real ml-100k prompts.
+"""Ranker speed on the machine it runs on: evaluation users/s (verbalizer, several batch sizes; the base model and
+with a LoRA adapter attached, as the test runs) and LoRA training seconds per sample, with peak memory, on real
+ml-100k prompts; on a CPU, each beside its FLOPs, achieved GFLOP/s and share of the machine's own matmul rate in the
+model's precision (bench/roofline.py). Useful FLOPs only: padding of a batch counts as time, not as work.
 
     python -m bench.bench_ranker [--llm_base_model smollm2-135m] [--num_threads 1] [--train_batch_size 1]
 
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.roofline import LLM_PROJECTION, SQUARE, count_flops, cpu_features, machine_rates, share
 from dataloader.prompts import PromptBuilder
 from dataloader.ranker_data import EvalExample, TrainCollator, TrainPrompts, training_prefixes
 from datasets import DataConfig, load_split
@@ -35,8 +38,11 @@ def popular_candidates(history: list[int], popularity: np.ndarray, count: int) -
     return [int(i) for i in np.argsort(-popularity) if i != 0 and i not in seen][:count]
 
 
-def bench_eval(model, builder, split, letter_ids, users: int, batch_sizes: list[int], device) -> tuple[list, list]:
-    """Users/s of the verbalizer at each batch size (after a warm-up), and the prompts' lengths."""
+def bench_eval(
+    model, builder, split, letter_ids, users: int, batch_sizes: list[int], device, label: str = "eval"
+) -> tuple[list, list]:
+    """Users/s of the verbalizer at each batch size (after a warm-up) with the useful FLOPs of those users (at
+    batch 1: no padding), and the prompts' lengths."""
     from trainer.ranker_eval import rank_examples
 
     popularity = np.bincount([i for seq in split.train for i in seq], minlength=split.num_items + 1)
@@ -49,40 +55,81 @@ def bench_eval(model, builder, split, letter_ids, users: int, batch_sizes: list[
         )
     pad_id = builder.tokenizer.pad_token_id
     rank_examples(model, examples[:2], letter_ids, pad_id, 2, device)  # warm-up
+    flops = count_flops(lambda: rank_examples(model, examples, letter_ids, pad_id, 1, device))
     rows = []
     for batch_size in batch_sizes:
         start = time.time()
         rank_examples(model, examples, letter_ids, pad_id, batch_size, device)
         seconds = time.time() - start
-        rows.append({"what": f"eval batch {batch_size}", "users_per_s": len(examples) / seconds})
-        print(f"eval batch {batch_size}: {len(examples) / seconds:.2f} users/s", flush=True)
+        rows.append({"what": f"{label} batch {batch_size}", "users_per_s": len(examples) / seconds, "flops": flops,
+                     "seconds": seconds})  # fmt: skip
+        print(f"{label} batch {batch_size}: {len(examples) / seconds:.2f} users/s", flush=True)
     return rows, [len(e.input_ids) for e in examples]
 
 
-def bench_train(model, builder, split, letter_ids, steps: int, batch_size: int, device) -> tuple[float, list]:
-    """Seconds per training sample of LoRA steps on real prompts (the first step excluded when there are more)."""
+def bench_train(model, builder, split, letter_ids, steps: int, batch_size: int, device) -> tuple[float, list, float]:
+    """Seconds per training sample of LoRA steps on real prompts (the first step excluded when there are more), the
+    prompts' lengths, and the FLOPs per sample of the timed steps (forward and backward)."""
     pairs = training_prefixes(split.train, steps * batch_size, seed=0)
     eos = builder.tokenizer.eos_token_id
     dataset = TrainPrompts(builder, split.train, split.num_items, pairs, 19, letter_ids.tolist(), eos, seed=0)
     collate = TrainCollator(builder.tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
-    times, lengths = [], []
-    for step in range(steps):
-        features = [dataset[k] for k in range(step * batch_size, (step + 1) * batch_size)]
-        batch = collate(features)
-        lengths += [len(f["prompt_ids"]) for f in features]
-        start = time.time()
-        targets = batch.pop("targets")
-        logits = model(**{k: v.to(device) for k, v in batch.items()}, logits_to_keep=targets.shape[1]).logits
+    times, lengths, batches = [], [], []
+
+    def forward_backward(batch: dict) -> torch.Tensor:
+        targets = batch["targets"]
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "targets"}
+        logits = model(**inputs, logits_to_keep=targets.shape[1]).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten())
         loss.backward()
+        return loss
+
+    for step in range(steps):
+        features = [dataset[k] for k in range(step * batch_size, (step + 1) * batch_size)]
+        batches.append(collate(features))
+        lengths += [len(f["prompt_ids"]) for f in features]
+        start = time.time()
+        loss = forward_backward(batches[-1])
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.time() - start)
         print(f"train step {step}: {times[-1]:.2f} s, loss {loss.item():.3f}", flush=True)
-    steady = times[1:] or times  # the first step pays one-off allocation costs
-    return sum(steady) / (len(steady) * batch_size), lengths
+    first = 1 if len(times) > 1 else 0  # the first step pays one-off allocation costs
+    flops = sum(count_flops(lambda b=b: forward_backward(b)) for b in batches[first:])
+    optimizer.zero_grad()
+    samples = (len(times) - first) * batch_size
+    return sum(times[first:]) / samples, lengths, flops / samples
+
+
+def add_roofline(result: dict, rows: list[dict], device: torch.device, matmul_seconds: float) -> dict | None:
+    """On a CPU: the machine's matmul rates, and each row's achieved GFLOP/s and share of the rate at the LLM's
+    projection shape in the model's precision (bf16 or fp32; NF4 computes in bf16)."""
+    if device.type != "cpu":
+        return None
+    rates = machine_rates({"2048^3": SQUARE, "LLM projection": LLM_PROJECTION}, matmul_seconds)
+    result["machine"], result["matmul_gflops_per_s"] = cpu_features(), rates
+    precision = "fp32" if result["dtype"] == "torch.float32" else "bf16"
+    rate = rates["LLM projection"][precision]
+    for row in rows:
+        row.update(share(row.pop("flops"), row.pop("seconds"), rate))
+        row["share_of_2048"] = round(row["gflops_per_s"] / rates["2048^3"][precision], 3)
+    return {"name": f"{precision} matmul at {'x'.join(map(str, LLM_PROJECTION))}", "gflops_per_s": rate}
+
+
+def print_table(rows: list[dict], rate: dict | None, dtype: str) -> None:
+    print(f"\n{'measure':28}{'value':>10}{'original':>10}{'GFLOP/s':>9}{'share':>7}")
+    for row in rows:
+        roof = f"{row['gflops_per_s']:9.0f}{row['share']:7.0%}" if "share" in row else ""
+        if "users_per_s" in row:
+            value, original = f"{row['users_per_s']:10.2f}", f"{ORIGINAL['eval_users_per_s_bf16']:10.2f}"
+            print(f"{row['what'] + ' users/s':28}{value}{original}{roof}")
+        else:
+            value, original = f"{row['s_per_sample']:10.3f}", f"{ORIGINAL['train_s_per_sample']:10.2f}"
+            print(f"{row['what'] + ' s/sample':28}{value}{original}{roof}")
+    if rate is not None:
+        print(f"share: of {rate['name']} ({rate['gflops_per_s']:.0f} GFLOP/s, {dtype} like the model)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,6 +141,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train_batch_size", type=int, default=1)
     parser.add_argument("--load_in_4bit", action="store_true", help="NF4 base model (slower on CPU)")
     parser.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--matmul_seconds", type=float, default=1.0, help="time spent measuring each matmul rate")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "experiments" / "bench" / "ranker.json")
     return parser.parse_args(argv)
 
@@ -116,10 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     letter_ids = torch.tensor(list(letter_token_ids(builder, 20).values()))
     rows, lengths = bench_eval(model, builder, split, letter_ids, args.eval_users, args.eval_batch_sizes, device)
     model = add_lora(model, LoraSettings(dropout=0.05), quantized=args.load_in_4bit)
-    s_per_sample, train_lengths = bench_train(
+    rows += bench_eval(model, builder, split, letter_ids, args.eval_users, args.eval_batch_sizes, device, "eval+LoRA")[
+        0
+    ]
+    s_per_sample, train_lengths, train_flops = bench_train(
         model, builder, split, letter_ids, args.train_steps, args.train_batch_size, device
     )
-    rows.append({"what": f"train batch {args.train_batch_size}", "s_per_sample": s_per_sample})
+    rows.append({"what": f"train batch {args.train_batch_size}", "s_per_sample": s_per_sample,
+                 "flops": train_flops, "seconds": s_per_sample})  # fmt: skip
+    if not args.load_in_4bit:  # the adapter merged into the weights: no LoRA matmuls, no casts to its fp32
+        rows += bench_eval(
+            model.merge_and_unload(), builder, split, letter_ids, args.eval_users, args.eval_batch_sizes, device,
+            "eval+LoRA merged",
+        )[0]  # fmt: skip
     result = {
         "model": args.llm_base_model,
         "device": str(device),
@@ -134,13 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
         "original_reference": ORIGINAL,
     }
+    rate = add_roofline(result, rows, device, args.matmul_seconds)
     atomic_write_json(args.out, result)
-    print(f"\n{'measure':22}{'value':>12}{'original':>12}")
-    for row in rows:
-        if "users_per_s" in row:
-            print(f"{row['what'] + ' users/s':22}{row['users_per_s']:12.2f}{ORIGINAL['eval_users_per_s_bf16']:12.2f}")
-        else:
-            print(f"{row['what'] + ' s/sample':22}{row['s_per_sample']:12.3f}{ORIGINAL['train_s_per_sample']:12.2f}")
+    print_table(rows, rate, result["dtype"])
     print(f"peak RSS {result['peak_rss_mib']} MiB; mean prompt {result['eval_prompt_tokens_mean']:.0f} tokens")
     print(f"written: {args.out}")
     return 0

@@ -80,8 +80,23 @@ def bench(flags: argparse.Namespace, bench_epochs: int, train_only: bool = False
             training.label_smoothing,
         )
 
-    # Two warm-up steps (allocator, thread pool, CUDA kernels and their autotuning) outside the timing.
     batches = epoch_batches(len(tokens), training.batch_size, training.seed, 0)
+    result.update(time_epochs(step, batches, len(tokens), training, bench_epochs, device))
+    if train_only:
+        result["peak_rss_mib"] = peak_rss_mib()
+        return result
+
+    result.update(time_evaluation(model, split, spec, training, candidate_export(flags), device))
+    result["peak_rss_mib"] = peak_rss_mib()
+    if device.type == "cuda":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def time_epochs(step, batches: list, sequences: int, training, bench_epochs: int, device: torch.device) -> dict:
+    """The fastest of `bench_epochs` training epochs (after two warm-up steps) and an epoch's FLOPs."""
+    result = {}
+    # Two warm-up steps (allocator, thread pool, CUDA kernels and their autotuning) outside the timing.
     for index in batches[:2]:
         step(index)
     # An epoch's FLOPs: every batch but the last has the first one's shape.
@@ -91,17 +106,19 @@ def bench(flags: argparse.Namespace, bench_epochs: int, train_only: bool = False
     for epoch in range(bench_epochs):
         synchronize(device)
         start = time.perf_counter()
-        for index in epoch_batches(len(tokens), training.batch_size, training.seed, epoch):
+        for index in epoch_batches(sequences, training.batch_size, training.seed, epoch):
             step(index)
         synchronize(device)
         epoch_seconds.append(time.perf_counter() - start)
     result["train_seconds_per_epoch"] = min(epoch_seconds)
     result["train_seconds_per_epoch_all"] = [round(s, 3) for s in epoch_seconds]
-    result["train_sequences_per_second"] = len(tokens) / min(epoch_seconds)
-    if train_only:
-        result["peak_rss_mib"] = peak_rss_mib()
-        return result
+    result["train_sequences_per_second"] = sequences / min(epoch_seconds)
+    return result
 
+
+def time_evaluation(model, split, spec, training, export, device: torch.device) -> dict:
+    """Validation (full ranking) with its FLOPs, the candidate export, and its training-prefix part alone."""
+    result, max_len = {}, spec.max_len
     val = eval_data(split, "val", max_len)
     start = time.perf_counter()
     evaluate(model, val, training.val_batch_size, list(training.metric_ks), device)
@@ -113,7 +130,6 @@ def bench(flags: argparse.Namespace, bench_epochs: int, train_only: bool = False
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        export = candidate_export(flags)
         export_candidates(model, split, spec, export, Path(tmp), device, (training, Path(tmp) / "folds"))
         result["candidates_file_bytes"] = (Path(tmp) / "candidates.npz").stat().st_size
     result["export_seconds"] = time.perf_counter() - start
@@ -123,9 +139,6 @@ def bench(flags: argparse.Namespace, bench_epochs: int, train_only: bool = False
     prefixes = train_prefix_candidates(model, split.train, max_len, export.train_topk, 256, device)
     result["train_prefix_seconds"] = time.perf_counter() - start
     result["train_prefixes"] = len(prefixes["users"])
-    result["peak_rss_mib"] = peak_rss_mib()
-    if device.type == "cuda":
-        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
 
 

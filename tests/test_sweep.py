@@ -29,6 +29,10 @@ def retriever_sweep_args(tmp_path, study: str, trials: int, workers: int, max_st
     ]  # fmt: skip
 
 
+def config_of(runs, trial) -> dict:
+    return json.loads((runs / trial.user_attrs["run_name"] / "config.json").read_text())
+
+
 def load_study(tmp_path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'exp' / 'sweeps' / name / 'study.db'}")
 
@@ -63,6 +67,15 @@ def test_retriever_sweep_chooses_on_validation_and_reads_test_once(tmp_path, cap
     assert sweep.main(args) == 0  # the study has its trials: nothing runs again
     assert len(load_study(tmp_path, "s").get_trials()) == 3
     assert "3/3 trials ended" in capsys.readouterr().out
+    # --seeds: the chosen flags on another seed; the search's own seed (42) is the chosen trial itself
+    seeds = args[: args.index("--")] + ["--seeds", "42", "1"] + args[args.index("--") :]
+    assert sweep.main(seeds) == 0
+    assert sorted(p.name for p in runs.iterdir()) == ["s_chosen_seed1", "s_trial0", "s_trial1", "s_trial2"]
+    seed_config = json.loads((runs / "s_chosen_seed1" / "config.json").read_text())
+    assert seed_config["seed"] == 1 and seed_config["bert_dropout"] == config_of(runs, best)["bert_dropout"]
+    table = (tmp_path / "exp" / "sweeps" / "s" / "seeds_report.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| --bert_dropout"))
+    assert f"s_trial{best.number}, s_chosen_seed1" in row and "| 2 |" in row
 
 
 def test_killed_sweep_resumes_its_trial_without_a_second_run_folder(tmp_path):
