@@ -12,6 +12,7 @@ continues the study: trials of a killed sweep are resumed from their run folders
 Files: README, "Hyper-parameter search"; details: docs/sweeps.md.
 """
 
+import argparse
 import os
 import sys
 import threading
@@ -83,13 +84,10 @@ def check_trial_flags(script: str, fixed: list[str], space: list[Dimension]) -> 
     return flags
 
 
-# ---------------------------------------------------------------------------------------------- one trial
-
-
 # ---------------------------------------------------------------------------------------------- the study
 
 
-def open_study(flags, script: str, fixed: list[str], folder: Path) -> optuna.Study:
+def open_study(flags: argparse.Namespace, script: str, fixed: list[str], folder: Path) -> optuna.Study:
     """Create or join the study; joining checks that it searches the same script, fixed flags and space."""
     folder.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(
@@ -213,7 +211,7 @@ def run_seeds(sweep: Sweep, best: optuna.trial.FrozenTrial, seeds: list[int], se
     return render_md(rows, [], sweep.run_root.parent.parent)
 
 
-def run(flags, fixed: list[str]) -> dict:
+def run(flags: argparse.Namespace, fixed: list[str]) -> dict:
     script = flags.script
     space = [check_dimension(spec, script) for spec in flags.space]
     trial_flags = check_trial_flags(script, fixed, space)
