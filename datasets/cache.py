@@ -45,9 +45,14 @@ def save_split(folder: Path, split: SplitData, extra: dict) -> None:
             **extra,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)  # fails when the folder exists (and is not empty)
+        except OSError:
+            if load_cached_split(folder) is not None:  # another process (e.g. a parallel sweep trial) wrote this
+                shutil.rmtree(tmp, ignore_errors=True)  # same key first: the same split, keep it
+                return
+            shutil.rmtree(folder, ignore_errors=True)  # an unreadable cache: replaced
+            os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -353,3 +353,18 @@ def test_transformers_trainer_beside_hf_datasets(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
     trainer.train()
     assert "eval_loss" in trainer.evaluate()
+
+
+def test_cache_written_twice_keeps_one_whole_copy_and_replaces_an_unreadable_one(tmp_path, tiny_split):
+    """A cache written again onto a whole one keeps it and leaves no temporary folder (what the loser of two
+    parallel sweep trials preparing the same dataset does); an unreadable cache is replaced."""
+    from datasets.cache import load_cached_split, save_split
+
+    split, folder = tiny_split, tmp_path / "preprocessed" / "key"
+    save_split(folder, split, {})
+    save_split(folder, split, {})
+    assert load_cached_split(folder).train == split.train
+    assert [p.name for p in folder.parent.iterdir()] == ["key"]  # no temporary folder left behind
+    (folder / "meta.json").write_text("{not json")
+    save_split(folder, split, {})
+    assert load_cached_split(folder).fingerprint == split.fingerprint

@@ -43,7 +43,8 @@ def test_retriever_sweep_chooses_on_validation_and_reads_test_once(tmp_path, cap
     out = capsys.readouterr().out
     study = load_study(tmp_path, "s")
     trials = study.get_trials()
-    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    errors = [t.user_attrs.get("error") for t in trials]
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3, errors
     runs = tmp_path / "exp" / "retriever" / "ml-100k"
     assert sorted(p.name for p in runs.iterdir()) == ["s_trial0", "s_trial1", "s_trial2"]
     for t in trials:

@@ -205,10 +205,16 @@ def run_trial(sweep: Sweep, trial: optuna.Trial) -> float:
         if code == 0:
             break
         if code not in (130, -signal.SIGINT) and code >= 0 or restart == sweep.max_restarts:
-            raise RuntimeError(f"exit code {code}; see {sweep.folder / 'logs' / (run_name + '.log')}")
+            log = sweep.folder / "logs" / f"{run_name}.log"
+            raise RuntimeError(f"exit code {code} ({last_line(log)}); see {log}")
         trial.set_user_attr("restarts", restart + 1)
         say(f"trial {trial.number}: its process was interrupted (exit code {code}); resuming it (--resume)")
     return objective_value(sweep, run_dir)
+
+
+def last_line(log: Path) -> str:
+    lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip()[-200:] if lines else "no output"
 
 
 def heartbeat(storage: optuna.storages.RDBStorage, trial: optuna.Trial, seconds: int, stop: threading.Event) -> None:
