@@ -107,6 +107,26 @@ def test_killed_sweep_resumes_its_trial_without_a_second_run_folder(tmp_path):
     assert summary["sessions"] == 2 and summary["steps"] == 40  # continued with --resume, not started again
 
 
+def test_ctrl_c_requeues_the_running_trial_at_once(tmp_path):
+    args = retriever_sweep_args(tmp_path, "c", trials=1, workers=1, max_steps=40)
+    command = [sys.executable, str(REPO_ROOT / "sweep.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    checkpoint = tmp_path / "exp" / "retriever" / "ml-100k" / "c_trial0" / "checkpoint_last.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(timeout=120) == 130
+    assert "re-queued" in driver.stderr.read()
+    states = [t.state for t in load_study(tmp_path, "c").get_trials()]
+    assert states == [FAIL, optuna.trial.TrialState.WAITING]  # queued again without waiting for a heartbeat
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "resumes the interrupted run c_trial0" in done.stdout
+    summary = json.loads((checkpoint.parent / "training_summary.json").read_text())
+    assert summary["sessions"] == 2 and summary["steps"] == 40
+
+
 def test_ranker_sweep_with_a_tiny_llama(tmp_path, llama2_tokenizer, capsys):
     flags = write_tiny_project(tmp_path, llama2_tokenizer)
     caps = ["--lora_max_steps", "4", "--lora_val_iterations", "2", "--lora_micro_batch_size", "2",

@@ -293,25 +293,30 @@ def chosen_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def run_workers(sweep: Sweep, workers: int) -> None:
+    """`workers` threads running work(); Ctrl-C stops them in order (their trials re-queued) and exits with 130."""
     errors: list[BaseException] = []
+    finished = [threading.Event() for _ in range(workers)]
 
-    def guarded() -> None:
+    def guarded(done: threading.Event) -> None:
         try:
             work(sweep)
         except BaseException as e:  # shown by the main thread
             errors.append(e)
+        finally:
+            done.set()
 
-    threads = [threading.Thread(target=guarded, daemon=True) for _ in range(workers)]
-    for thread in threads:
-        thread.start()
+    for done in finished:
+        threading.Thread(target=guarded, args=(done,), daemon=True).start()
+    # Waiting on events, not Thread.join: a Ctrl-C inside join() can leave the thread looking finished (CPython).
     try:
-        while any(thread.is_alive() for thread in threads):
-            for thread in threads:
-                thread.join(0.5)
+        while not all(done.wait(0.5) for done in finished):
+            pass
     except KeyboardInterrupt:
         sweep.stopping.set()
-        for thread in threads:
-            thread.join()
+        while not all(done.wait(1) for done in finished):
+            pass
+        for error in errors:
+            print(f"error while stopping: {type(error).__name__}: {error}", file=sys.stderr)
         print("\ninterrupted: running trials were re-queued; run the same command to resume them", file=sys.stderr)
         raise SystemExit(130) from None
     if errors:
