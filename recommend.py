@@ -33,7 +33,7 @@ from config import (
     run_cli,
     saved_flags,
 )
-from dataloader.candidates import FILE_NAME, file_sha256
+from dataloader.candidates import FILE_NAME
 from dataloader.histories import Request, read_requests, requests_for_users, resolve_items
 from dataloader.retriever_data import EvalData
 from datasets import load_split
@@ -42,7 +42,7 @@ from model.retrievers import build_retriever
 from trainer.retriever_train import BEST
 from trainer.runtime import resolve_device, set_threads
 from utils.errors import InputError, one_line
-from utils.files import atomic_write_text, load_checkpoint, read_json_object
+from utils.files import atomic_write_text, load_checkpoint, read_json_object, sha256_file
 
 
 def finished_run(run_dir: Path, script: str, flag: str) -> argparse.Namespace:
@@ -153,7 +153,7 @@ def check_candidates(ranker_metrics: dict, retriever_run: Path) -> None:
     """A ranker (and its fusion weight) is served only with the retriever run whose candidates it was trained on."""
     path = Path(retriever_run) / FILE_NAME
     recorded, used = ranker_metrics.get("candidates_sha256"), ranker_metrics.get("candidates_file")
-    if recorded is not None and (not path.is_file() or file_sha256(path) != recorded):
+    if recorded is not None and (not path.is_file() or sha256_file(path) != recorded):
         raise InputError(
             f"--ranker_run: trained on the candidates {used}, not on those of --retriever_run {retriever_run} "
             "(their fingerprints differ); pass the retriever run it was trained with"

@@ -28,7 +28,7 @@ from config import (
     resume_keys,
     run_cli,
 )
-from dataloader.candidates import Candidates, file_sha256, load_candidates
+from dataloader.candidates import Candidates, load_candidates
 from dataloader.prompts import PromptBuilder, candidate_letters
 from datasets import load_split
 from datasets.split import SplitData
@@ -44,7 +44,7 @@ from trainer.runtime import (
     set_threads,
 )
 from utils.errors import InputError
-from utils.files import atomic_folder, read_json_object
+from utils.files import atomic_folder, read_json_object, sha256_file
 
 
 def say(text: str) -> None:
@@ -255,7 +255,7 @@ def test(flags: argparse.Namespace, setup: Setup, model, trained: bool, summary:
         "trained": trained,
         "num_candidates": len(setup.letter_ids),
         "candidates_file": str(setup.candidates.path),
-        "candidates_sha256": file_sha256(setup.candidates.path),
+        "candidates_sha256": sha256_file(setup.candidates.path),
         **report,
         "timing": timing,
     }

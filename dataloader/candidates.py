@@ -11,7 +11,6 @@ int32 [P], train_label_ranks int64 [P], for every prefix of every training seque
 Memory and disk are O((users + prefixes) x K), never users x items.
 """
 
-import hashlib
 import io
 import json
 import zipfile
@@ -95,15 +94,6 @@ def save_candidates(
     arrays["meta"] = np.array(json.dumps(meta))
     with atomic_output(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append ".npz" to a path
         np.savez_compressed(f, **arrays)
-
-
-def file_sha256(path: Path) -> str:
-    """The candidates file's content fingerprint: what a ranker run records and recommend.py checks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_candidates(path: Path, split: SplitData | None = None) -> Candidates:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets.cache import cache_key, load_cached_split, save_split
-from datasets.sources import AMAZON_FILES, ML_100K_SHIPPED, read_amazon, read_custom, read_movielens, sha256_file
+from datasets.sources import AMAZON_FILES, ML_100K_SHIPPED, read_amazon, read_custom, read_movielens
 from datasets.split import SplitData, make_split
-from utils.files import REPO_ROOT
+from utils.files import REPO_ROOT, sha256_file
 
 __all__ = ["DataConfig", "SplitData", "load_split", "make_split"]
 

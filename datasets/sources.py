@@ -6,7 +6,6 @@ a numeric timestamp and an optional rating; a dict raw item id -> title; and the
 
 import ast
 import gzip
-import hashlib
 import json
 import os
 import re
@@ -23,7 +22,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from utils.errors import InputError
-from utils.files import REPO_ROOT
+from utils.files import REPO_ROOT, sha256_file
 
 # (interactions, titles: raw item id -> title, the raw files read)
 RawData = tuple[pd.DataFrame, dict[str, str], list[Path]]
@@ -47,14 +46,6 @@ AMAZON_FILES = {
         "meta_Video_Games.json.gz": "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_v2/metaFiles2/meta_Video_Games.json.gz",
     },
 }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(url: str, dest: Path) -> None:

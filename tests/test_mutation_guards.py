@@ -312,3 +312,16 @@ def test_fold_models_train_and_validate_on_the_other_folds_users_only(tmp_path, 
         for name, value in metrics.items():
             assert history[-1][name] == pytest.approx(value), name
         assert not math.isnan(history[-1]["NDCG@10"])
+
+
+def test_file_fingerprint_covers_the_whole_file(tmp_path):
+    """Catches a fingerprint of the first block only: two candidates files differing after 1 MiB must differ."""
+    import hashlib
+
+    from utils.files import sha256_file
+
+    data = bytes(range(256)) * (3 * 4096 + 7)  # ~3 MiB, not a whole number of blocks
+    (tmp_path / "a").write_bytes(data)
+    (tmp_path / "b").write_bytes(data[:-1] + b"x")
+    assert sha256_file(tmp_path / "a") == hashlib.sha256(data).hexdigest()
+    assert sha256_file(tmp_path / "a") != sha256_file(tmp_path / "b")

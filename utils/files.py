@@ -1,6 +1,7 @@
 """Files that are written whole or not at all (a crash or Ctrl-C never leaves a half-written one), and readers that
 turn a damaged file into an InputError naming it."""
 
+import hashlib
 import json
 import math
 import os
@@ -116,3 +117,13 @@ def truncate_history(path: Path, max_step: int) -> None:
         if record.get("step", math.inf) <= max_step:
             kept.append(line if line.endswith("\n") else line + "\n")
     atomic_write_text(path, "".join(kept))
+
+
+def sha256_file(path: Path) -> str:
+    """A file's content fingerprint (raw data files in the dataset cache key; the candidates file a ranker was
+    trained on, which recommend.py checks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
