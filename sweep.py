@@ -23,8 +23,8 @@ from pathlib import Path
 
 import optuna
 
-from config import RANKER, RETRIEVER, SWEEP, build_parser, foreign_flag_error, parse_flags, run_cli
-from report import build_rows, render_md
+from config import RETRIEVER, SWEEP, build_parser, foreign_flag_error, parse_flags, run_cli
+from report import STAGE_SCRIPTS, build_rows, render_md
 from trainer.ranker_train import SELECTION_METRIC
 from trainer.run_folder import load_run, run_folder
 from trainer.search import (
@@ -33,6 +33,7 @@ from trainer.search import (
     Sweep,
     chosen_trial,
     ended,
+    ended_count,
     flag_args,
     parse_dimension,
     run_process,
@@ -48,7 +49,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-STAGES = {RETRIEVER: "retriever", RANKER: "ranker"}
+STAGES = {script: stage for stage, script in STAGE_SCRIPTS.items()}  # script -> run folder stage
 CONTROLLED = ("run_name", "resume", "overwrite", "eval_only", "print_config", "num_threads")  # set by the sweep
 NOT_SEARCHED = CONTROLLED + ("seed", "dataset_code", "experiment_root", "best_metric", "custom_path", "data_root")
 
@@ -220,13 +221,13 @@ def run(flags: argparse.Namespace, fixed: list[str]) -> dict:
     study = open_study(flags, script, fixed, folder)
     sweep = Sweep(
         script=Path(__file__).parent / script, stage=STAGES[script], study=study, fixed=fixed, space=space,
-        run_root=run_folder(experiment_root, STAGES[script], trial_flags.dataset_name, "x").parent,
+        run_root=run_folder(experiment_root, STAGES[script], trial_flags.dataset_name, ""),
         folder=folder, metric=trial_flags.best_metric if script == RETRIEVER else SELECTION_METRIC,
         trials=flags.trials, threads=flags.threads_per_worker or max(1, (os.cpu_count() or 1) // flags.workers),
         pruning=flags.pruner != "none", max_restarts=flags.max_restarts, heartbeat=flags.heartbeat_seconds,
         lock=threading.Lock(), stopping=threading.Event(),
     )  # fmt: skip
-    done = sum(ended(t) for t in study.get_trials(deepcopy=False))
+    done = ended_count(study.get_trials(deepcopy=False))
     say(f"study {flags.study}: {done}/{flags.trials} trials ended; {flags.workers} workers x {sweep.threads} threads; "
         f"trial output in {folder / 'logs'}")  # fmt: skip
     run_workers(sweep, flags.workers)

@@ -87,3 +87,19 @@ def test_sweep_bench_estimates_what_pruning_saved(tmp_path):
     assert saving["mean_complete_trial_s"] == 150.0  # each pruned trial would have run as long as a complete one
     assert saving["trial_s_spent"] == 380.0 and saving["trial_s_estimated_without_pruning"] == 600.0
     assert saving["saved_share"] == round(1 - 380 / 600, 3)
+
+
+@pytest.mark.parametrize("dtype, precision", [("torch.bfloat16", "bf16"), ("nf4", "bf16"), ("torch.float32", "fp32")])
+def test_ranker_bench_shares_are_of_the_model_s_own_precision(dtype, precision):
+    """Each row's share is of the matmul rate in the precision the model computes in (NF4 computes in bf16)."""
+    import torch
+
+    from bench.bench_ranker import add_roofline
+
+    result = {"dtype": dtype}
+    rows = [{"what": "eval batch 1", "users_per_s": 2.0, "flops": 4e9, "seconds": 2.0}]
+    rate = add_roofline(result, rows, torch.device("cpu"), matmul_seconds=0.01)
+    expected_rate = result["matmul_gflops_per_s"]["LLM projection"][precision]
+    assert rate["gflops_per_s"] == expected_rate
+    assert rows[0]["gflops_per_s"] == 2.0 and rows[0]["share"] == round(2.0 / expected_rate, 3)
+    assert rows[0]["share_of_2048"] == round(2.0 / result["matmul_gflops_per_s"]["2048^3"][precision], 3)

@@ -225,3 +225,27 @@ def test_float_values_are_passed_as_recorded():
     assert 1e-4 <= float(value) <= 1e-2
     assert parse_dimension("n=int:2:8").corners() == ["2", "8"]
     assert parse_dimension("x=choice:a,b").suggest(study.ask()) in ("a", "b")
+
+
+def test_a_restarted_sweep_does_not_replay_its_first_draws(tmp_path):
+    """Catches a sampler seeded the same on every start: after a restart the next trial would repeat trial 0's flags."""
+    args = ["train_retriever.py", "--study", "r", "--space", "bert_dropout=float:0:0.5", "--sampler", "random", "--"]
+    fixed = ["--dataset_code", "ml-100k"]
+    dimension = parse_dimension("bert_dropout=float:0:0.5")
+    first = sweep.open_study(sweep_flags(args), "train_retriever.py", fixed, tmp_path)
+    trial = first.ask()
+    drawn = dimension.suggest(trial)
+    first.tell(trial, 0.1)
+    restarted = sweep.open_study(sweep_flags(args), "train_retriever.py", fixed, tmp_path)
+    assert dimension.suggest(restarted.ask()) != drawn
+
+
+def test_a_failed_trial_names_its_log_s_last_line(tmp_path):
+    """The progress line of a failed trial carries the script's own error, the log's last non-empty line."""
+    from trainer.search import last_line
+
+    log = tmp_path / "trial.log"
+    log.write_text("$ train_retriever.py ...\nepoch 1: 10%\nerror: --bert_dropout: expected a value in [0, 1)\n\n")
+    assert last_line(log) == "error: --bert_dropout: expected a value in [0, 1)"
+    log.write_text("")
+    assert last_line(log) == "no output"

@@ -22,6 +22,7 @@ import optuna
 
 from trainer.ranker_train import SELECTION_METRIC
 from utils.errors import InputError
+from utils.files import read_json_object
 
 COMPLETE, PRUNED, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
 RUNNING, WAITING = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING
@@ -120,6 +121,10 @@ def ended(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state in (COMPLETE, PRUNED) or (trial.state == FAIL and "error" in trial.user_attrs)
 
 
+def ended_count(trials: list[optuna.trial.FrozenTrial]) -> int:
+    return sum(ended(trial) for trial in trials)
+
+
 def run_process(sweep: Sweep, argv: list[str], log: Path, on_poll=None) -> int:
     """The script with `argv` in a child process (stdout and stderr appended to `log`); its exit code, negative
     for a signal. `on_poll` is called every second and may raise to stop the child (Ctrl-C: its files stay whole)."""
@@ -170,7 +175,7 @@ def report_validations(sweep: Sweep, trial: optuna.Trial, run_dir: Path, reporte
 def objective_value(sweep: Sweep, run_dir: Path) -> float:
     """The run's best validation metric, from its training_summary.json."""
     path = run_dir / "training_summary.json"
-    summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    summary = read_json_object(path) if path.is_file() else {}
     value = (
         summary.get("best_value")
         if sweep.stage == "retriever"
@@ -229,7 +234,7 @@ def work(sweep: Sweep) -> None:
         with sweep.lock:
             optuna.storages.fail_stale_trials(sweep.study)
             trials = sweep.study.get_trials(deepcopy=False)
-            done = sum(ended(t) for t in trials)
+            done = ended_count(trials)
             running, waiting = (sum(t.state == state for t in trials) for state in (RUNNING, WAITING))
             if done >= sweep.trials or sweep.stopping.is_set():
                 return
@@ -269,7 +274,7 @@ def progress_line(sweep: Sweep, number: int) -> str:
         FAIL: lambda: f"failed: {attrs.get('error')}",
     }[trial.state]()
     flags = " ".join(f"--{k} {v}" for k, v in trial.user_attrs.get("flags", {}).items())
-    done = sum(ended(t) for t in trials)
+    done = ended_count(trials)
     best = chosen_trial(sweep.study)
     best_text = f"best: trial {best.number} ({best.value:.4f})" if best else "no complete trial yet"
     return f"[{done}/{sweep.trials}] trial {number} {outcome} | {flags} | {attrs.get('seconds', 0):.0f} s | {best_text}"
