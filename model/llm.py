@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from model.layers import Dropout
 from utils.errors import InputError, one_line
 from utils.files import REPO_ROOT
 
@@ -219,19 +220,31 @@ def fp32_lm_head(model: "PreTrainedModel") -> None:
 
     bf16 logits near 25 are spaced 0.125 apart, so candidates' verbalizer scores tie often (measured: the
     true item tied with another candidate for 40 of 111 ml-100k test users), and ties count pessimistically.
-    A forward hook on the output embedding keeps this generic (soft-capping or logit scaling that a model
-    applies after its head still runs). Only the few kept positions pass through the head (logits_to_keep).
+    The head's own forward is replaced (so the bf16 product is not computed and thrown away), and the fp32 copy
+    of a frozen weight is kept until the weight changes: casting a [vocab x hidden] matrix on every call, and the
+    batched product a strided 3-D input falls into, cost more than the rest of the head (docs/performance.md).
+    Only the few kept positions pass through the head (logits_to_keep); a model's soft-capping or logit scaling
+    after its head still runs.
     """
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.weight.dtype == torch.float32:
         return  # quantized or already fp32 heads are left alone
+    cached: dict = {}
 
-    def hook(module, inputs, output):
-        return torch.nn.functional.linear(
-            inputs[0].float(), module.weight.float(), None if module.bias is None else module.bias.float()
-        )
+    def fp32_weight(weight: torch.Tensor) -> torch.Tensor:
+        if weight.requires_grad:  # a trained head: its gradient must flow through the cast
+            return weight.float()
+        key = (weight.data_ptr(), weight.device, weight._version)
+        if cached.get("key") != key:
+            cached["key"], cached["weight"] = key, weight.detach().float()
+        return cached["weight"]
 
-    head.register_forward_hook(hook)
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1]).float()
+        bias = None if head.bias is None else head.bias.float()
+        return torch.nn.functional.linear(flat, fp32_weight(head.weight), bias).view(*hidden.shape[:-1], -1)
+
+    head.forward = forward
 
 
 # Activation memory of a training step without gradient checkpointing, per token, layer and hidden unit. Measured:
@@ -289,9 +302,22 @@ def add_lora(
         model = get_peft_model(model, config)
     except ValueError as e:
         raise InputError(f"--lora_target_modules: expected module names of this model, found {e}") from e
+    if next(model.parameters()).device.type == "cpu":
+        cheaper_lora_dropout(model)
     trainable, total = model.get_nb_trainable_parameters()
     print(f"LoRA trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)", flush=True)
     return model
+
+
+def cheaper_lora_dropout(model: torch.nn.Module) -> None:
+    """Swap PEFT's LoRA dropout (torch's, one Bernoulli draw per element: a sizeable share of a CPU training step)
+    for the retrievers' Dropout with 16-bit masks, same rate up to 2^-16 (docs/performance.md)."""
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, layer in dropouts.items():
+                if type(layer) is torch.nn.Dropout:
+                    dropouts[name] = Dropout(layer.p)
 
 
 def load_adapter(model: "PreTrainedModel", adapter_dir: Path) -> "PeftModel":

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dataloader.prompts import PromptBuilder
+from model.layers import Dropout
 from model.llm import LoraSettings, add_lora, load_model, load_tokenizer, resolve_model_path
 from tests.conftest import tiny_llama
 from trainer.verbalizer import letter_token_ids
@@ -88,6 +89,52 @@ def test_lm_head_runs_in_fp32_on_bf16_weights(tiny_llama_dir):
     with torch.no_grad():
         logits = model(torch.randint(3, 32000, (1, 12)), logits_to_keep=1).logits
     assert logits.dtype == torch.float32
+
+
+def test_fp32_head_equals_an_fp32_product_and_follows_weight_changes(tiny_llama_dir):
+    # the head keeps an fp32 copy of its frozen weight: a copy that outlived a change of the weight (a new model
+    # moved or loaded in place) would serve the old logits
+    model = load_model(str(tiny_llama_dir), torch.device("cpu"), load_in_4bit=False).to(torch.bfloat16)
+    model.lm_head.weight.requires_grad_(False)
+    ids = torch.randint(3, 32000, (2, 12))
+    with torch.no_grad():
+        out = model(ids, logits_to_keep=2, output_hidden_states=True)
+        hidden = out.hidden_states[-1][:, -2:]  # after the final norm
+        expected = hidden.float() @ model.lm_head.weight.float().t()
+        assert out.logits.dtype == torch.float32 and out.logits.shape == (2, 2, 32000)
+        # batch 2 x 2 kept positions: a strided input, each row its own
+        assert torch.allclose(out.logits, expected, rtol=1e-6, atol=1e-6)
+        model.lm_head.weight.mul_(2)
+        doubled = model(ids, logits_to_keep=2).logits
+    assert torch.allclose(doubled, 2 * out.logits, rtol=1e-6, atol=1e-5)
+
+
+def test_fp32_head_passes_gradients_to_a_trained_head_and_its_input(tiny_llama_dir):
+    model = load_model(str(tiny_llama_dir), torch.device("cpu"), load_in_4bit=False).to(torch.bfloat16)
+    ids = torch.randint(3, 32000, (1, 8))
+    model(ids, logits_to_keep=1).logits[0, -1, :5].sum().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad[:5].abs().sum() > 0
+    assert model.lm_head.weight.grad[5:].abs().sum() == 0
+    assert model.model.layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_lora_dropout_on_cpu_drops_at_its_rate_in_training_only(tiny_llama_dir):
+    model = add_lora(
+        load_model(str(tiny_llama_dir), torch.device("cpu"), load_in_4bit=False),
+        LoraSettings(dropout=0.25),
+        quantized=False,
+    )
+    dropouts = [m.lora_dropout["default"] for m in model.modules() if hasattr(m, "lora_dropout")]
+    assert len(dropouts) == 4  # q and v in 2 layers
+    dropout = dropouts[0]
+    assert isinstance(dropout, Dropout)  # the cheaper mask (speed only: the checks below hold for torch's too)
+    x = torch.ones(200_000)
+    dropout.train()
+    kept = dropout(x)
+    assert abs((kept == 0).float().mean().item() - 0.25) < 0.01
+    assert torch.allclose(kept[kept > 0], torch.tensor(4 / 3), rtol=1e-3)  # inverted dropout keeps the mean
+    dropout.eval()
+    assert torch.equal(dropout(x), x)
 
 
 def test_a_folder_without_a_model_is_an_input_error(tmp_path):

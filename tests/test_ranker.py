@@ -289,7 +289,10 @@ def test_ranker_run_end_to_end(tmp_path, tokenizer, capsys, restore_threads):
     assert sample[0]["prompt"].endswith("### Response:\n") and sample[0]["user"].startswith("u")
     assert sample[0]["candidates"][ord(sample[0]["true_letter"]) - ord("A")] == sample[0]["true_item"]
     # --eval_only evaluates the saved adapter into eval/ and reproduces the run's results exactly
+    capsys.readouterr()
     assert train_ranker.main(flags + caps + ["--eval_only"]) == 0
+    # the message names the file as it ends up, not the temporary folder it was written in
+    assert f"results: {run / 'eval' / 'test_metrics.json'}\n" in capsys.readouterr().out
     evaluated = json.loads((run / "eval" / "test_metrics.json").read_text())
     assert {k: v for k, v in evaluated.items() if k != "timing"} == {k: v for k, v in metrics.items() if k != "timing"}
     assert (run / "eval" / "test_rankings.jsonl").read_text() == (run / "test_rankings.jsonl").read_text()
