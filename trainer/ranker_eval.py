@@ -17,7 +17,7 @@ from trainer.runtime import gather_rows, process_rank, shard
 from trainer.verbalizer import verbalizer_scores
 from utils.files import atomic_write_json, atomic_write_text
 
-CPU_EVAL_BATCH = 1  # on CPU, batch 1 was the fastest (no padding, smaller activations; docs/performance.md)
+CPU_EVAL_BATCH = 1  # on CPU, larger (padded) batches were not faster (docs/performance.md)
 
 
 def eval_batch_size(requested: int | None, micro_batch_size: int, device: torch.device) -> int:
