@@ -94,6 +94,7 @@ def run(flags: argparse.Namespace) -> dict:
         model, trained, summary = train_new(flags, setup, run_dir)
     result, rankings = test(flags, setup, model, trained, summary)
     on_main_process(lambda: write_test_files(run_dir, result, rankings))
+    say(f"results: {run_dir / 'test_metrics.json'}")
     return result
 
 
@@ -262,12 +263,10 @@ def test(flags: argparse.Namespace, setup: Setup, model, trained: bool, summary:
     return result, rankings
 
 
-def write_test_files(folder: Path, result: dict, rankings: list[str], final_folder: Path | None = None) -> None:
-    """Write the test files into `folder`; the message names `final_folder` when `folder` is a temporary one."""
+def write_test_files(folder: Path, result: dict, rankings: list[str]) -> None:
     from trainer.ranker_eval import write_results
 
     write_results(folder, result, rankings)
-    say(f"results: {(final_folder or folder) / 'test_metrics.json'}")
 
 
 def evaluate_saved(flags: argparse.Namespace, setup: Setup, run_dir: Path, adapter: Path | None) -> dict:
@@ -286,7 +285,8 @@ def evaluate_saved(flags: argparse.Namespace, setup: Setup, run_dir: Path, adapt
 def write_eval_folder(folder: Path, flags: argparse.Namespace, setup: Setup, result: dict, rankings: list[str]) -> None:
     with atomic_folder(folder) as tmp:
         write_shared_files(tmp, flags, setup)
-        write_test_files(tmp, result, rankings, final_folder=folder)
+        write_test_files(tmp, result, rankings)
+    say(f"results: {folder / 'test_metrics.json'}")  # after the rename: the path as it ends up
 
 
 def saved_adapter(flags: argparse.Namespace, run_dir: Path) -> Path | None:

@@ -106,7 +106,15 @@ def test_fp32_head_equals_an_fp32_product_and_follows_weight_changes(tiny_llama_
         assert torch.allclose(out.logits, expected, rtol=1e-6, atol=1e-6)
         model.lm_head.weight.mul_(2)
         doubled = model(ids, logits_to_keep=2).logits
+        # new storage for the weight (a load or a move that replaces the tensor, its version count restarting)
+        model.lm_head.weight.data = model.lm_head.weight.detach() * 2
+        quadrupled = model(ids, logits_to_keep=2).logits
+        # a head with a bias adds it
+        model.lm_head.bias = torch.nn.Parameter(torch.linspace(-1, 1, 32000, dtype=torch.bfloat16), requires_grad=False)
+        biased = model(ids, logits_to_keep=2).logits
     assert torch.allclose(doubled, 2 * out.logits, rtol=1e-6, atol=1e-5)
+    assert torch.allclose(quadrupled, 4 * out.logits, rtol=1e-6, atol=1e-5)
+    assert torch.allclose(biased, quadrupled + model.lm_head.bias.float(), rtol=1e-6, atol=1e-5)
 
 
 def test_fp32_head_passes_gradients_to_a_trained_head_and_its_input(tiny_llama_dir):

@@ -275,6 +275,7 @@ def test_ranker_run_end_to_end(tmp_path, tokenizer, capsys, restore_threads):
     out = capsys.readouterr().out
     assert "LlamaRec (retriever + ranker), all" in out
     run = tmp_path / "experiments" / "ranker" / "custom-data" / "seed42"
+    assert f"results: {run / 'test_metrics.json'}\n" in out
     for name in ("config.json", "verbalizer.json", "prompts_sample.jsonl", "val_history.jsonl", "test_rankings.jsonl"):
         assert (run / name).is_file(), name
     assert (run / "adapter" / "adapter_config.json").is_file()
