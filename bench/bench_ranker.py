@@ -1,7 +1,9 @@
 """Ranker speed on the machine it runs on: evaluation users/s (verbalizer, several batch sizes; the base model and
 with a LoRA adapter attached, as the test runs) and LoRA training seconds per sample, with peak memory, on real
 ml-100k prompts; on a CPU, each beside its FLOPs, achieved GFLOP/s and share of the machine's own matmul rate in the
-model's precision (bench/roofline.py). Useful FLOPs only: padding of a batch counts as time, not as work.
+model's precision (bench/roofline.py). Useful FLOPs only: padding of a batch counts as time, not as work. The first
+row times the model's linear projections alone at the mean prompt length: the share a forward would reach if its
+attention and elementwise work cost nothing.
 
     python -m bench.bench_ranker [--llm_base_model smollm2-135m] [--num_threads 1] [--train_batch_size 1]
 
@@ -11,6 +13,7 @@ retriever stand-in; only the prompt lengths matter for speed). Writes experiment
 
 import argparse
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,6 +68,32 @@ def bench_eval(
                      "seconds": seconds})  # fmt: skip
         print(f"{label} batch {batch_size}: {len(examples) / seconds:.2f} users/s", flush=True)
     return rows, [len(e.input_ids) for e in examples]
+
+
+def bench_projections(model: torch.nn.Module, length: int, device: torch.device, repeats: int = 3) -> dict:
+    """The model's linear projections alone: every nn.Linear but the LM head, in order, once each on a [1, length, in]
+    input in the model's dtype, as one prompt's forward runs them; the median of `repeats` timings after a warm-up.
+    The weights come from memory as in the forward (no layer is run twice in a row), so this is the most the forward
+    could reach if attention and the elementwise work between the projections cost nothing."""
+    layers = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # NF4 layers compute in it too
+    inputs = {n: torch.randn(1, length, n, dtype=dtype, device=device) for n in {m.in_features for m in layers}}
+
+    @torch.no_grad()
+    def run() -> None:
+        for layer in layers:
+            layer(inputs[layer.in_features])
+
+    run()
+    flops = count_flops(run)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    print(f"projections alone: {seconds * 1e3:.0f} ms per {length}-token prompt", flush=True)
+    return {"what": "projections alone", "ms_per_prompt": seconds * 1e3, "flops": flops, "seconds": seconds}
 
 
 def bench_train(model, builder, split, letter_ids, steps: int, batch_size: int, device) -> tuple[float, list, float]:
@@ -122,7 +151,9 @@ def print_table(rows: list[dict], rate: dict | None, dtype: str) -> None:
     print(f"\n{'measure':28}{'value':>10}{'original':>10}{'GFLOP/s':>9}{'share':>7}")
     for row in rows:
         roof = f"{row['gflops_per_s']:9.0f}{row['share']:7.0%}" if "share" in row else ""
-        if "users_per_s" in row:
+        if "ms_per_prompt" in row:
+            print(f"{row['what'] + ' ms/prompt':28}{row['ms_per_prompt']:10.1f}{'-':>10}{roof}")
+        elif "users_per_s" in row:
             value, original = f"{row['users_per_s']:10.2f}", f"{ORIGINAL['eval_users_per_s_bf16']:10.2f}"
             print(f"{row['what'] + ' users/s':28}{value}{original}{roof}")
         else:
@@ -163,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     builder = PromptBuilder(tokenizer, split.titles)
     letter_ids = torch.tensor(list(letter_token_ids(builder, 20).values()))
     rows, lengths = bench_eval(model, builder, split, letter_ids, args.eval_users, args.eval_batch_sizes, device)
+    rows.insert(0, bench_projections(model, round(float(np.mean(lengths))), device))
     model = add_lora(model, LoraSettings(dropout=0.05), quantized=args.load_in_4bit)
     rows += bench_eval(model, builder, split, letter_ids, args.eval_users, args.eval_batch_sizes, device, "eval+LoRA")[
         0

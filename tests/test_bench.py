@@ -103,3 +103,22 @@ def test_ranker_bench_shares_are_of_the_model_s_own_precision(dtype, precision):
     assert rate["gflops_per_s"] == expected_rate
     assert rows[0]["gflops_per_s"] == 2.0 and rows[0]["share"] == round(2.0 / expected_rate, 3)
     assert rows[0]["share_of_2048"] == round(2.0 / result["matmul_gflops_per_s"]["2048^3"][precision], 3)
+
+
+def test_ranker_bench_projections_row_counts_every_projection_but_the_head():
+    """The "projections alone" row runs each linear layer of the model once on a prompt-length input: its FLOPs are
+    2 x length x in x out summed over them, and the LM head (49k-32k wide, not run by an evaluation's forward over the
+    prompt) is left out."""
+    import torch
+
+    from bench.bench_ranker import bench_projections
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama().to(torch.bfloat16)
+    config = model.config
+    hidden, inter, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
+    per_layer = hidden * hidden * 2 + hidden * kv * 2 + hidden * inter * 3  # q, o; k, v; gate, up, down
+    row = bench_projections(model, length=7, device=torch.device("cpu"), repeats=2)
+    assert row["what"] == "projections alone"
+    assert row["flops"] == 2 * 7 * per_layer * config.num_hidden_layers
+    assert row["seconds"] > 0 and row["ms_per_prompt"] == row["seconds"] * 1e3
