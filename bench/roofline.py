@@ -72,9 +72,40 @@ def machine_rates(
     }
 
 
+def _attended_pairs(query_length: int, key_length: int, is_causal: bool) -> int:
+    """(query, key) pairs an attention computes: all, or with is_causal the ones torch's top-left causal mask keeps
+    (query i sees keys 0..i), which is all a causal flash kernel computes up to its block edges."""
+    if not is_causal:
+        return query_length * key_length
+    return sum(min(key_length, i + 1) for i in range(query_length))
+
+
+def _cpu_flash_attention_flops(query, key, value, dropout_p=0.0, is_causal=False, *args, **kwargs) -> int:
+    """Forward: scores (d per pair) and the weighted sum of values (d_v per pair), 2 FLOPs per multiply-add."""
+    batch, heads, query_length, d = query
+    return 2 * batch * heads * _attended_pairs(query_length, key[-2], is_causal) * (d + value[-1])
+
+
+def _cpu_flash_attention_backward_flops(
+    grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *a, **k
+) -> int:
+    """Backward, as torch counts it for the GPU kernels: the scores recomputed, then the gradients of the values
+    and of the weights (d_v per pair each), of the queries and of the keys (d per pair each)."""
+    batch, heads, query_length, d = query
+    return 2 * batch * heads * _attended_pairs(query_length, key[-2], is_causal) * (3 * d + 2 * value[-1])
+
+
+# torch's FlopCounterMode counts the GPU attention kernels but not the CPU flash kernel that
+# scaled_dot_product_attention runs on a CPU: without these, attention would count as no work at all.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_attention_backward_flops,
+}
+
+
 def count_flops(work: Callable[[], object]) -> int:
     """The FLOPs `work` runs (matmuls and attention, forward and backward)."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         work()
     return counter.get_total_flops()
 

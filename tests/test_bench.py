@@ -72,6 +72,28 @@ def test_flop_count_is_the_work_asked_for():
     assert share(2e9, 0.5, 8.0) == {"gflop": 2.0, "gflops_per_s": 4.0, "share": 0.5}
 
 
+def test_flop_count_includes_the_cpu_attention_kernel():
+    """torch's counter does not count the CPU flash attention kernel; ours does, as the work it does: 2(d + d_v)
+    FLOPs per (query, key) pair forward, 2(3d + 2d_v) backward; a causal one computes only the pairs its mask keeps
+    (query i sees keys 0..i: 1 + 2 + ... + 5 = 15 of 25 here). (With d_v != d torch runs its math kernel, whose
+    products torch counts in full.)"""
+    import torch
+    import torch.nn.functional as F
+
+    from bench.roofline import count_flops
+
+    query = torch.randn(2, 3, 5, 4, requires_grad=True)  # batch 2, 3 heads, 5 positions, d 4
+    key, value = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    pairs_causal, pairs_all = 2 * 3 * 15, 2 * 3 * 25
+    assert count_flops(lambda: F.scaled_dot_product_attention(query, key, value)) == 2 * pairs_all * (4 + 4)
+    causal = count_flops(lambda: F.scaled_dot_product_attention(query, key, value, is_causal=True))
+    assert causal == 2 * pairs_causal * (4 + 4)
+    both = count_flops(lambda: F.scaled_dot_product_attention(query, key, value, is_causal=True).sum().backward())
+    assert both == causal + 2 * pairs_causal * (3 * 4 + 2 * 4)
+    short = torch.randn(2, 3, 2, 4)  # 2 queries over 5 keys, top-left causal: 1 + 2 pairs per head
+    assert count_flops(lambda: F.scaled_dot_product_attention(short, key, value, is_causal=True)) == 2 * 6 * 3 * 8
+
+
 def test_sweep_bench_estimates_what_pruning_saved(tmp_path):
     from bench.bench_sweep import pruning_saving
 
