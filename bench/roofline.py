@@ -87,7 +87,7 @@ def _cpu_flash_attention_flops(query, key, value, dropout_p=0.0, is_causal=False
 
 
 def _cpu_flash_attention_backward_flops(
-    grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *a, **k
+    grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *args, **kwargs
 ) -> int:
     """Backward, as torch counts it for the GPU kernels: the scores recomputed, then the gradients of the values
     and of the weights (d_v per pair each), of the queries and of the keys (d per pair each)."""

@@ -80,7 +80,7 @@ def test_flop_count_includes_the_cpu_attention_kernel():
     import torch
     import torch.nn.functional as F
 
-    from bench.roofline import count_flops
+    from bench.roofline import CPU_ATTENTION_FLOPS, count_flops
 
     query = torch.randn(2, 3, 5, 4, requires_grad=True)  # batch 2, 3 heads, 5 positions, d 4
     key, value = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
@@ -92,6 +92,10 @@ def test_flop_count_includes_the_cpu_attention_kernel():
     assert both == causal + 2 * pairs_causal * (3 * 4 + 2 * 4)
     short = torch.randn(2, 3, 2, 4)  # 2 queries over 5 keys, top-left causal: 1 + 2 pairs per head
     assert count_flops(lambda: F.scaled_dot_product_attention(short, key, value, is_causal=True)) == 2 * 6 * 3 * 8
+    # d_v != d, which only the formulas see (given shapes, as the counter passes them): d 4, d_v 6
+    backward = CPU_ATTENTION_FLOPS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward]
+    q, k, v = (2, 3, 5, 4), (2, 3, 5, 4), (2, 3, 5, 6)
+    assert backward((2, 3, 5, 6), q, k, v, (2, 3, 5, 6), (2, 3, 5), 0.0, True) == 2 * pairs_causal * (3 * 4 + 2 * 6)
 
 
 def test_sweep_bench_estimates_what_pruning_saved(tmp_path):
