@@ -22,8 +22,8 @@ from model.llm import LLM_CACHE_DIR, LLMSpec, LoraSettings
 from model.retrievers import RETRIEVER_MODELS, RetrieverSpec
 from trainer.retriever_export import CandidateExport
 from trainer.retriever_train import RetrieverTraining
-from trainer.run_folder import flag_record
-from utils.errors import InputError
+from trainer.run_folder import check_run_name, flag_record
+from utils.errors import InputError, WriteError, describe_os_error
 from utils.files import REPO_ROOT, read_json_object
 
 if TYPE_CHECKING:
@@ -60,6 +60,21 @@ DATASET_DEFAULTS = {
         # validation Recall@10 0.1832 against 0.1799 without, NDCG@10 0.0999 against 0.0962.
         "label_smoothing": 0.1,
     },
+    # The LRURec paper's ML-1M recipe (its released config: max_len 200, batch 128, evaluation batch 256, dropout and
+    # attention dropout 0.2, validation every 500 steps). Not re-tuned here: no validation runs were made on ML-1M or
+    # ML-20M, so nothing says otherwise (docs/data.md). ML-20M has no published LRURec recipe: the same one.
+    "ml-1m": {
+        "bert_max_len": 200,
+        "train_batch_size": 128,
+        "val_batch_size": 256,
+        "test_batch_size": 256,
+        "lora_micro_batch_size": 12,
+        "val_iterations": 500,
+        "bert_dropout": 0.2,
+        "bert_attn_dropout": 0.2,
+        "train_all_items": False,
+        "label_smoothing": 0.0,
+    },
     "other": {
         "bert_max_len": 50,
         "train_batch_size": 64,
@@ -77,6 +92,7 @@ DATASET_DEFAULTS = {
         "label_smoothing": 0.0,
     },
 }
+DATASET_DEFAULTS["ml-20m"] = DATASET_DEFAULTS["ml-1m"]
 
 
 # ---------------------------------------------------------------------------------------------- value checks
@@ -211,16 +227,20 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     # fmt: off
     group = parser.add_argument_group("data")
     add_flag(group, "--dataset_code", default=None, role=SETTING,
-             help=f"{', '.join(DATASET_CODES)} (ml-100k: ml-latest-small 2018, shipped; custom: --custom_path); "
-                  "asked for at a terminal when missing")
+             help=f"{', '.join(DATASET_CODES)} (ml-100k: ml-latest-small 2018, shipped; ml-1m, ml-20m: GroupLens' "
+                  "releases, downloaded; custom: --custom_path); asked for at a terminal when missing")
     add_flag(group, "--custom_path", type=Path, default=None, role=SETTING,
              help="folder with interactions.csv (user_id,item_id,timestamp[,rating]) and items.csv (item_id,title)")
     add_flag(group, "--data_root", type=Path, default=REPO_ROOT / "data", role=SETTING,
-             help="raw files of beauty/games (<root>/beauty, <root>/games) and the preprocessed cache")
+             help="raw files of the downloaded datasets (<root>/<dataset_code>: ml-1m, ml-20m, beauty, games) and the "
+                  "preprocessed cache")
     add_flag(group, "--ml_100k_path", type=Path, default=None, role=SETTING,
              help="folder with ml-latest-small ratings.csv/movies.csv (default: the shipped 2018 release)")
+    add_flag(group, "--movielens_path", type=Path, default=None, role=SETTING,
+             help="folder with the ml-1m files (ratings.dat, movies.dat) or the ml-20m ones (ratings.csv, movies.csv) "
+                  "(default: <data_root>/<dataset_code>)")
     add_bool_arg(group, "download", True, role=SETTING,
-                 help="download missing raw files (beauty, games, --ml_100k_path)")
+                 help="download missing raw files (ml-1m, ml-20m, beauty, games, --ml_100k_path)")
     add_flag(group, "--min_rating", type=float, default=0, role=TRAINING,
              help="drop interactions rated below this (needs a rating column)")
     add_flag(group, "--min_uc", type=int, default=5, check=at_least(3), role=TRAINING,
@@ -239,7 +259,7 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
              help="lru: LRURec (the paper's retriever); sasrec, bert4rec, narm: the Table 1 baselines (NARM uses one "
                   "GRU layer)")
     add_flag(group, "--bert_max_len", type=int, default=None, check=positive, role=TRAINING,
-             help="max sequence length of every retriever (default 200 ml-100k, else 50)")
+             help="max sequence length of every retriever (default 200 ml-100k, ml-1m, ml-20m; else 50)")
     add_flag(group, "--bert_hidden_units", type=int, default=64, check=positive, role=TRAINING,
              help="embedding / hidden size d of every retriever")
     add_flag(group, "--bert_num_blocks", type=int, default=2, check=positive, role=TRAINING,
@@ -258,11 +278,11 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
                  help="training windows make every training item a label once (default True ml-100k, else False = the "
                       "original)")
     add_flag(group, "--train_batch_size", type=int, default=None, check=positive, role=TRAINING,
-             help="sequences per step (default 16 ml-100k, else 64)")
+             help="sequences per step (default 16 ml-100k, 128 ml-1m and ml-20m, else 64)")
     add_flag(group, "--val_batch_size", type=int, default=None, check=positive, role=SETTING,
-             help="users per validation batch (default 16 ml-100k, else 64)")
+             help="users per validation batch (default 16 ml-100k, 256 ml-1m and ml-20m, else 64)")
     add_flag(group, "--test_batch_size", type=int, default=None, check=positive, role=SETTING,
-             help="users per test/export batch (default 16 ml-100k, else 64)")
+             help="users per test/export batch (default 16 ml-100k, 256 ml-1m and ml-20m, else 64)")
     add_flag(group, "--lr", type=float, default=1e-3, check=positive, role=TRAINING,
              help="AdamW learning rate")
     add_flag(group, "--weight_decay", type=float, default=0.01, check=non_negative, role=TRAINING,
@@ -283,7 +303,7 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
     add_flag(group, "--max_steps", type=int, default=None, check=positive, role=OUTCOME,
              help="stop after this many steps (tests, benchmarks; --resume with a higher value continues)")
     add_flag(group, "--val_iterations", type=int, default=None, check=positive, role=OUTCOME,
-             help="validate every this many steps (default 50 ml-100k, else 100; the paper: 500)")
+             help="validate every this many steps (default 50 ml-100k, 500 ml-1m and ml-20m, else 100; the paper: 500)")
     add_flag(group, "--best_metric", default="Recall@10", role=TRAINING,
              help="validation metric of model selection: Recall/NDCG/MRR@k, k in --metric_ks")
     add_bool_arg(group, "early_stopping", True, role=OUTCOME,
@@ -587,7 +607,7 @@ def resolve_dataset(flags: argparse.Namespace) -> None:
         flags.dataset_code = ask_dataset_code()
     if flags.dataset_code not in DATASET_CODES:
         raise InputError(f"--dataset_code: expected one of {', '.join(DATASET_CODES)}, found {flags.dataset_code!r}")
-    defaults = DATASET_DEFAULTS["ml-100k" if flags.dataset_code == "ml-100k" else "other"]
+    defaults = DATASET_DEFAULTS.get(flags.dataset_code, DATASET_DEFAULTS["other"])
     for key, value in defaults.items():
         if hasattr(flags, key) and getattr(flags, key) is None:
             setattr(flags, key, value)
@@ -599,6 +619,8 @@ def resolve_dataset(flags: argparse.Namespace) -> None:
         )
     if flags.dataset_code != "ml-100k" and flags.ml_100k_path is not None:
         raise InputError(f"--ml_100k_path: only used with --dataset_code ml-100k, found {flags.dataset_code}")
+    if flags.dataset_code not in ("ml-1m", "ml-20m") and flags.movielens_path is not None:
+        raise InputError(f"--movielens_path: only used with --dataset_code ml-1m or ml-20m, found {flags.dataset_code}")
     flags.dataset_name = data_config(flags).name
 
 
@@ -631,6 +653,7 @@ def check_run_flags(flags: argparse.Namespace, parser: argparse.ArgumentParser) 
         raise InputError("--wandb_project: only used with --use_wandb")
     if flags.run_name is None:
         flags.run_name = f"seed{flags.seed}"
+    check_run_name(flags.run_name)
 
 
 @group_check("retriever_model", "best_metric", "metric_ks")
@@ -699,8 +722,9 @@ def check_recommend_flags(flags: argparse.Namespace, parser: argparse.ArgumentPa
 
 
 def run_cli(script: str, run: Callable[[argparse.Namespace], object], argv: list[str] | None = None) -> int:
-    """Every script's `main`: parse, --print_config, run; bad input -> one `error:` line, exit 2; Ctrl-C -> one
-    line, exit 130 (files are written atomically, so none is left half-written)."""
+    """Every script's `main`: parse, --print_config, run; bad input -> one `error:` line, exit 2; a file that cannot
+    be read or written (disk full, permission denied) -> one `error:` line, exit 1; Ctrl-C -> one line, exit 130
+    (files are written atomically, so none is left half-written)."""
     try:
         flags = parse_flags(script, argv)
         if getattr(flags, "print_config", False):
@@ -710,6 +734,12 @@ def run_cli(script: str, run: Callable[[argparse.Namespace], object], argv: list
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # one not met at a write of ours (those are WriteErrors): a read, a folder, a library's file
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             "\ninterrupted: the files written so far are complete; --resume continues a training run from its last "
@@ -730,6 +760,7 @@ def data_config(flags: argparse.Namespace) -> DataConfig:
         custom_path=flags.custom_path,
         data_root=Path(flags.data_root),
         ml_100k_path=flags.ml_100k_path,
+        movielens_path=getattr(flags, "movielens_path", None),  # absent from run folders written before the flag
         download=flags.download,
         min_rating=flags.min_rating,
         min_uc=flags.min_uc,

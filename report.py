@@ -13,13 +13,14 @@ import csv
 import io
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
 
 from config import RANKER, RETRIEVER, experiment_keys
 from trainer.run_folder import STAGES, Run, describe_unfinished, find_runs
-from utils.errors import InputError
+from utils.errors import FIXES, InputError, WriteError, describe_os_error
 from utils.files import atomic_output, atomic_write_text
 
 STAGE_SCRIPTS = {"retriever": RETRIEVER, "ranker": RANKER}
@@ -93,6 +94,17 @@ def group_label(config: dict, flags: list[str]) -> str:
     return " ".join(f"{key}={_flag_text(config, key)}" for key in flags) or "defaults"
 
 
+def printable(text: str) -> str:
+    """`text` with every byte of a name that is not UTF-8 (Python holds it as a lone surrogate) shown as \\xNN, so
+    that every format is written as valid UTF-8 and a JSON or CSV reader gets the name as shown."""
+    return re.sub("[\ud800-\udfff]", _escape_surrogate, text)
+
+
+def _escape_surrogate(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
 def _lookup(obj: dict, path: tuple[str, ...]) -> float | None:
     for key in path:
         if not isinstance(obj, dict) or key not in obj:
@@ -146,7 +158,13 @@ def build_rows(runs: list[Run]) -> list[dict]:
             groups.setdefault(group_label(run.config, flags), []).append(run)
         paper = paper_numbers(stage, dataset) or {}
         for label, group in sorted(groups.items()):
-            row = {"stage": stage, "dataset": dataset, "group": label, "n": len(group), "runs": [r.name for r in group]}
+            row = {
+                "stage": stage,
+                "dataset": printable(dataset),
+                "group": printable(label),
+                "n": len(group),
+                "runs": [printable(r.name) for r in group],
+            }
             for column, path in STAGE_METRICS[stage].items():
                 row[f"{column} mean"], row[f"{column} sd"] = mean_sd([_lookup(r.test, path) for r in group])
             for column in PAPER_COLUMNS[stage]:
@@ -197,9 +215,9 @@ def render_md(rows: list[dict], unfinished: list[Run], root: Path) -> str:
     lines = [
         "# Results report",
         "",
-        f"Runs under `{root}`. A row pools the runs that differ only in flags that do not define the experiment "
-        "(seed, run name, paths, threads ...); cells are mean ± sample sd over its n runs (sd `-` for one run; "
-        "`-` alone where not every run reports the metric).",
+        f"Runs under `{printable(str(root))}`. A row pools the runs that differ only in flags that do not define "
+        "the experiment (seed, run name, paths, threads ...); cells are mean ± sample sd over its n runs (sd `-` for "
+        "one run; `-` alone where not every run reports the metric).",
     ]
     notes = {
         "retriever": "Test metrics over all test users.",
@@ -214,7 +232,7 @@ def render_md(rows: list[dict], unfinished: list[Run], root: Path) -> str:
         lines += ["", f"## {stage} / {dataset}", "", notes[stage], "", *_md_table(stage, table_rows)]
     if unfinished:
         lines += ["", "## Unfinished runs (no test_metrics.json)", ""]
-        lines += [f"- {describe_unfinished(run)}" for run in unfinished]
+        lines += [f"- {printable(describe_unfinished(run))}" for run in unfinished]
     return "\n".join(lines) + "\n"
 
 
@@ -297,14 +315,29 @@ def _draw_curve(ax, run: Run, metric: str, points: list[tuple[float, float, dict
     baseline = _lookup(run.test or {}, ("val", "metrics", "retriever", "NDCG@10"))
     if run.stage == "ranker" and baseline is not None:
         ax.axhline(baseline, color="gray", linestyle="--", label=f"retriever's own order: {baseline:.4f}")
-    ax.set(xlabel="step", ylabel=f"validation {metric}", title=f"{run.stage} / {run.dataset} / {run.name}")
+    title = printable(f"{run.stage} / {run.dataset} / {run.name}")
+    ax.set(xlabel="step", ylabel=f"validation {metric}", title=title)
     ax.legend(fontsize="small")
+
+
+def make_plot_dir(plot_dir: Path) -> None:
+    """--plots DIR, created before the report is written: a DIR that cannot be made fails the command at once."""
+    plot_dir = Path(plot_dir)
+    if plot_dir.exists() and not plot_dir.is_dir():
+        raise InputError(f"--plots {plot_dir}: expected a folder for the PNG files, found a file; pass another folder")
+    try:
+        plot_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fix = "" if e.errno in FIXES else "; pass a folder you can create and write to"
+        raise WriteError(f"--plots: could not create the folder {describe_os_error(e, plot_dir)}{fix}") from None
 
 
 def write_plots(plt, runs: list[Run], plot_dir: Path) -> list[Path]:
     written = []
     for run in runs:
-        path = Path(plot_dir) / f"{run.stage}-{run.dataset}-{run.name}.png"
+        # named after the run's folder (ROOT/<stage>/<dataset>/<run>), which is unique even where config.json
+        # moves two runs of one name into one table
+        path = Path(plot_dir) / f"{run.path.parent.parent.name}-{run.path.parent.name}-{run.name}.png"
         if plot_run(plt, run, path):
             written.append(path)
         else:
@@ -313,6 +346,16 @@ def write_plots(plt, runs: list[Run], plot_dir: Path) -> list[Path]:
 
 
 # -------------------------------------------------------------------------------------------------------- CLI
+
+
+def note_escaped_names(runs: list[Run]) -> None:
+    for run in runs:
+        shown = printable(str(run.path))
+        if shown != str(run.path):
+            print(
+                f"note: {shown}: the folder name is not UTF-8; the report shows its bytes escaped as \\xNN",
+                file=sys.stderr,
+            )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -329,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plt = import_pyplot() if args.plots else None  # before any output: fail whole, not half-done
         runs = find_runs(args.root)
+        note_escaped_names(runs)
         unfinished = [run for run in runs if run.test is None]
         rows = build_rows(runs)
         if args.format == "md":
@@ -337,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             text = render_csv(rows) if args.format == "csv" else render_json(rows)
             for run in unfinished:  # the table formats hold finished runs only
                 print(f"note: unfinished run {describe_unfinished(run)}", file=sys.stderr)
+        if plt is not None:
+            make_plot_dir(args.plots)  # before the report is written: fail whole, not half-done
         if args.output:
             atomic_write_text(args.output, text)
         else:
@@ -347,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:  # disk full, permission denied: the file being written was removed
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a folder that cannot be listed or read
+        print(f"error: {printable(describe_os_error(e))}", file=sys.stderr)
+        return 1
     return 0
 
 

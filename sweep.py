@@ -8,20 +8,27 @@ run's best validation metric, the one its early stopping uses; trials' output go
 no test metric is shown while the search runs. Once --trials trials have ended, the sweep names the chosen flags, and
 only then reads the chosen trial's test metrics. The study lives in an Optuna storage (SQLite in the study folder by
 default; a shared database URL lets sweeps on several machines join one study). Running the same command again
-continues the study: trials of a killed sweep are resumed from their run folders, none is lost or run twice.
+continues the study: trials of a killed sweep are resumed from their run folders, none is lost or run twice; a run
+folder the study did not make (an earlier study of the same name) is refused, never resumed nor credited.
 Files: README, "Hyper-parameter search"; details: docs/sweeps.md.
 """
 
 import argparse
 import os
+import re
 import sys
 import threading
 import time
+import uuid
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
+from sqlalchemy.engine import make_url
 
 from config import RETRIEVER, SWEEP, build_parser, foreign_flag_error, parse_flags, run_cli
 from report import STAGE_SCRIPTS, build_rows, render_md
@@ -31,16 +38,20 @@ from trainer.search import (
     FAIL,
     Dimension,
     Sweep,
+    check_claim,
     chosen_trial,
+    claim_run,
     ended,
     ended_count,
     flag_args,
+    foreign_runs,
+    not_made_here,
     parse_dimension,
     run_process,
     run_workers,
     say,
 )
-from utils.errors import InputError
+from utils.errors import InputError, one_line
 from utils.files import atomic_write_json, atomic_write_text
 
 # The heartbeat API (how a killed sweep's trials are found and re-queued) is marked experimental; it is used as its
@@ -66,13 +77,28 @@ def check_dimension(spec: str, script: str) -> Dimension:
     return parse_dimension(spec)
 
 
+def check_distinct(flag: str, values: list, shown: list[str] | None = None) -> None:
+    """A list flag whose entries must differ: --space (one entry per flag), --seeds (one run per seed)."""
+    repeated = list(dict.fromkeys(v for v in values if values.count(v) > 1))
+    if repeated:
+        raise InputError(
+            f"{flag}: {', '.join(map(str, repeated))} given more than once ({' '.join(map(str, shown or values))}); "
+            "expected each once"
+        )
+
+
 def check_trial_flags(script: str, fixed: list[str], space: list[Dimension]) -> object:
     """The fixed flags, and each corner of the space with them, pass the script's own checks; returns the parse."""
+    options = build_parser(script)._option_string_actions  # --x, --no-x -> the flag they set
+    searched = {dim.name for dim in space}
     for token in fixed:
-        name = token[2:].split("=", 1)[0] if token.startswith("--") else None
+        option = token.split("=", 1)[0] if token.startswith("--") else None
+        name = options[option].dest if option in options else None
         if name in CONTROLLED:
             instead = " (pass --threads_per_worker)" if name == "num_threads" else ""
             raise InputError(f"--{name} after --: the sweep sets it for every trial{instead}")
+        if name in searched:
+            raise InputError(f"--{name}: both fixed after -- ({token}) and searched by --space; pass it in one place")
     try:
         flags = parse_flags(script, fixed)
         for dim in space:
@@ -88,17 +114,65 @@ def check_trial_flags(script: str, fixed: list[str], space: list[Dimension]) -> 
 # ---------------------------------------------------------------------------------------------- the study
 
 
+# The module a database URL's driver is imported as -> what `pip install` installs it from.
+DRIVER_PACKAGES = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
+                   "pymysql": "PyMySQL"}  # fmt: skip
+
+
+def shown_url(url: str) -> str:
+    """The storage URL for messages, its password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:  # not a URL sqlalchemy reads; still hide what looks like user:password@
+        return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+
+
+@contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """The study's database failing (a bad URL, a folder or server that is not there, a lost connection) as one
+    InputError naming the URL (its password hidden) and the fix."""
+    where = f"--storage {shown_url(url)}"
+    try:
+        yield
+    except sqlalchemy.exc.ArgumentError as e:
+        raise InputError(
+            f"{where}: expected a database URL (sqlite:///path/to/study.db, postgresql+psycopg2://user:password@host/db"
+            f", ...), found one that cannot be used ({one_line(e, 120)})"
+        ) from None
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+        cause = e if isinstance(e, sqlalchemy.exc.SQLAlchemyError) else e.__cause__
+        reason = one_line(getattr(cause, "orig", None) or cause or e, 160)
+        raise InputError(
+            f"{where}: the study's database could not be opened or used ({reason}); check the URL, that a SQLite "
+            "file's folder exists and is writable, and that a database server is reachable with these credentials"
+        ) from None
+
+
+def open_storage(url: str, heartbeat: int, max_restarts: int) -> optuna.storages.RDBStorage:
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=heartbeat,
+            grace_period=3 * heartbeat,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=max_restarts, inherit_intermediate_values=True
+            ),
+        )
+    except ImportError as e:  # Optuna's "Failed to import DB access module", from the driver's ModuleNotFoundError
+        module = getattr(e.__cause__, "name", None)
+        if module is None:
+            raise
+        raise InputError(
+            f"--storage {shown_url(url)}: its database driver is not installed (no module {module!r}); "
+            f"pip install {DRIVER_PACKAGES.get(module, module)}"
+        ) from None
+
+
 def open_study(flags: argparse.Namespace, script: str, fixed: list[str], folder: Path) -> optuna.Study:
     """Create or join the study; joining checks that it searches the same script, fixed flags and space."""
-    folder.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(
-        flags.storage or f"sqlite:///{folder / 'study.db'}",
-        heartbeat_interval=flags.heartbeat_seconds,
-        grace_period=3 * flags.heartbeat_seconds,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-            max_retry=flags.max_restarts, inherit_intermediate_values=True
-        ),
-    )
+    if flags.storage is None:
+        folder.mkdir(parents=True, exist_ok=True)
+    url = flags.storage or f"sqlite:///{folder / 'study.db'}"
     sampler_class = optuna.samplers.TPESampler if flags.sampler == "tpe" else optuna.samplers.RandomSampler
     pruner = (
         optuna.pruners.MedianPruner(
@@ -107,9 +181,12 @@ def open_study(flags: argparse.Namespace, script: str, fixed: list[str], folder:
         if flags.pruner == "median"
         else optuna.pruners.NopPruner()
     )
-    study = optuna.create_study(
-        study_name=flags.study, storage=storage, pruner=pruner, direction="maximize", load_if_exists=True
-    )
+    with storage_errors(url):
+        storage = open_storage(url, flags.heartbeat_seconds, flags.max_restarts)
+        study = optuna.create_study(
+            study_name=flags.study, storage=storage, pruner=pruner, direction="maximize", load_if_exists=True
+        )
+    folder.mkdir(parents=True, exist_ok=True)
     # A restarted sweep must not replay the random draws of its first start: the seed moves on with the study.
     study.sampler = sampler_class(seed=flags.sampler_seed + len(study.get_trials(deepcopy=False)))
     settings = {"script": script, "fixed_flags": fixed, "space": flags.space}
@@ -121,11 +198,18 @@ def open_study(flags: argparse.Namespace, script: str, fixed: list[str], folder:
         details = "; ".join(f"{key} {study.user_attrs.get(key)!r} -> {settings[key]!r}" for key in changed)
         raise InputError(f"--study {flags.study}: the study was started with other settings ({details}); "
                          "pass its own, or name another study")  # fmt: skip
+    # The study's identity in the records of its runs (trainer/search.py claim_run): a study of the same name started
+    # anew (its folder deleted, another --storage) gets another, so the old study's run folders are never its own.
+    if "uuid" not in study.user_attrs:
+        study.set_user_attr("uuid", uuid.uuid4().hex)
     return study
 
 
-def test_of(stage: str, run_dir: Path, trial: optuna.trial.FrozenTrial):
-    run = load_run(stage, run_dir)
+def test_of(sweep: Sweep, trial: optuna.trial.FrozenTrial):
+    run_name = trial.user_attrs["run_name"]
+    check_claim(sweep, run_name, {"flags": trial.user_attrs["flags"]})  # never another study's run of that name
+    run_dir = sweep.run_root / run_name
+    run = load_run(sweep.stage, run_dir)
     if run is None or run.test is None:
         raise InputError(
             f"{run_dir}: no test_metrics.json here (the run was made on {trial.user_attrs.get('host')}); rerun this "
@@ -174,7 +258,7 @@ def summarize(sweep: Sweep, summary_path: Path) -> dict:
     flags = " ".join(f"--{k} {v}" for k, v in best.user_attrs["flags"].items())
     say(f"chosen on validation: trial {best.number} ({sweep.metric} {best.value:.4f}): {flags}")
     stage = sweep.stage
-    run = test_of(stage, sweep.run_root / best.user_attrs["run_name"], best)
+    run = test_of(sweep, best)
     row = build_rows([run])[0]
     summary["test_read_for_trials"] = [best.number]
     summary["chosen_test"] = {"test_read_at": time.time(), **{k: v for k, v in row.items() if k.endswith("mean")}}
@@ -188,11 +272,18 @@ def run_seeds(sweep: Sweep, best: optuna.trial.FrozenTrial, seeds: list[int], se
     stage = sweep.stage
     flags = best.user_attrs["flags"]
 
+    def name(seed: int) -> str:
+        return best.user_attrs["run_name"] if seed == search_seed else f"{sweep.study.study_name}_chosen_seed{seed}"
+
+    for seed in seeds:  # every folder claimed (or refused) before any of them trains
+        if seed != search_seed:
+            claim_run(sweep, name(seed), {"seed": seed, "flags": flags})
+
     def one(seed: int) -> Path:
-        if seed == search_seed:
-            return sweep.run_root / best.user_attrs["run_name"]
-        run_name = f"{sweep.study.study_name}_chosen_seed{seed}"
+        run_name = name(seed)
         run_dir = sweep.run_root / run_name
+        if seed == search_seed:
+            return run_dir
         if not (run_dir / "test_metrics.json").is_file():
             argv = sweep.fixed + flag_args(flags) + ["--seed", str(seed), "--run_name", run_name]
             argv += ["--num_threads", str(sweep.threads)] + (
@@ -214,31 +305,37 @@ def run_seeds(sweep: Sweep, best: optuna.trial.FrozenTrial, seeds: list[int], se
 
 def run(flags: argparse.Namespace, fixed: list[str]) -> dict:
     script = flags.script
+    check_distinct("--space", [spec.partition("=")[0] for spec in flags.space], flags.space)
+    check_distinct("--seeds", flags.seeds or [])
     space = [check_dimension(spec, script) for spec in flags.space]
     trial_flags = check_trial_flags(script, fixed, space)
     experiment_root = Path(trial_flags.experiment_root)
     folder = experiment_root / "sweeps" / flags.study
-    study = open_study(flags, script, fixed, folder)
-    sweep = Sweep(
-        script=Path(__file__).parent / script, stage=STAGES[script], study=study, fixed=fixed, space=space,
-        run_root=run_folder(experiment_root, STAGES[script], trial_flags.dataset_name, ""),
-        folder=folder, metric=trial_flags.best_metric if script == RETRIEVER else SELECTION_METRIC,
-        trials=flags.trials, threads=flags.threads_per_worker or max(1, (os.cpu_count() or 1) // flags.workers),
-        pruning=flags.pruner != "none", max_restarts=flags.max_restarts, heartbeat=flags.heartbeat_seconds,
-        lock=threading.Lock(), stopping=threading.Event(),
-    )  # fmt: skip
-    done = ended_count(study.get_trials(deepcopy=False))
-    say(f"study {flags.study}: {done}/{flags.trials} trials ended; {flags.workers} workers x {sweep.threads} threads; "
-        f"trial output in {folder / 'logs'}")  # fmt: skip
-    run_workers(sweep, flags.workers)
-    summary = summarize(sweep, folder / "summary.json")
-    if flags.seeds:
-        best = chosen_trial(study)
-        table = run_seeds(sweep, best, flags.seeds, trial_flags.seed, flags.workers)
-        atomic_write_text(folder / "seeds_report.md", table)
-        say(table)
-        summary["seeds"] = {"seeds": flags.seeds, "report": str(folder / "seeds_report.md")}
-        atomic_write_json(folder / "summary.json", summary)
+    with storage_errors(flags.storage or f"sqlite:///{folder / 'study.db'}"):  # also a database lost mid-sweep
+        study = open_study(flags, script, fixed, folder)
+        sweep = Sweep(
+            script=Path(__file__).parent / script, stage=STAGES[script], study=study, fixed=fixed, space=space,
+            run_root=run_folder(experiment_root, STAGES[script], trial_flags.dataset_name, ""),
+            folder=folder, metric=trial_flags.best_metric if script == RETRIEVER else SELECTION_METRIC,
+            trials=flags.trials, threads=flags.threads_per_worker or max(1, (os.cpu_count() or 1) // flags.workers),
+            pruning=flags.pruner != "none", max_restarts=flags.max_restarts, heartbeat=flags.heartbeat_seconds,
+            lock=threading.Lock(), stopping=threading.Event(), study_uuid=study.user_attrs["uuid"],
+        )  # fmt: skip
+        foreign = foreign_runs(sweep)
+        if foreign:
+            raise not_made_here(sweep, foreign)
+        done = ended_count(study.get_trials(deepcopy=False))
+        say(f"study {flags.study}: {done}/{flags.trials} trials ended; {flags.workers} workers x {sweep.threads} "
+            f"threads; trial output in {folder / 'logs'}")  # fmt: skip
+        run_workers(sweep, flags.workers)
+        summary = summarize(sweep, folder / "summary.json")
+        if flags.seeds:
+            best = chosen_trial(study)
+            table = run_seeds(sweep, best, flags.seeds, trial_flags.seed, flags.workers)
+            atomic_write_text(folder / "seeds_report.md", table)
+            say(table)
+            summary["seeds"] = {"seeds": flags.seeds, "report": str(folder / "seeds_report.md")}
+            atomic_write_json(folder / "summary.json", summary)
     return summary
 
 

@@ -83,7 +83,7 @@ def run(flags: argparse.Namespace) -> dict:
         return evaluate_saved(flags, prepare(flags, device), run_dir, adapter)
     check_run_folder(flags, run_dir)
     setup = prepare(flags, device)
-    on_main_process(lambda: prepare_run_dir(run_dir, flags.resume, flags.overwrite))
+    on_main_process(lambda: prepare_run_dir(run_dir, "ranker", flags.resume, flags.overwrite))
     on_main_process(lambda: write_shared_files(run_dir, flags, setup))
     say(f"run folder: {run_dir}")
     if flags.resume and (run_dir / "adapter" / "adapter_config.json").is_file():
@@ -137,7 +137,7 @@ def prepare(flags: argparse.Namespace, device: torch.device) -> Setup:
 def check_run_folder(flags: argparse.Namespace, run_dir: Path) -> None:
     """Every process checks the folder and the --resume flags, before anything slow and before rank 0 creates (or,
     with --overwrite, clears) the folder."""
-    prepare_run_dir(run_dir, flags.resume, flags.overwrite, create=False)
+    prepare_run_dir(run_dir, "ranker", flags.resume, flags.overwrite, create=False)
     if flags.resume:
         # a resumed DDP run needs the process count it started with: its data order and RNG states depend on it
         check_resume_config(run_dir, vars(flags), resume_keys(RANKER))

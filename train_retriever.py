@@ -31,15 +31,17 @@ def run(flags: argparse.Namespace) -> dict:
     set_threads(flags.num_threads)
     set_seed(flags.seed)
     device = resolve_device(flags.device)
-    split = load_split(data_config(flags))
     run_dir = run_folder(flags.experiment_root, "retriever", flags.dataset_name, flags.run_name)
+    if not flags.eval_only:  # refused before the preprocessing, which takes minutes on large data
+        prepare_run_dir(run_dir, "retriever", flags.resume, flags.overwrite, create=False)
+    split = load_split(data_config(flags))
     if flags.eval_only:
         return evaluate_saved(flags, split, run_dir, device)
     return train_and_export(flags, split, run_dir, device)
 
 
 def train_and_export(flags: argparse.Namespace, split, run_dir: Path, device) -> dict:
-    prepare_run_dir(run_dir, flags.resume, flags.overwrite)
+    prepare_run_dir(run_dir, "retriever", flags.resume, flags.overwrite)
     if flags.resume:
         # With the schedule on, the learning rate decays over --num_epochs: then it defines the training too.
         schedule_keys = ("num_epochs",) if flags.enable_lr_schedule else ()

@@ -27,7 +27,7 @@ class Request:
 
 
 def read_input_text(path: str | Path) -> tuple[str, str]:
-    """(text, name) of --input: a file, or standard input for '-'."""
+    """(text, name) of --input: a file, or standard input for '-'; UTF-8, with or without a byte order mark."""
     if str(path) == "-":
         data, name = sys.stdin.buffer.read(), "standard input"
     else:
@@ -36,7 +36,7 @@ def read_input_text(path: str | Path) -> tuple[str, str]:
             raise InputError(f"--input: {path} not found (a JSONL or CSV file, or - for standard input)")
         data, name = path.read_bytes(), str(path)
     try:
-        return data.decode("utf-8"), name
+        return data.decode("utf-8-sig"), name  # -sig: drops the byte order mark Excel writes at the start
     except UnicodeDecodeError as e:
         raise InputError(f"{name}: expected UTF-8 text, found a byte that is not ({e})") from None
 

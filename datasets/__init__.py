@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets.cache import cache_key, load_cached_split, save_split
-from datasets.sources import AMAZON_FILES, ML_100K_SHIPPED, read_amazon, read_custom, read_movielens
+from datasets.sources import AMAZON_FILES, ML_100K_SHIPPED, MOVIELENS, read_amazon, read_custom, read_movielens
 from datasets.split import SplitData, make_split
 from utils.files import REPO_ROOT, sha256_file
 
 __all__ = ["DataConfig", "SplitData", "load_split", "make_split"]
 
-DATASET_CODES = ("ml-100k", "beauty", "games", "custom")
+DATASET_CODES = ("ml-100k", "ml-1m", "ml-20m", "beauty", "games", "custom")
 _HF_DATASET_CLASSES = {"Dataset", "IterableDataset", "DatasetDict", "IterableDatasetDict"}
 
 
@@ -37,10 +37,11 @@ def __getattr__(name: str):
 class DataConfig:
     """Which data and how it is preprocessed (the data flags)."""
 
-    code: str  # --dataset_code: ml-100k, beauty, games or custom
+    code: str  # --dataset_code: one of DATASET_CODES
     custom_path: Path | None = None  # folder with interactions.csv and items.csv (custom)
-    data_root: Path = REPO_ROOT / "data"  # raw Amazon files and the preprocessed cache
+    data_root: Path = REPO_ROOT / "data"  # raw files of the downloaded datasets and the preprocessed cache
     ml_100k_path: Path | None = None  # ml-latest-small ratings.csv/movies.csv (default: the shipped release)
+    movielens_path: Path | None = None  # ml-1m / ml-20m files (default: <data_root>/<code>)
     download: bool = True
     min_rating: float = 0
     min_uc: int = 5
@@ -54,18 +55,25 @@ class DataConfig:
         return f"custom-{Path(self.custom_path).resolve().name or 'data'}"
 
 
-def _read_raw(data: DataConfig):
+def _movielens_folder(data: DataConfig) -> Path:
     if data.code == "ml-100k":
-        return read_movielens(data.ml_100k_path, data.download)
+        return Path(data.ml_100k_path or ML_100K_SHIPPED)
+    return Path(data.movielens_path or Path(data.data_root) / data.code)
+
+
+def _read_raw(data: DataConfig):
+    if data.code in MOVIELENS:
+        shipped = data.code == "ml-100k" and data.ml_100k_path is None
+        return read_movielens(MOVIELENS[data.code], _movielens_folder(data), data.download, shipped)
     if data.code in ("beauty", "games"):
         return read_amazon(data.code, data.data_root, data.download)
     return read_custom(data.custom_path)
 
 
 def _raw_paths(data: DataConfig) -> list[Path]:
-    if data.code == "ml-100k":
-        folder = Path(data.ml_100k_path or ML_100K_SHIPPED)
-        return [folder / "ratings.csv", folder / "movies.csv"]
+    if data.code in MOVIELENS:
+        release = MOVIELENS[data.code]
+        return [_movielens_folder(data) / release.ratings, _movielens_folder(data) / release.movies]
     if data.code in ("beauty", "games"):
         return [Path(data.data_root) / data.code / name for name in AMAZON_FILES[data.code]]
     return [Path(data.custom_path) / "interactions.csv", Path(data.custom_path) / "items.csv"]

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -27,13 +28,8 @@ from utils.files import REPO_ROOT, sha256_file
 # (interactions, titles: raw item id -> title, the raw files read)
 RawData = tuple[pd.DataFrame, dict[str, str], list[Path]]
 
-ML_100K_URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
+GROUPLENS = "https://files.grouplens.org/datasets/movielens"
 ML_100K_SHIPPED = REPO_ROOT / "data" / "ml-latest-small"
-# The September 2018 release the paper used (its README.txt is the license; see docs/data.md).
-ML_100K_SHA256 = {
-    "ratings.csv": "aa289ca83157595d0df6aea1be6a4ded676ddc4385472e8313a8ed9805352646",
-    "movies.csv": "5a5f32dd9bb3797b8e728a1b98958789d2b13f294a69fdfbc5727f8a9611aa07",
-}
 SNAP = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles"
 AMAZON_FILES = {
     "beauty": {
@@ -48,8 +44,9 @@ AMAZON_FILES = {
 }
 
 
-def download(url: str, dest: Path) -> None:
-    """Download with a progress bar into a temp file, then rename (no half-written raw file)."""
+def download(url: str, dest: Path, sha256: str | None = None) -> None:
+    """Download with a progress bar into a temp file, check its sha256 when one is pinned, then rename: no
+    half-written or unverified file is ever left at `dest`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part")
     try:
@@ -59,13 +56,89 @@ def download(url: str, dest: Path) -> None:
                 for block in iter(lambda: response.read(1 << 20), b""):
                     f.write(block)
                     bar.update(len(block))
+        if sha256 is not None and (digest := sha256_file(tmp)) != sha256:
+            raise InputError(
+                f"{url}: the download's sha256 is {digest}, expected the published {sha256} (a corrupted or "
+                "changed file); it was not kept"
+            )
         tmp.replace(dest)
     except (urllib.error.URLError, OSError) as e:
         tmp.unlink(missing_ok=True)
         raise InputError(f"{dest}: download from {url} failed ({e})") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-# ---------------------------------------------------------------- MovieLens (ml-latest-small)
+def fetch_zip_members(url: str, sha256: str | None, zip_folder: str, members: tuple[str, ...], folder: Path) -> None:
+    """Download the zip at `url` (checked against `sha256` when given) and extract `zip_folder/<member>` of each
+    member into `folder`. Extracted beside the archive, moved into `folder` only once every member is complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        archive = Path(tmp) / url.rsplit("/", 1)[-1]
+        download(url, archive, sha256)
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                for member in members:
+                    with zf.open(f"{zip_folder}/{member}") as src, open(Path(tmp) / member, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        except (zipfile.BadZipFile, KeyError, EOFError, zlib.error) as e:
+            raise InputError(f"{url}: expected a zip with {zip_folder}/{{{','.join(members)}}} ({e})") from None
+        for member in members:
+            os.replace(Path(tmp) / member, folder / member)
+
+
+# ---------------------------------------------------------------- MovieLens (GroupLens releases)
+
+
+@dataclass(frozen=True)
+class MovieLensRelease:
+    """One GroupLens zip: where it is, what is pinned, which files are read and how."""
+
+    name: str  # the zip's top folder
+    url: str
+    zip_sha256: str | None  # the published archive's; None: the URL serves changing releases
+    ratings: str  # ratings.csv (userId,movieId,rating,timestamp; UTF-8) or ratings.dat (user::item::rating::time)
+    movies: str  # movies.csv (movieId,title,genres; UTF-8) or movies.dat (item::title::genres; latin-1)
+    extra: tuple[str, ...] = ()  # extracted too: the README is the license
+    file_sha256: dict[str, str] | None = None  # per-file pins of the release the paper used, where known
+
+
+MOVIELENS = {
+    # ml-latest-small, September 2018 (the paper's "ML-100k"). The URL now serves newer releases, so the files,
+    # not the zip, are pinned, and the 2018 files are shipped.
+    "ml-100k": MovieLensRelease(
+        "ml-latest-small",
+        f"{GROUPLENS}/ml-latest-small.zip",
+        None,
+        "ratings.csv",
+        "movies.csv",
+        ("README.txt",),
+        {
+            "ratings.csv": "aa289ca83157595d0df6aea1be6a4ded676ddc4385472e8313a8ed9805352646",
+            "movies.csv": "5a5f32dd9bb3797b8e728a1b98958789d2b13f294a69fdfbc5727f8a9611aa07",
+        },
+    ),
+    # Fixed releases: each archive's sha256 (5,917,549 / 198,702,078 bytes) as recorded by independent dataset
+    # registries; GroupLens itself publishes their MD5s: c4d9eecfca2ab87c1945afe126590906 (ml-1m),
+    # cd245b17a1ae2cc31bb14903e1204af3 (ml-20m).
+    "ml-1m": MovieLensRelease(
+        "ml-1m",
+        f"{GROUPLENS}/ml-1m.zip",
+        "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
+        "ratings.dat",
+        "movies.dat",
+        ("README",),
+    ),
+    "ml-20m": MovieLensRelease(
+        "ml-20m",
+        f"{GROUPLENS}/ml-20m.zip",
+        "96f243c338a8665f6bcc89c53edf6ee39162a846940de6b7c8c48aeada765ff3",
+        "ratings.csv",
+        "movies.csv",
+        ("README.txt",),
+    ),
+}
 
 
 def clean_movielens_title(title: str) -> str:
@@ -87,65 +160,92 @@ def clean_movielens_title(title: str) -> str:
     return title + year
 
 
-def _fetch_movielens(folder: Path) -> None:
-    # Extracted beside the archive, moved into `folder` only once every member is complete.
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        archive = Path(tmp) / "ml-latest-small.zip"
-        download(ML_100K_URL, archive)
-        members = ("ratings.csv", "movies.csv", "README.txt")
-        try:
-            with zipfile.ZipFile(archive) as zf:
-                for member in members:
-                    with zf.open(f"ml-latest-small/{member}") as src, open(Path(tmp) / member, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-        except (zipfile.BadZipFile, KeyError) as e:
+def read_dat(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    """A GroupLens '::'-separated file without header (ml-1m's ratings.dat, movies.dat): latin-1, the files'
+    encoding (every byte decodes, so a title is never refused, only the field count is checked)."""
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        lines = path.read_text(encoding="latin-1").splitlines()
+    except OSError as e:
+        raise InputError(f"{path}: not readable ({e})") from None
+    rows = []
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        fields = line.split("::")
+        if len(fields) != len(columns):
             raise InputError(
-                f"{ML_100K_URL}: expected a zip with ml-latest-small/{{{','.join(members)}}} ({e})"
-            ) from None
-        for member in members:
-            os.replace(Path(tmp) / member, folder / member)
-
-
-def read_movielens(folder: Path | None, allow_download: bool) -> RawData:
-    """ratings.csv (userId,movieId,rating,timestamp) + movies.csv (movieId,title,genres), UTF-8."""
-    shipped = folder is None
-    folder = ML_100K_SHIPPED if shipped else Path(folder)
-    files = [folder / "ratings.csv", folder / "movies.csv"]
-    if not all(f.is_file() for f in files):
-        if shipped or not allow_download:
-            raise InputError(
-                f"{folder}: expected ratings.csv and movies.csv of ml-latest-small; get them from {ML_100K_URL}"
-                + ("" if shipped else " or pass --download to fetch them")
+                f"{path}:{line_no}: expected {len(columns)} '::'-separated fields ({'::'.join(columns)}), "
+                f"found {len(fields)}"
             )
-        folder.mkdir(parents=True, exist_ok=True)
-        missing = ", ".join(f.name for f in files if not f.is_file())
+        rows.append(fields)
+    if not rows:
+        raise InputError(f"{path}: file is empty; expected lines {'::'.join(columns)}")
+    return pd.DataFrame(rows, columns=list(columns))
+
+
+def read_movielens_titles(path: Path) -> dict[str, str]:
+    """movie id -> cleaned title, from movies.dat (ml-1m) or movies.csv (ml-latest-small, ml-20m)."""
+    if path.suffix == ".dat":
+        movies = read_dat(path, ("item", "title", "genres"))
+    else:
+        movies = read_csv_checked(path, {"movieId": "item", "title": "title"})
+    return {
+        item: clean_movielens_title(title)
+        for item, title in zip(movies["item"], movies["title"], strict=True)
+        if title.strip()
+    }
+
+
+def read_movielens_ratings(path: Path) -> pd.DataFrame:
+    if path.suffix != ".dat":
+        return read_csv_checked(
+            path, {"userId": "user", "movieId": "item", "rating": "rating", "timestamp": "timestamp"}
+        )
+    ratings = read_dat(path, ("user", "item", "rating", "timestamp"))
+    _require_ids(ratings, path, ("user", "item"))
+    return _numeric_columns(ratings, path, ("rating", "timestamp"))
+
+
+def read_movielens(release: MovieLensRelease, folder: Path, allow_download: bool, shipped: bool = False) -> RawData:
+    """The ratings and titles of `release` in `folder`, downloaded there when missing (unless `allow_download` is
+    False, or `shipped`: the repository's own copy, never downloaded into)."""
+    folder = Path(folder)
+    files = [folder / release.ratings, folder / release.movies]
+    restore = f"`git checkout -- {folder.relative_to(REPO_ROOT)}`" if shipped else ""
+    missing = ", ".join(f.name for f in files if not f.is_file())
+    if missing:
+        wanted = f"{release.ratings} and {release.movies} of {release.name}"
+        if shipped:
+            raise InputError(f"{folder}: missing {missing}; restore the shipped copy with {restore}")
+        if not allow_download:
+            raise InputError(
+                f"{folder}: missing {missing} (--no-download given); expected {wanted}: download {release.url} and "
+                f"put the files of its {release.name}/ folder there, or drop --no-download"
+            )
         try:
-            _fetch_movielens(folder)
+            fetch_zip_members(
+                release.url, release.zip_sha256, release.name, (release.ratings, release.movies, *release.extra), folder
+            )
         except InputError as e:
             raise InputError(
-                f"{folder}: missing {missing}, and fetching ml-latest-small failed: {e}. Place ratings.csv and "
-                f"movies.csv there by hand (from {ML_100K_URL}) or pass --no-download"
+                f"{folder}: missing {missing}, and fetching {release.name} failed: {e}. Place {wanted} there by hand "
+                f"(from {release.url}) or pass --no-download"
             ) from None
-    for f in files:
+    for f in files if release.file_sha256 else ():
         digest = sha256_file(f)
-        if digest != ML_100K_SHA256[f.name]:
+        if digest != release.file_sha256[f.name]:
             if shipped:
                 raise InputError(
-                    f"{f}: sha256 {digest} differs from the shipped 2018 release ({ML_100K_SHA256[f.name]}); "
-                    "restore it with `git checkout -- data/ml-latest-small`"
+                    f"{f}: sha256 {digest} differs from the shipped 2018 release ({release.file_sha256[f.name]}); "
+                    f"restore it with {restore}"
                 )
             print(
                 f"note: {f} is not the September 2018 release the paper used; numbers will differ from the paper",
                 file=sys.stderr,
             )
-    ratings = read_csv_checked(
-        files[0], {"userId": "user", "movieId": "item", "rating": "rating", "timestamp": "timestamp"}
-    )
-    movies = read_csv_checked(files[1], {"movieId": "item", "title": "title"})
-    titles = {
-        item: clean_movielens_title(title) for item, title in zip(movies["item"], movies["title"], strict=True) if title
-    }
-    return ratings, titles, files
+    return read_movielens_ratings(files[0]), read_movielens_titles(files[1]), files
 
 
 # ---------------------------------------------------------------- Amazon (SNAP 2014 ratings + metadata)
@@ -267,6 +367,19 @@ def read_csv_checked(path: Path, columns: dict[str, str], optional: dict[str, st
     return _numeric_columns(df, path, numeric)
 
 
+def read_titles_csv(path: Path) -> dict[str, str]:
+    """item_id -> title from a CSV with the header item_id,title (UTF-8); empty titles are left out."""
+    items = read_csv_checked(path, {"item_id": "item", "title": "title"})
+    conflicting = items.groupby("item")["title"].nunique()
+    conflicting = conflicting[conflicting > 1]
+    if len(conflicting):
+        raise InputError(
+            f"{path}: expected one title per item_id, found {len(conflicting)} item_id(s) with several "
+            f"different titles (first: {conflicting.index[0]!r})"
+        )
+    return {item: title.strip() for item, title in zip(items["item"], items["title"], strict=True) if title.strip()}
+
+
 def read_custom(folder: Path) -> RawData:
     folder = Path(folder)
     if not folder.is_dir():
@@ -275,19 +388,7 @@ def read_custom(folder: Path) -> RawData:
     interactions = read_csv_checked(
         interactions_path, {"user_id": "user", "item_id": "item", "timestamp": "timestamp"}, {"rating": "rating"}
     )
-    items = read_csv_checked(items_path, {"item_id": "item", "title": "title"})
-    conflicting = items.groupby("item")["title"].nunique()
-    conflicting = conflicting[conflicting > 1]
-    if len(conflicting):
-        raise InputError(
-            f"{items_path}: expected one title per item_id, found {len(conflicting)} item_id(s) with several "
-            f"different titles (first: {conflicting.index[0]!r})"
-        )
-    titles = {
-        item: title.strip()
-        for item, title in zip(items["item"], items["title"], strict=True)
-        if title and title.strip()
-    }
+    titles = read_titles_csv(items_path)
     used = set(interactions["item"])
     untitled = len(used - titles.keys())
     if untitled == len(used):

@@ -74,3 +74,28 @@ def tiny_split() -> SplitData:
     df = tiny_interactions()
     titles = {item: f"Item {item[1:]}" for item in df["item"].unique()}
     return make_split(df, titles, name="tiny", min_uc=5, min_sc=1)
+
+
+def write_custom_dataset(folder):
+    folder.mkdir()
+    df = tiny_interactions(num_users=12, num_items=15, length=9)
+    df.rename(columns={"user": "user_id", "item": "item_id"}).to_csv(folder / "interactions.csv", index=False)
+    items = sorted(df["item"].unique())
+    with open(folder / "items.csv", "w") as f:
+        f.write("item_id,title\n" + "".join(f"{i},Item {i}\n" for i in items))
+    return folder
+
+
+@pytest.fixture
+def tiny_args(tmp_path):
+    data = write_custom_dataset(tmp_path / "tiny")
+    return [
+        "--dataset_code", "custom", "--custom_path", str(data), "--data_root", str(tmp_path / "data"),
+        "--experiment_root", str(tmp_path / "exp"), "--bert_max_len", "5", "--bert_hidden_units", "8",
+        "--train_batch_size", "4", "--val_batch_size", "5", "--test_batch_size", "5", "--val_iterations", "2",
+        "--num_epochs", "4", "--retrieved_topk", "6", "--early_stopping_patience", "100",
+    ]  # fmt: skip
+
+
+def run_dir_of(tmp_path, name="seed42"):
+    return tmp_path / "exp" / "retriever" / "custom-tiny" / name

@@ -141,7 +141,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
 def test_missing_dataset_code_exits_without_hanging(script):
     result = run_script(script)
     assert result.returncode != 0
-    assert "--dataset_code" in result.stderr and "ml-100k, beauty, games, custom" in result.stderr
+    assert "--dataset_code" in result.stderr and "ml-100k, ml-1m, ml-20m, beauty, games, custom" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -66,7 +66,7 @@ def test_llamarec_pickle_converts_to_the_same_split(tiny_split, tmp_path):
     with open(tmp_path / "dataset.pkl", "wb") as f:
         pickle.dump(data, f)
     counts = convert_llamarec_pickle(tmp_path / "dataset.pkl", tmp_path / "csv")
-    assert counts == {"users": 12, "items": tiny_split.num_items, "interactions": 12 * 9}
+    assert counts == {"users": 12, "items": tiny_split.num_items, "interactions": 12 * 9, "placeholder_titles": 0}
     # --min_sc 1 as the tiny split was made with (the paper's files are 5-core already, so 5 keeps them whole)
     split = load_split(DataConfig("custom", custom_path=tmp_path / "csv", data_root=tmp_path, min_sc=1))
 

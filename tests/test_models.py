@@ -8,8 +8,7 @@ import torch
 
 from dataloader.candidates import load_candidates
 from model.retrievers import RetrieverSpec, build_retriever
-from tests.conftest import split_of
-from tests.test_retriever import run_dir_of, tiny_args  # noqa: F401 (tiny_args is a fixture)
+from tests.conftest import run_dir_of, split_of
 from train_retriever import main
 from trainer.retriever_train import train_step
 

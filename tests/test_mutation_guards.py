@@ -24,8 +24,7 @@ from dataloader.ranker_data import (
 from dataloader.retriever_data import EvalData, training_windows, window_step
 from datasets import SplitData
 from model.retrievers import RetrieverSpec, build_retriever
-from tests.conftest import split_of
-from tests.test_retriever import run_dir_of, tiny_args  # noqa: F401 (tiny_args is a fixture)
+from tests.conftest import run_dir_of, split_of
 from train_retriever import main
 from trainer.metrics import paired_bootstrap
 from trainer.ranker_eval import _ci_text, build_test_report, ranking_records

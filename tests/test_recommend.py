@@ -15,6 +15,7 @@ from dataloader.retriever_data import EvalData
 from model.retrievers import build_retriever
 from tests.conftest import split_of
 from tests.test_ranker import tokenizer, write_tiny_project  # noqa: F401 (tokenizer is a fixture)
+from tests.test_report import only_error_line, run_with_file_size_limit
 from trainer.retriever_eval import evaluate
 from utils.files import load_checkpoint
 
@@ -249,3 +250,56 @@ def test_standard_input_and_a_catalogue_that_runs_out(runs, capsys, monkeypatch)
     assert recommend.main(argv + ["--num_threads", "1"]) == 0
     most, full = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert "fewer than 20 items outside the history" in most["error"] and "error" in full
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+@pytest.mark.parametrize("via", ["file", "stdin"])
+def test_input_starting_with_a_byte_order_mark_is_read(runs, tmp_path, capsys, monkeypatch, fmt, via):
+    """Excel writes UTF-8 with a byte order mark: the same recommendations as without it, from a file or stdin."""
+    import io
+
+    _, retriever_run, _, split = runs
+    history = [split.item_raw_ids[i] for i in split.train[0][:5]]
+    if fmt == "csv":
+        text = "user_id,item_id\n" + "".join(f"a,{item}\n" for item in history)
+    else:
+        text = json.dumps({"user": "a", "history": history}) + "\n"
+    plain = tmp_path / f"plain.{fmt}"
+    plain.write_text(text, encoding="utf-8")
+    base = ["--retriever_run", str(retriever_run), "--topk", "5"]
+    assert recommend.main(base + ["--input", str(plain)]) == 0
+    expected = capsys.readouterr().out
+    data = b"\xef\xbb\xbf" + text.encode("utf-8")
+    if via == "file":
+        (tmp_path / f"bom.{fmt}").write_bytes(data)
+        argv = base + ["--input", str(tmp_path / f"bom.{fmt}")]
+    else:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+        argv = base + ["--input", "-"]
+    assert recommend.main(argv) == 0
+    out = capsys.readouterr().out
+    record = json.loads(out)
+    assert record["user"] == "a" and record["history_items"] == 5 and len(record["recommendations"]) == 5
+    assert out == expected
+
+
+def test_a_failing_output_write_is_one_error_and_leaves_no_file(runs, tmp_path, capsys):
+    """A full disk (here: a file size limit, the same OSError path) and a path under a regular file: one error
+    line naming --output, exit code 1, and neither the output nor its temp file left."""
+    _, retriever_run, _, split = runs
+    good = tmp_path / "good.jsonl"
+    write_histories(good, [{"user": "a", "history": [split.item_raw_ids[i] for i in split.train[0][:5]]}])
+    output = tmp_path / "out" / "recs.jsonl"
+    output.parent.mkdir()
+    argv = ["--retriever_run", retriever_run, "--input", good, "--num_threads", "1", "--output", output]
+    result = run_with_file_size_limit("recommend.py", argv, limit=100)  # one user's 10 recommendations are larger
+    assert result.returncode == 1 and result.stdout == ""
+    line = only_error_line(result.stderr)
+    assert line.startswith(f"error: could not write {output}: File too large; ") and "(ulimit -f)" in line
+    assert list(output.parent.iterdir()) == []
+
+    (tmp_path / "a_file").write_text("x")
+    under_a_file = tmp_path / "a_file" / "sub" / "recs.jsonl"
+    assert recommend.main([str(a) for a in argv[:-1]] + [str(under_a_file)]) == 1
+    assert only_error_line(capsys.readouterr().err).startswith(f"error: could not write {under_a_file}: ")
+    assert (tmp_path / "a_file").read_text() == "x"

@@ -4,19 +4,36 @@ import csv
 import io
 import json
 import math
+import os
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from report import main
+from utils.files import REPO_ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(root: Path, stage: str, dataset: str, name: str, config: dict, test: dict | None, history: list[dict]):
+def write_run(
+    root: Path,
+    stage: str,
+    dataset: str,
+    name: str,
+    config: dict,
+    test: dict | None,
+    history: list[dict],
+    recorded_dataset: str | None = None,
+):
+    """A run folder ROOT/stage/dataset/name; its config.json says `recorded_dataset` (default: the folder's)."""
     run_dir = root / stage / dataset / name
     run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps({**config, "run_name": name, "dataset_name": dataset}))
+    config = {**config, "run_name": name, "dataset_name": recorded_dataset or dataset}
+    (run_dir / "config.json").write_text(json.dumps(config))
     if test is not None:
         (run_dir / "test_metrics.json").write_text(json.dumps(test))
     (run_dir / "val_history.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
@@ -165,3 +182,145 @@ def test_missing_or_empty_root_is_an_error(tmp_path, capsys):
     (empty / "bench").mkdir(parents=True)
     code, _, err = run_report(capsys, empty)
     assert code == 2 and err.startswith("error:") and "found none" in err
+
+
+def run_with_file_size_limit(script: str, argv: list, limit: int) -> subprocess.CompletedProcess:
+    """`python script argv` in a process that cannot write a file past `limit` bytes: such a write fails with a real
+    OSError (EFBIG, SIGXFSZ ignored), the code path a full disk (ENOSPC) takes, without filling one."""
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # ignored signals stay ignored across exec
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / script), *map(str, argv)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        preexec_fn=limit_file_size,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def only_error_line(err: str) -> str:
+    """stderr must be exactly one `error:` line (no traceback, nothing else); returns it."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_runs_are_tabled_by_what_their_config_json_says(root, capsys):
+    """A custom-data run filed under retriever/ml-100k/ is tabled as custom-data (never beside the paper's ml-100k
+    numbers), a ranker filed under retriever/ as a ranker; one warning names each such folder."""
+    test = {"Recall@10": 0.5, "NDCG@10": 0.25, "Recall@20": 0.6}
+    write_run(root, "retriever", "ml-100k", "mine", {"lr": 0.001, "seed": 42}, test, [], recorded_dataset="custom-data")
+    ranker = {"llm_base_model": "smollm2-135m", "lora_lr": 0.001}
+    misfiled = ranker_test_metrics(0.5, 0.7)
+    write_run(root, "retriever", "games", "r1", ranker, misfiled, [], recorded_dataset="custom-games")
+    # an unfinished run without config.json: only its folder names say what it is
+    no_config = root / "retriever" / "other-data" / "no_config"
+    no_config.mkdir(parents=True)
+    (no_config / "val_history.jsonl").write_text('{"step": 5, "NDCG@10": 0.1}\n')
+
+    code, out, err = run_report(capsys, root, "--format", "json")
+    assert code == 0
+    rows = {(row["stage"], row["dataset"], tuple(row["runs"])): row for row in json.loads(out)}
+    ml100k = rows[("retriever", "ml-100k", ("seed42",))]
+    assert ml100k["paper Recall@10"] == 0.1426 and ml100k["Recall@10 mean"] == pytest.approx(0.13)
+    custom = rows[("retriever", "custom-data", ("mine",))]
+    assert custom["Recall@10 mean"] == pytest.approx(0.5) and custom["paper Recall@10"] is None
+    assert rows[("ranker", "custom-games", ("r1",))]["llm NDCG@10 mean"] == pytest.approx(0.5)
+    assert not any(key[:2] == ("retriever", "games") for key in rows)
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2
+    assert warnings[0].startswith(f"warning: {root / 'retriever' / 'games' / 'r1'}: the folder says retriever / games")
+    assert "its config.json says ranker / custom-games" in warnings[0]
+    assert warnings[1].startswith(f"warning: {root / 'retriever' / 'ml-100k' / 'mine'}: the folder says retriever")
+    assert "its config.json says retriever / custom-data" in warnings[1]
+
+    _, md, _ = run_report(capsys, root)
+    assert "- retriever / other-data / no_config: 1 validation, last at step 5" in md
+
+
+def test_a_run_one_level_too_deep_is_named_in_a_note(root, capsys):
+    """A run made with --run_name a/b (ROOT/ranker/ml-100k/a/b/) is not read, but never left out unsaid."""
+    write_run(root, "ranker", "ml-100k", "a/b", {"lora_lr": 0.5}, ranker_test_metrics(0.9, 0.9), [])
+    code, out, err = run_report(capsys, root, "--format", "json")
+    assert code == 0
+    nested, moved = root / "ranker" / "ml-100k" / "a" / "b", root / "ranker" / "ml-100k" / "b"
+    assert err.strip().splitlines() == [
+        f"note: {nested}: a run folder one level below ROOT/<stage>/<dataset>/<run>/ is not reported; "
+        f"move it to {moved} to include it",
+        "note: unfinished run retriever / ml-100k / seed43: 2 validations, last at step 100",
+    ]
+    assert len(json.loads(out)) == 3 and "lora_lr=0.5" not in out
+
+
+def test_plots_into_an_existing_file_is_one_error_and_writes_nothing(root, tmp_path, capsys):
+    target, output = tmp_path / "plots.png", tmp_path / "report.md"
+    target.write_bytes(b"not a folder")
+    code, out, err = run_report(capsys, root, "--plots", target, "--output", output)
+    assert code == 2 and out == ""
+    line = only_error_line(err)
+    assert line == f"error: --plots {target}: expected a folder for the PNG files, found a file; pass another folder"
+    assert not output.exists() and target.read_bytes() == b"not a folder"
+
+
+@pytest.mark.parametrize("where", ["proc", "under_a_file"])
+def test_a_plots_folder_that_cannot_be_made_is_one_error_and_writes_nothing(root, tmp_path, capsys, where):
+    (tmp_path / "a_file").write_text("x")
+    plot_dir = Path("/proc/plots") if where == "proc" else tmp_path / "a_file" / "plots"
+    output = tmp_path / "out" / "report.md"
+    code, out, err = run_report(capsys, root, "--plots", plot_dir, "--output", output)
+    assert code == 1 and out == ""
+    line = only_error_line(err)
+    assert line.startswith(f"error: --plots: could not create the folder {plot_dir}: ")
+    assert line.endswith("; pass a folder you can create and write to")
+    assert not output.parent.exists() and not plot_dir.exists()
+
+
+@pytest.mark.parametrize("fmt", ["md", "csv", "json"])
+def test_a_folder_name_that_is_not_utf8_is_shown_escaped(root, tmp_path, capsys, fmt):
+    """A run folder named in Latin-1 bytes ("caf\\xe9") is reported in every format, its byte shown as \\xe9."""
+    name = os.fsdecode(b"caf\xe9")
+    test = {"Recall@10": 0.15, "NDCG@10": 0.07, "Recall@20": 0.25}
+    write_run(root, "retriever", "ml-100k", name, {"lr": 0.001, "seed": 7, "best_metric": "NDCG@10"}, test, [])
+    output = tmp_path / f"report.{fmt}"
+    code, _, err = run_report(capsys, root, "--format", fmt, "--output", output)
+    assert code == 0, err
+    text = output.read_bytes().decode("utf-8")  # strict: the file is valid UTF-8
+    escaped = "caf\\xe9"  # the six characters c a f \ x e 9
+    if fmt == "json":
+        row = next(row for row in json.loads(text) if row["stage"] == "retriever")
+        assert row["runs"] == [escaped, "seed42"] and row["n"] == 2
+    elif fmt == "csv":
+        row = next(row for row in csv.DictReader(io.StringIO(text)) if row["stage"] == "retriever")
+        assert json.loads(row["runs"]) == [escaped, "seed42"]
+    else:
+        assert f"| defaults | 2 | {escaped}, seed42 |" in text
+    shown = str(root / "retriever" / "ml-100k" / escaped)
+    assert f"note: {shown}: the folder name is not UTF-8; the report shows its bytes escaped as \\xNN" in err
+
+
+def test_a_full_disk_on_output_is_one_error_and_leaves_no_file(root, tmp_path):
+    output = tmp_path / "out" / "report.md"
+    output.parent.mkdir()
+    result = run_with_file_size_limit("report.py", [root, "--output", output], limit=200)  # the report is larger
+    assert result.returncode == 1 and result.stdout == ""
+    line = only_error_line(result.stderr)
+    assert line.startswith(f"error: could not write {output}: File too large; ")
+    assert "(ulimit -f)" in line and line.endswith("(nothing was left half written)")
+    assert list(output.parent.iterdir()) == []  # neither the report nor its temp file
+
+
+def test_an_output_path_that_cannot_be_written_is_one_error(root, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    output = tmp_path / "a_file" / "sub" / "report.md"  # its parent is a regular file: NotADirectoryError
+    code, out, err = run_report(capsys, root, "--output", output)
+    assert code == 1 and out == ""
+    assert (
+        only_error_line(err)
+        == f"error: could not write {output}: {tmp_path / 'a_file'} is a file, not a folder; pass another path"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file", "experiments"]

@@ -11,7 +11,7 @@ from dataloader.candidates import load_candidates
 from dataloader.retriever_data import EvalData, training_windows
 from model.lru import LRURec
 from model.retrievers import RetrieverSpec, build_retriever
-from tests.conftest import split_of, tiny_interactions
+from tests.conftest import run_dir_of, split_of
 from train_retriever import main
 from trainer.metrics import batch_averaged_metrics
 from trainer.retriever_eval import evaluate, train_prefix_candidates
@@ -106,31 +106,6 @@ def test_evaluate_is_a_mean_over_users_not_over_batches():
     assert uneven["Recall@20"] == pytest.approx(np.mean(arrays["label_ranks"] < 20))
     ndcg = np.where(arrays["label_ranks"] < 10, 1 / np.log2(arrays["label_ranks"] + 2), 0)
     assert uneven["NDCG@10"] == pytest.approx(ndcg.mean())
-
-
-def write_custom_dataset(folder):
-    folder.mkdir()
-    df = tiny_interactions(num_users=12, num_items=15, length=9)
-    df.rename(columns={"user": "user_id", "item": "item_id"}).to_csv(folder / "interactions.csv", index=False)
-    items = sorted(df["item"].unique())
-    with open(folder / "items.csv", "w") as f:
-        f.write("item_id,title\n" + "".join(f"{i},Item {i}\n" for i in items))
-    return folder
-
-
-@pytest.fixture
-def tiny_args(tmp_path):
-    data = write_custom_dataset(tmp_path / "tiny")
-    return [
-        "--dataset_code", "custom", "--custom_path", str(data), "--data_root", str(tmp_path / "data"),
-        "--experiment_root", str(tmp_path / "exp"), "--bert_max_len", "5", "--bert_hidden_units", "8",
-        "--train_batch_size", "4", "--val_batch_size", "5", "--test_batch_size", "5", "--val_iterations", "2",
-        "--num_epochs", "4", "--retrieved_topk", "6", "--early_stopping_patience", "100",
-    ]  # fmt: skip
-
-
-def run_dir_of(tmp_path, name="seed42"):
-    return tmp_path / "exp" / "retriever" / "custom-tiny" / name
 
 
 def val_history(run, drop=("val_seconds",)):

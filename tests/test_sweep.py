@@ -3,6 +3,7 @@ losing or repeating a trial, pruning from the validation curve, and flags checke
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +14,19 @@ import optuna
 import pytest
 
 import sweep
+from tests.conftest import write_custom_dataset
 from tests.test_ranker import write_tiny_project
-from trainer.search import FAIL, Pruned, Sweep, chosen_trial, ended, parse_dimension, report_validations
+from trainer.search import (
+    FAIL,
+    Pruned,
+    Sweep,
+    check_claim,
+    chosen_trial,
+    claim_run,
+    ended,
+    parse_dimension,
+    report_validations,
+)
 from utils.errors import InputError
 from utils.files import REPO_ROOT
 
@@ -249,3 +261,114 @@ def test_a_failed_trial_names_its_log_s_last_line(tmp_path):
     assert last_line(log) == "error: --bert_dropout: expected a value in [0, 1)"
     log.write_text("")
     assert last_line(log) == "no output"
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+def tiny_sweep_args(tmp_path, study: str, space: str, *extra: str) -> list[str]:
+    """A one-trial retriever sweep on the tiny custom dataset (4 training steps: a few seconds)."""
+    data = tmp_path / "tiny"
+    if not data.exists():
+        write_custom_dataset(data)
+    return [
+        "train_retriever.py", "--study", study, "--space", space, "--trials", "1", "--threads_per_worker", "1",
+        *extra, "--", "--dataset_code", "custom", "--custom_path", str(data), "--data_root", str(tmp_path / "data"),
+        "--experiment_root", str(tmp_path / "exp"), "--bert_max_len", "5", "--train_batch_size", "4",
+        "--val_batch_size", "5", "--test_batch_size", "5", "--val_iterations", "2", "--max_steps", "4",
+        "--retrieved_topk", "6", "--retrieved_train_topk", "0",
+    ]  # fmt: skip
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def files_of(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_study_started_anew_refuses_the_run_folders_of_the_old_one(tmp_path, capsys):
+    """A study of the same name in another storage, or started again after its folder was deleted, must neither
+    credit nor resume the old study's s_trial0 (another --bert_hidden_units): refused before any trial, untouched."""
+    assert sweep.main(tiny_sweep_args(tmp_path, "s", "bert_hidden_units=choice:8")) == 0
+    runs = tmp_path / "exp" / "retriever" / "custom-tiny"
+    old_run = files_of(runs / "s_trial0")
+    assert json.loads(old_run["config.json"])["bert_hidden_units"] == 8
+    capsys.readouterr()
+    other_storage = f"sqlite:///{tmp_path / 'other.db'}"  # the study folder, with the old study's records, stays
+    new_space = tiny_sweep_args(tmp_path, "s", "bert_hidden_units=choice:16")
+    for args, storage in ((new_space, other_storage), (new_space, None)):
+        if storage is None:
+            shutil.rmtree(tmp_path / "exp" / "sweeps" / "s")
+        else:
+            args = args[: args.index("--")] + ["--storage", storage] + args[args.index("--") :]
+        assert sweep.main(args) == 2
+        error = one_error_line(capsys.readouterr().err)
+        assert f"{runs / 's_trial0'}: not made by this study s" in error and "move it aside or remove it" in error
+        new_study = optuna.load_study(study_name="s", storage=storage or f"sqlite:///{tmp_path}/exp/sweeps/s/study.db")
+        assert new_study.get_trials() == []  # nothing ran, nothing was credited
+    assert files_of(runs / "s_trial0") == old_run and sorted(p.name for p in runs.iterdir()) == ["s_trial0"]
+    # a leftover <study>_chosen_seed<S> of another study is refused the same way, before the search starts
+    shutil.copytree(runs / "s_trial0", runs / "t_chosen_seed1")
+    assert sweep.main(tiny_sweep_args(tmp_path, "t", "bert_hidden_units=choice:8", "--seeds", "1")) == 2
+    assert f"{runs / 't_chosen_seed1'}: not made by this study t" in one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in runs.iterdir()) == ["s_trial0", "t_chosen_seed1"]
+
+
+def test_a_run_claimed_for_other_flags_or_not_claimed_is_refused(tmp_path):
+    """The claims behind the refusals: e.g. a <study>_chosen_seed1 run with flags that are no longer the chosen ones
+    (more trials changed the choice) is not this seed's run; an unclaimed folder is nobody's."""
+    study = optuna.create_study()
+    args = dict.fromkeys(("script", "stage", "fixed", "space", "trials", "threads", "metric", "pruning"))
+    state = Sweep(**args, study=study, run_root=tmp_path / "runs", folder=tmp_path / "study", max_restarts=0,
+                  heartbeat=1, lock=None, stopping=None, study_uuid="u1")  # fmt: skip
+    chosen = {"seed": 1, "flags": {"bert_dropout": "0.1"}}
+    claim_run(state, "x_chosen_seed1", chosen)
+    (tmp_path / "runs" / "x_chosen_seed1").mkdir(parents=True)
+    claim_run(state, "x_chosen_seed1", chosen)  # its own run: resumed or credited
+    assert check_claim(state, "x_chosen_seed1", chosen)
+    for other in ({"seed": 1, "flags": {"bert_dropout": "0.2"}}, {"seed": 2, "flags": {"bert_dropout": "0.1"}}):
+        with pytest.raises(InputError, match="x_chosen_seed1: made by study .* with other flags"):
+            claim_run(state, "x_chosen_seed1", other)
+    (tmp_path / "runs" / "x_trial3").mkdir()
+    with pytest.raises(InputError, match="x_trial3: not made by this study"):
+        claim_run(state, "x_trial3", {"trial": 3, "flags": {"bert_dropout": "0.1"}})
+    assert not (tmp_path / "study" / "runs" / "x_trial3.json").exists()
+    state.study_uuid = "u2"  # another study of the same name
+    with pytest.raises(InputError, match="x_chosen_seed1: not made by this study"):
+        check_claim(state, "x_chosen_seed1", chosen)
+
+
+@pytest.mark.parametrize(
+    "sweep_args, fixed, message",
+    [
+        (["--seeds", "3", "3", "42"], [], "--seeds: 3 given more than once (3 3 42)"),
+        (["--space", "bert_dropout=float:0.1:0.2", "bert_dropout=choice:0.1,0.3"], [],
+         "--space: bert_dropout given more than once"),
+        (["--space", "bert_dropout=float:0.1:0.2", "bert_dropout=float:0.1:0.2"], [],
+         "--space: bert_dropout given more than once"),
+        (["--space", "lr=float:1e-4:inf"], [], "with finite numbers as bounds"),
+        (["--space", "lr=float:nan:1e-2"], [], "with finite numbers as bounds"),
+        ([], ["--bert_dropout", "0.45"], "--bert_dropout: both fixed after -- (--bert_dropout) and searched"),
+        ([], ["--bert_dropout=0.45"], "--bert_dropout: both fixed after -- (--bert_dropout=0.45) and searched"),
+        (["--space", "enable_lr_schedule=choice:true,false"], ["--no-enable_lr_schedule"],
+         "--enable_lr_schedule: both fixed after -- (--no-enable_lr_schedule) and searched"),
+        (["--storage", "sqlite:////nonexistent/dir/x.db"], [],
+         "--storage sqlite:////nonexistent/dir/x.db: the study's database could not be opened or used (unable to "
+         "open database file); check the URL, that a SQLite file's folder exists"),
+        (["--storage", "notaurl"], [], "--storage notaurl: expected a database URL (sqlite:///path/to/study.db"),
+        (["--storage", "postgresql+psycopg2://u:secret@localhost/db"], [],
+         "--storage postgresql+psycopg2://u:***@localhost/db: its database driver is not installed (no module "
+         "'psycopg2'); pip install psycopg2-binary"),
+    ],
+)  # fmt: skip
+def test_bad_sweep_flags_are_one_error_line_before_anything_runs(tmp_path, capsys, sweep_args, fixed, message):
+    space = [] if "--space" in sweep_args else ["--space", "bert_dropout=float:0.1:0.2"]
+    args = ["train_retriever.py", "--study", "bad", *space, *sweep_args, "--", "--dataset_code", "ml-100k"]
+    assert sweep.main(args + ["--experiment_root", str(tmp_path), *fixed]) == 2
+    error = one_error_line(capsys.readouterr().err)
+    assert message in error and "secret" not in error
+    assert not (tmp_path / "sweeps").exists()

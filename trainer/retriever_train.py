@@ -250,31 +250,31 @@ class Session:
         """Train from the state's position to the end of its epoch, or until done or --max_steps."""
         state, training = self.state, self.training
         batches = epoch_batches(len(self.tokens), training.batch_size, training.seed, state["epoch"])
-        bar = tqdm(
+        # a context: an error or Ctrl-C closes (clears) the bar, so the one error line starts on a line of its own
+        with tqdm(
             total=len(batches), initial=state["batch"], desc=f"epoch {state['epoch'] + 1}", leave=False, mininterval=2
-        )
-        while not state["done"] and not self.reached_max_steps():
-            index = batches[state["batch"]]
-            tokens, labels = self.tokens[index].to(self.device), self.labels[index].to(self.device)
-            loss = train_step(
-                self.model, self.optimizer, self.scheduler, tokens, labels, training.max_grad_norm,
-                training.label_smoothing,
-            )  # fmt: skip
-            state["loss_sum"], state["loss_count"] = state["loss_sum"] + loss, state["loss_count"] + 1
-            state["step"], state["batch"] = state["step"] + 1, state["batch"] + 1
-            end_of_epoch = state["batch"] == len(batches)
-            if end_of_epoch:  # the state a resumed run starts from: the next epoch's first batch
-                state["epoch"], state["batch"] = state["epoch"] + 1, 0
-            bar.update(1)
-            bar.set_postfix({"loss": f"{loss:.3f}", **short_metrics(self.last_val)}, refresh=False)
-            if state["step"] % training.val_iterations == 0:
-                self.last_val = validate(
-                    self.model, self.val_data, training, state, self.run_dir, self.device, self.wandb_run
-                )
-                self.save()
-            if end_of_epoch:
-                break
-        bar.close()
+        ) as bar:
+            while not state["done"] and not self.reached_max_steps():
+                index = batches[state["batch"]]
+                tokens, labels = self.tokens[index].to(self.device), self.labels[index].to(self.device)
+                loss = train_step(
+                    self.model, self.optimizer, self.scheduler, tokens, labels, training.max_grad_norm,
+                    training.label_smoothing,
+                )  # fmt: skip
+                state["loss_sum"], state["loss_count"] = state["loss_sum"] + loss, state["loss_count"] + 1
+                state["step"], state["batch"] = state["step"] + 1, state["batch"] + 1
+                end_of_epoch = state["batch"] == len(batches)
+                if end_of_epoch:  # the state a resumed run starts from: the next epoch's first batch
+                    state["epoch"], state["batch"] = state["epoch"] + 1, 0
+                bar.update(1)
+                bar.set_postfix({"loss": f"{loss:.3f}", **short_metrics(self.last_val)}, refresh=False)
+                if state["step"] % training.val_iterations == 0:
+                    self.last_val = validate(
+                        self.model, self.val_data, training, state, self.run_dir, self.device, self.wandb_run
+                    )
+                    self.save()
+                if end_of_epoch:
+                    break
 
 
 def train(

@@ -4,11 +4,16 @@ trials from the shared Optuna study until it has enough.
 
 A trial whose sweep dies (kill -9, a lost machine) stops beating; the next worker that looks fails it and queues a
 retry with the same flags and run folder, which continues the run with --resume (RetryHeartbeatStaleTrialCallback).
+
+A study owns the run folders it makes: before a run first starts, the sweep records it in
+<study folder>/runs/<run>.json (the study's uuid, the flags); a folder of that name without the study's record (an
+earlier study of the same name, a run started by hand) is refused, never resumed nor credited with its results.
 """
 
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,7 +27,7 @@ import optuna
 
 from trainer.ranker_train import SELECTION_METRIC
 from utils.errors import InputError
-from utils.files import read_json_object
+from utils.files import atomic_write_json, read_json_object
 
 COMPLETE, PRUNED, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
 RUNNING, WAITING = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING
@@ -78,7 +83,9 @@ def parse_dimension(spec: str) -> Dimension:
         low, high = (int(p) for p in parts) if kind == "int" else (float(p) for p in parts)
     except ValueError:
         raise InputError(f"--space {spec!r}: expected {expected}") from None
-    if kind not in ("int", "float") or not low < high or (log and low <= 0):
+    if kind not in ("int", "float") or not (math.isfinite(low) and math.isfinite(high)):
+        raise InputError(f"--space {spec!r}: expected {expected}, with finite numbers as bounds")
+    if not low < high or (log and low <= 0):
         raise InputError(f"--space {spec!r}: expected {expected}, with low < high (and low > 0 for :log)")
     return Dimension(name, kind, low, high, log)
 
@@ -106,6 +113,7 @@ class Sweep:
     heartbeat: int
     lock: threading.Lock
     stopping: threading.Event
+    study_uuid: str = ""  # the study's identity in the records of its runs (claim_run)
 
 
 class Pruned(Exception):
@@ -199,6 +207,10 @@ def run_trial(sweep: Sweep, trial: optuna.Trial) -> float:
     values = {dim.name: dim.suggest(trial) for dim in sweep.space}
     trial.set_user_attr("flags", values)  # as passed on the command line
     run_dir = sweep.run_root / run_name
+    try:
+        claim_run(sweep, run_name, {"trial": trial.number, "flags": values})
+    except InputError as e:  # a folder that appeared since the sweep started: this trial fails, nothing is credited
+        raise RuntimeError(str(e)) from None
     argv = sweep.fixed + flag_args(values) + ["--run_name", run_name, "--num_threads", str(sweep.threads)]
     reported = set(sweep.study._storage.get_trial(trial._trial_id).intermediate_values)  # inherited on a re-queue
     poll = (lambda: report_validations(sweep, trial, run_dir, reported)) if sweep.pruning else None
@@ -215,6 +227,62 @@ def run_trial(sweep: Sweep, trial: optuna.Trial) -> float:
         trial.set_user_attr("restarts", restart + 1)
         say(f"trial {trial.number}: its process was interrupted (exit code {code}); resuming it (--resume)")
     return objective_value(sweep, run_dir)
+
+
+def claim_run(sweep: Sweep, run_name: str, record: dict) -> None:
+    """Make the run folder `run_name` this study's run for `record` ({"trial": N, "flags": ...} or {"seed": S,
+    "flags": ...}), recorded before the run first starts; refuses a folder the study may not use (check_claim)."""
+    if not check_claim(sweep, run_name, record):
+        claim = {"study": sweep.study.study_name, "study_uuid": sweep.study_uuid, "run_name": run_name, **record}
+        atomic_write_json(claim_path(sweep, run_name), claim)
+
+
+def check_claim(sweep: Sweep, run_name: str, record: dict) -> bool:
+    """Whether this study has claimed the run `run_name` for `record`'s flags (and seed). False when neither the
+    claim nor the folder exists; InputError for a folder the study did not make, or made for other flags: resuming it
+    or reading its results would report another run as this one."""
+    path, run_dir = claim_path(sweep, run_name), sweep.run_root / run_name
+    claim = read_json_object(path) if path.is_file() else None
+    if claim is None or claim.get("study_uuid") != sweep.study_uuid or claim.get("run_name") != run_name:
+        if run_dir.exists():
+            raise not_made_here(sweep, [run_dir])
+        return False
+    if claim.get("flags") != record.get("flags") or claim.get("seed") != record.get("seed"):
+        made = " ".join(
+            f"--{k} {v}" for k, v in {**claim.get("flags", {}), "seed": claim.get("seed")}.items() if v is not None
+        )
+        raise InputError(
+            f"{run_dir}: made by study {sweep.study.study_name} with other flags ({made}; see {path}), so it is not "
+            f"this run; move it aside or remove it (and {path}), then rerun"
+        )
+    return True
+
+
+def claim_path(sweep: Sweep, run_name: str) -> Path:
+    return sweep.folder / "runs" / f"{run_name}.json"
+
+
+def foreign_runs(sweep: Sweep) -> list[Path]:
+    """Folders named like this study's runs (<study>_trial<N>, <study>_chosen_seed<S>) that the study did not make."""
+    pattern = re.compile(rf"{re.escape(sweep.study.study_name)}_(trial\d+|chosen_seed-?\d+)")
+    found = []
+    for run_dir in sorted(sweep.run_root.iterdir()) if sweep.run_root.is_dir() else []:
+        if pattern.fullmatch(run_dir.name):
+            path = claim_path(sweep, run_dir.name)
+            claim = read_json_object(path) if path.is_file() else {}
+            if claim.get("study_uuid") != sweep.study_uuid:
+                found.append(run_dir)
+    return found
+
+
+def not_made_here(sweep: Sweep, run_dirs: list[Path]) -> InputError:
+    more = f" (and {', '.join(d.name for d in run_dirs[1:])})" if len(run_dirs) > 1 else ""
+    return InputError(
+        f"{run_dirs[0]}{more}: not made by this study {sweep.study.study_name} (it has no record of it in "
+        f"{sweep.folder / 'runs'}: an earlier study of this name, whose folder was deleted or which lives in another "
+        "--storage, or a run started by hand), so it is neither resumed nor credited; move it aside or remove it, or "
+        "name another --study"
+    )
 
 
 def last_line(log: Path) -> str:

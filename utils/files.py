@@ -1,6 +1,7 @@
 """Files that are written whole or not at all (a crash or Ctrl-C never leaves a half-written one), and readers that
 turn a damaged file into an InputError naming it."""
 
+import errno
 import hashlib
 import json
 import math
@@ -13,24 +14,39 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import InputError, one_line
+from utils.errors import InputError, WriteError, describe_os_error, one_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def write_error(e: OSError, path: Path) -> WriteError:
+    """The one-line error of a write that failed with `e`; the caller has removed what it had half written."""
+    blocking = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # mkdir's "File exists" / "Not a directory" would not say which part of the path
+        return WriteError(f"could not write {path}: {blocking} is a file, not a folder; pass another path")
+    return WriteError(f"could not write {describe_os_error(e, path)} (nothing was left half written)")
+
+
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success rename it to `path`, on any error delete it."""
+    """Yield a temp path beside `path`; on success rename it to `path`, on any error delete it. An OSError (disk
+    full, permission denied) becomes a WriteError naming `path`."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: expected a file to write, found a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise write_error(e, path) from None
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(e, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -41,8 +57,11 @@ def atomic_folder(path: Path) -> Iterator[Path]:
     """Yield an empty temp folder beside `path`; on success it replaces `path` (and everything in it), on any error
     it is deleted and `path` stays as it was. So `path` never mixes files of two writes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise write_error(e, path) from None
     try:
         yield tmp
         os.chmod(tmp, 0o755)
@@ -53,6 +72,9 @@ def atomic_folder(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(e, path) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -69,7 +91,12 @@ def atomic_write_json(path: Path, obj) -> None:
 
 def atomic_torch_save(obj, path: Path) -> None:
     with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (e.g. a full disk) as a RuntimeError
+            free = shutil.disk_usage(Path(path).parent).free
+            reason = f"torch.save failed ({one_line(e, 120)}); {free / 2**20:.0f} MiB free on that disk"
+            raise OSError(errno.EIO, reason) from None
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
@@ -99,8 +126,11 @@ def read_json_object(path: Path) -> dict:
 
 def append_jsonl(path: Path, obj) -> None:
     """Append one JSON line (a log: a crash can at worst lose the line being written)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise WriteError(f"could not append to {describe_os_error(e, path)} (--resume drops a cut line)") from None
 
 
 def truncate_history(path: Path, max_step: int) -> None:
