@@ -315,6 +315,9 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
     add_flag(group, "--retrieved_train_topk", type=int, default=20, check=non_negative, role=SETTING,
              help="candidates kept per training prefix in candidates.npz (for --llm_train_candidates retrieved); 0: "
                   "none (saves the export's longest part where no ranker trains on them, e.g. a sweep's trials)")
+    add_flag(group, "--retrieved_train_max_prefixes", type=int, default=100_000, check=non_negative, role=SETTING,
+             help="training prefixes whose candidates are exported: all of them when the data has at most this many, "
+                  "else a seeded uniform sample of this many (recorded in candidates.npz); 0: all, however many")
     add_flag(group, "--retrieved_train_folds", type=int, default=0, role=SETTING,
              help="training-prefix candidates from the run's own model (0: in-sample) or, with K >= 2, each user's "
                   "from a retriever trained on the other K-1 folds of users (K extra trainings)")
@@ -668,10 +671,9 @@ def check_retriever_flags(flags: argparse.Namespace, parser: argparse.ArgumentPa
         raise InputError(
             f"--retrieved_train_folds: expected 0 (in-sample) or >= 2, found {flags.retrieved_train_folds}"
         )
-    if flags.retrieved_train_topk == 0 and flags.retrieved_train_folds:
-        raise InputError(
-            "--retrieved_train_folds: only used with training-prefix candidates (--retrieved_train_topk > 0)"
-        )
+    for dest in ("retrieved_train_folds", "retrieved_train_max_prefixes"):
+        if flags.retrieved_train_topk == 0 and passed(flags, parser, dest):
+            raise InputError(f"--{dest}: only used with training-prefix candidates (--retrieved_train_topk > 0)")
     # Windows step back by this fraction of max_len; above 1 they leave gaps, so "every item a label once" would not hold.
     upper = 1.0 if flags.train_all_items else math.inf
     if not 0.0 < flags.sliding_window_size <= upper:
@@ -811,6 +813,8 @@ def candidate_export(flags: argparse.Namespace) -> CandidateExport:
         topk=flags.retrieved_topk,
         train_topk=flags.retrieved_train_topk,
         train_folds=flags.retrieved_train_folds,
+        train_max_prefixes=getattr(flags, "retrieved_train_max_prefixes", 0),  # runs made before the flag: all
+        seed=flags.seed,
         batch_size=flags.test_batch_size,
         metric_ks=tuple(flags.metric_ks),
     )

@@ -57,8 +57,9 @@ def train_and_export(flags: argparse.Namespace, split, run_dir: Path, device) ->
         wandb_run.finish()
     load_best(model, run_dir, device)
     fold_training = (training, run_dir / "folds")
+    export_seconds: dict[str, float] = {}
     val_metrics, test_metrics = export_candidates(
-        model, split, spec, candidate_export(flags), run_dir, device, fold_training
+        model, split, spec, candidate_export(flags), run_dir, device, fold_training, export_seconds
     )
     earlier_eval = run_dir / "eval" / "test_metrics.json"
     if earlier_eval.exists() and earlier_eval.stat().st_mtime < (run_dir / BEST).stat().st_mtime:
@@ -69,6 +70,7 @@ def train_and_export(flags: argparse.Namespace, split, run_dir: Path, device) ->
         "steps": state["step"],
         "best_step": state["best_step"],
         "train_seconds_this_session": round(train_seconds, 1),
+        "export_seconds": {part: round(seconds, 1) for part, seconds in export_seconds.items()},
         "val": rounded(val_metrics),
         "test": rounded(test_metrics),
     }

@@ -10,8 +10,10 @@ from torch.utils.data import Dataset
 
 from dataloader.candidates import Candidates
 from dataloader.prompts import PromptBuilder, candidate_letters
+from dataloader.retriever_data import all_prefixes
 from datasets.split import SplitData
 from utils.errors import InputError
+from utils.progress import progress
 
 
 def sample_negatives(rng: np.random.Generator, num_items: int, exclude: set[int], count: int) -> list[int]:
@@ -36,22 +38,23 @@ def sample_negatives(rng: np.random.Generator, num_items: int, exclude: set[int]
     return chosen
 
 
-def training_prefixes(train: Sequence[Sequence[int]], max_samples: int | None, seed: int) -> list[tuple[int, int]]:
-    """(user, prefix length) for every prefix of every training sequence, or a seeded random subset."""
-    pairs = [(u, i) for u, seq in enumerate(train) for i in range(1, len(seq))]
-    if max_samples is not None and max_samples < len(pairs):
+def training_prefixes(train: Sequence[Sequence[int]], max_samples: int | None, seed: int) -> np.ndarray:
+    """(user, prefix length) rows [P, 2] for every prefix of every training sequence, or a seeded random subset,
+    in (user, length) order. An array, not a list of pairs: an every-prefix epoch of ML-20M has 20M of them."""
+    users, lengths = all_prefixes(train)
+    if max_samples is not None and max_samples < len(users):
         if max_samples < 1:
             raise InputError(f"--llm_max_train_samples: expected >= 1, found {max_samples}")
         rng = np.random.default_rng(seed)
-        keep = np.sort(rng.choice(len(pairs), size=max_samples, replace=False))
-        pairs = [pairs[k] for k in keep]
-    return pairs
+        keep = np.sort(rng.choice(len(users), size=max_samples, replace=False))
+        users, lengths = users[keep], lengths[keep]
+    return np.stack([users, lengths], axis=1)
 
 
 def retrieved_training_lists(
     part: dict[str, np.ndarray], num_candidates: int, missed: str, max_samples: int | None, seed: int
-) -> tuple[list[tuple[int, int]], np.ndarray]:
-    """(user, prefix length) pairs and their candidate lists [P, num_candidates] from the retriever's
+) -> tuple[np.ndarray, np.ndarray]:
+    """(user, prefix length) rows [P, 2] and their candidate lists [P, num_candidates] from the retriever's
     training-prefix candidates, in retriever order, the true item always among them.
 
     missed="drop" keeps only the prefixes whose true item the retriever put in its top num_candidates (as the
@@ -78,7 +81,7 @@ def retrieved_training_lists(
         position = int(rng.integers(num_candidates))
         rest = lists[row, : num_candidates - 1].tolist()
         lists[row] = rest[:position] + [int(part["labels"][keep[row]])] + rest[position:]
-    pairs = list(zip(part["users"][keep].tolist(), part["lengths"][keep].tolist(), strict=True))
+    pairs = np.stack([part["users"][keep], part["lengths"][keep]], axis=1).astype(np.int64)
     return pairs, lists
 
 
@@ -96,7 +99,7 @@ class TrainPrompts(Dataset):
         builder: PromptBuilder,
         train: Sequence[Sequence[int]],
         num_items: int,
-        pairs: list[tuple[int, int]],
+        pairs: np.ndarray,
         num_negatives: int,
         letter_ids: Sequence[int],
         eos_id: int,
@@ -122,7 +125,7 @@ class TrainPrompts(Dataset):
 
     def example(self, index: int) -> tuple[list[int], list[int], int]:
         """(history, candidates, index of the true item among the candidates)."""
-        user, length = self.pairs[index]
+        user, length = (int(v) for v in self.pairs[index])
         history = list(self.train[user][:length])
         target = self.train[user][length]
         rng = np.random.default_rng((self.seed, user, length))
@@ -148,7 +151,7 @@ class EvalExample:
     candidates: list[int]  # as shown to the LLM (retriever order unless shuffled)
     label: int  # index of the true item in `candidates`
     retriever_rank: int  # 0-based rank of the true item in the retriever's own order
-    input_ids: list[int]
+    input_ids: Sequence[int]  # the prompt's token ids (an int32 array from eval_examples)
     retriever_scores: list[float]  # the retriever's score of each of `candidates` (same order)
 
 
@@ -180,29 +183,44 @@ def eval_examples(
         )
     rng = np.random.default_rng((seed, 1 if which == "test" else 0))
     examples = []
-    for row, user in enumerate(part["users"].tolist()):
-        candidates = items[row, :num_candidates].tolist()
-        scores = part["scores"][row, :num_candidates].tolist()
-        true_item = int(part["labels"][row])
-        if true_item not in candidates:
-            continue
-        retriever_rank = candidates.index(true_item)
-        if shuffle:
-            order = rng.permutation(num_candidates).tolist()
-            candidates, scores = [candidates[k] for k in order], [scores[k] for k in order]
-        history = list(split.train[user]) + ([split.val[user]] if which == "test" else [])
-        examples.append(
-            EvalExample(
-                user=user,
-                history=history,
-                candidates=candidates,
-                label=candidates.index(true_item),
-                retriever_rank=retriever_rank,
-                input_ids=builder.encode(history, candidates),
-                retriever_scores=scores,
-            )
-        )
+    retrieved = np.flatnonzero((items[:, :num_candidates] == part["labels"][:, None]).any(axis=1))
+    with progress(len(retrieved), f"{which} prompts", unit="prompt") as bar:
+        for row in retrieved.tolist():
+            examples.append(eval_example(builder, split, part, row, which, num_candidates, rng if shuffle else None))
+            bar.update(1)
     return examples
+
+
+def eval_example(
+    builder: PromptBuilder,
+    split: SplitData,
+    part: dict[str, np.ndarray],
+    row: int,
+    which: str,
+    num_candidates: int,
+    rng: np.random.Generator | None,
+) -> EvalExample:
+    """The prompt of row `row` of the retriever's val/test candidates (whose true item is among them); `rng`
+    shuffles the candidates."""
+    user = int(part["users"][row])
+    candidates = part["items"][row, :num_candidates].tolist()
+    scores = part["scores"][row, :num_candidates].tolist()
+    true_item = int(part["labels"][row])
+    retriever_rank = candidates.index(true_item)
+    if rng is not None:
+        order = rng.permutation(num_candidates).tolist()
+        candidates, scores = [candidates[k] for k in order], [scores[k] for k in order]
+    history = list(split.train[user]) + ([split.val[user]] if which == "test" else [])
+    return EvalExample(
+        user=user,
+        history=history,
+        candidates=candidates,
+        label=candidates.index(true_item),
+        retriever_rank=retriever_rank,
+        # int32: tens of thousands of ~700-token prompts stay small (Python ints take 9x the memory)
+        input_ids=np.asarray(builder.encode(history, candidates), dtype=np.int32),
+        retriever_scores=scores,
+    )
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 
@@ -148,3 +149,60 @@ def test_ranker_bench_projections_row_counts_every_projection_but_the_head():
     assert row["what"] == "projections alone"
     assert row["flops"] == 2 * 7 * per_layer * config.num_hidden_layers
     assert row["seconds"] > 0 and row["ms_per_prompt"] == row["seconds"] * 1e3
+
+
+def test_synthetic_data_has_the_promised_shape(tmp_path):
+    import pandas as pd
+
+    from bench.synthetic import shape_of, write_synthetic
+
+    assert shape_of(1_000_000) == (6667, 3500) and shape_of(20_000_000)[1] == 28_496  # ML-1M / ML-20M-like items
+    shape = write_synthetic(tmp_path, 30_000, seed=1)
+    df = pd.read_csv(tmp_path / "interactions.csv")
+    items = pd.read_csv(tmp_path / "items.csv")
+    assert len(df) == shape["interactions"] and abs(len(df) - 30_000) < 1500  # about the size asked for
+    lengths = df.groupby("user_id").size()
+    assert lengths.min() >= 20 and lengths.max() > 4 * lengths.median()  # at least 20 items, a long tail
+    assert not df.duplicated(["user_id", "item_id"]).any()  # distinct items per user
+    assert (df.groupby("user_id")["timestamp"].diff().dropna() > 0).all()  # increasing times within a user
+    counts = df["item_id"].value_counts()
+    assert counts.index[0] == 1 and counts.iloc[0] > 10 * counts.median()  # Zipf: item 1 the most popular, by far
+    assert set(df["item_id"]) <= set(items["item_id"]) and items["title"].str.len().min() > 10
+    assert write_synthetic(tmp_path / "again", 30_000, seed=1) == shape
+    np.testing.assert_array_equal(pd.read_csv(tmp_path / "again" / "interactions.csv").to_numpy(), df.to_numpy())
+
+
+def test_scale_slopes_are_log_log_against_interactions_and_work():
+    from bench.bench_scale import STAGES, slopes
+
+    def size(label, interactions, seconds, work):
+        stage = {"seconds": seconds, "peak_rss_mib": 100.0, "work": work, "unit": "u"}
+        return {"label": label, "shape": {"interactions": interactions}, **{name: dict(stage) for name in STAGES}}
+
+    rows = slopes([size("1M", 1e6, 2.0, 10.0), size("10M", 1e7, 20.0, 100.0), size("100M", 1e8, 400.0, 100.0)])
+    assert len(rows) == 2 * len(STAGES)
+    first, second = rows[0], rows[len(STAGES)]
+    assert first["slope_vs_interactions"] == pytest.approx(1.0) and first["slope_vs_work"] == pytest.approx(1.0)
+    assert second["slope_vs_interactions"] == pytest.approx(np.log10(20)) and second["slope_vs_work"] is None
+    assert first["rss_slope_vs_interactions"] == pytest.approx(0.0)
+
+
+def test_scale_bench_runs_every_stage_on_tiny_data(tmp_path):
+    from bench.bench_scale import STAGES, main
+
+    out = tmp_path / "scale.json"
+    argv = ["--sizes", "8000", "16000", "--bench_steps", "2", "--recommend_users", "7", "--num_threads", "1"]
+    assert (
+        main(argv + ["--data_dir", str(tmp_path / "data"), "--work_dir", str(tmp_path / "work"), "--json", str(out)])
+        == 0
+    )
+    result = json.loads(out.read_text())
+    assert [size["label"] for size in result["sizes"]] == ["0.008M", "0.016M"]
+    for size in result["sizes"]:
+        for stage in STAGES:
+            assert size[stage]["seconds"] > 0 and size[stage]["peak_rss_mib"] > 50, stage
+        prefixes = size["export_train_prefixes"]
+        assert prefixes["prefixes"] == prefixes["prefixes_total"] > 0  # below the default cap: every prefix
+        assert size["ranker_prompts"]["uniform_train"] == prefixes["prefixes_total"]
+        assert len((tmp_path / "work" / size["label"] / "recommendations.jsonl").read_text().splitlines()) == 7
+    assert len(result["slopes"]) == len(STAGES)

@@ -272,8 +272,10 @@ def test_ranker_run_end_to_end(tmp_path, tokenizer, capsys, restore_threads):
     ]
     caps += ["--lora_warmup_steps", "1", "--llm_max_train_samples", "16"]
     assert train_ranker.main(flags + caps) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "LlamaRec (retriever + ranker), all" in out
+    for bar in ("val prompts", "test prompts", "validation users", "test users"):  # every long phase shows progress
+        assert bar in err
     run = tmp_path / "experiments" / "ranker" / "custom-data" / "seed42"
     assert f"results: {run / 'test_metrics.json'}\n" in out
     for name in ("config.json", "verbalizer.json", "prompts_sample.jsonl", "val_history.jsonl", "test_rankings.jsonl"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dataloader.candidates import load_candidates
-from dataloader.retriever_data import EvalData, training_windows
+from dataloader.retriever_data import EvalData, sample_prefixes, training_windows
 from model.lru import LRURec
 from model.retrievers import RetrieverSpec, build_retriever
 from tests.conftest import run_dir_of, split_of
@@ -347,3 +347,55 @@ def test_user_disjoint_fold_candidates(tmp_path, tiny_args):
     # in-sample candidates (the default) differ: another model ranked them
     assert main(tiny_args + ["--overwrite"]) == 0
     assert not np.array_equal(load_candidates(run, split).train["items"], cands.train["items"])
+
+
+def test_sampled_prefixes_in_small_chunks_equal_the_rows_of_every_prefix():
+    """A sample of training prefixes, scored in chunks of a few users, gets exactly the rows the every-prefix export
+    gives them (the short ones still share their user's first window, the long ones get their own)."""
+    torch.manual_seed(0)
+    spec = RetrieverSpec(model="lru", max_len=6, hidden_units=8, num_blocks=2, dropout=0.0, attn_dropout=0.0)
+    model = build_retriever(spec, 40).eval()
+    rng = np.random.default_rng(1)
+    train = [rng.choice(np.arange(1, 41), size=n, replace=False).tolist() for n in (2, 5, 9, 13, 1, 20, 3)]
+    cpu = torch.device("cpu")
+    full = train_prefix_candidates(model, train, max_len=6, topk=4, batch_size=3, device=cpu)
+    every = list(zip(full["users"].tolist(), full["lengths"].tolist(), strict=True))
+    users, lengths, total = sample_prefixes(train, 15, seed=3)
+    sample = list(zip(users.tolist(), lengths.tolist(), strict=True))
+    assert total == len(every) == 46 and len(sample) == 15 and sample == sorted(set(sample))  # distinct, in order
+    assert set(sample) <= set(every) and any(n > 6 for _, n in sample) and any(n <= 6 for _, n in sample)
+    assert sample_prefixes(train, 15, seed=3)[1].tolist() == lengths.tolist()  # seeded
+    assert sample_prefixes(train, 15, seed=4)[1].tolist() != lengths.tolist()
+    for chunk in (1, 4, 1000):
+        got = train_prefix_candidates(model, train, 6, 4, 3, cpu, prefixes=(users, lengths), chunk=chunk)
+        rows = [every.index(pair) for pair in sample]
+        for key, value in full.items():
+            np.testing.assert_array_equal(got[key], value[rows])
+    # no cap (0), or a cap at the prefix count: every prefix, in order
+    assert sample_prefixes(train, 0, seed=3)[0].tolist() == sample_prefixes(train, 46, seed=3)[0].tolist()
+    assert list(zip(*(a.tolist() for a in sample_prefixes(train, 0, seed=3)[:2]), strict=True)) == every
+
+
+def test_prefix_sample_is_uniform_over_prefixes_not_over_users():
+    """A user with 29 of 30 prefixes holds ~29/30 of a sample (drawing users first would give them half)."""
+    train = [[1, 2], list(range(1, 31))]
+    shares = [np.mean(sample_prefixes(train, 10, seed)[0] == 1) for seed in range(300)]
+    assert np.mean(shares) == pytest.approx(29 / 30, abs=0.01)
+
+
+def test_export_keeps_a_recorded_sample_of_training_prefixes(tmp_path, tiny_args, capsys):
+    assert main(tiny_args + ["--retrieved_train_max_prefixes", "10"]) == 0
+    err = capsys.readouterr().err
+    for bar in ("validation users", "test users", "training-prefix candidates"):  # each phase shows its progress
+        assert bar in err
+    split = split_of(tiny_args)
+    cands = load_candidates(run_dir_of(tmp_path), split)
+    users, lengths, total = sample_prefixes(split.train, 10, seed=42)
+    assert cands.train["users"].tolist() == users.tolist() and cands.train["lengths"].tolist() == lengths.tolist()
+    info = cands.meta["train_metrics"]
+    assert (info["prefixes_total"], info["prefixes_exported"], info["sample_seed"]) == (total, 10, 42) and total > 10
+    # the default cap is far above this data's prefixes: every prefix, no sample
+    assert main(tiny_args + ["--overwrite"]) == 0
+    info = load_candidates(run_dir_of(tmp_path), split).meta["train_metrics"]
+    assert (info["prefixes_exported"], info["sample_seed"]) == (total, None)
+    assert main(tiny_args + ["--retrieved_train_topk", "0", "--retrieved_train_max_prefixes", "5"]) == 2

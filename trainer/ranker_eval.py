@@ -13,9 +13,10 @@ from dataloader.prompts import PromptBuilder, candidate_letters
 from dataloader.ranker_data import EvalExample, eval_batches, left_pad, true_letter
 from datasets.split import SplitData
 from trainer.metrics import fuse_scores, label_ranks, metrics_from_ranks, paired_bootstrap, per_user_metric
-from trainer.runtime import gather_rows, process_rank, shard
+from trainer.runtime import gather_rows, is_main_process, process_rank, shard
 from trainer.verbalizer import verbalizer_scores
 from utils.files import atomic_write_json, atomic_write_text
+from utils.progress import progress
 
 CPU_EVAL_BATCH = 1  # on CPU, larger (padded) batches were not faster (docs/performance.md)
 
@@ -33,9 +34,10 @@ def rank_examples(
     pad_id: int,
     batch_size: int,
     device: torch.device,
+    desc: str = "ranking users",
 ) -> torch.Tensor:
     """Verbalizer scores [N, num_candidates] (fp32, in `examples` order); one forward pass per batch,
-    the LM head only at the last position (logits_to_keep=1).
+    the LM head only at the last position (logits_to_keep=1). A progress bar (rank 0) shows the ETA.
 
     With several processes, each ranks its shard of the examples (every example exactly once) and all of them get
     every score, so every process computes the same metrics and takes the same early-stopping decision.
@@ -46,11 +48,13 @@ def rank_examples(
     own = [examples[k] for k in mine]
     scores = torch.empty(len(own), len(letter_ids))
     letter_ids = letter_ids.to(device)
-    for indices in eval_batches(own, batch_size):
-        batch = left_pad([own[k].input_ids for k in indices], pad_id)
-        batch = {key: value.to(device) for key, value in batch.items()}
-        logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
-        scores[indices] = verbalizer_scores(logits, letter_ids).cpu()
+    with progress(len(own), desc, unit="user", disable=not is_main_process()) as bar:
+        for indices in eval_batches(own, batch_size):
+            batch = left_pad([own[k].input_ids for k in indices], pad_id)
+            batch = {key: value.to(device) for key, value in batch.items()}
+            logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
+            scores[indices] = verbalizer_scores(logits, letter_ids).cpu()
+            bar.update(len(indices))
     model.train(was_training)
     return gather_rows(scores, mine, len(examples))
 
@@ -289,10 +293,10 @@ def test_and_report(
     seed: int,
 ) -> tuple[dict, list[str]]:
     """The final validation (the fusion weight, the validation comparison), then the test: (report, rankings)."""
-    val_scores = rank_examples(model, val_set, letter_ids, pad_id, eval_batch, device)
+    val_scores = rank_examples(model, val_set, letter_ids, pad_id, eval_batch, device, "validation users")
     chosen = choose_fusion_weight(val_scores, val_set) if fusion else None
     start = time.time()
-    scores = rank_examples(model, test_set, letter_ids, pad_id, eval_batch, device)
+    scores = rank_examples(model, test_set, letter_ids, pad_id, eval_batch, device, "test users")
     seconds = time.time() - start
     weight = chosen["weight"] if chosen else None
     report, rankings = build_test_report(scores, test_set, test_part, split, REPORT_KS, weight, seed)

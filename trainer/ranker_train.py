@@ -125,8 +125,9 @@ class RankerTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         start = time.time()
         scores = rank_examples(
-            self.model, self.val_examples, self.letter_ids, self.pad_id, self.eval_batch_size, self.args.device
-        )
+            self.model, self.val_examples, self.letter_ids, self.pad_id, self.eval_batch_size, self.args.device,
+            "validation users",
+        )  # fmt: skip
         seconds = time.time() - start
         self.eval_seconds += seconds
         metrics = subset_metrics(scores, self.val_examples, self.ks)

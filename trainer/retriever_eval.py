@@ -7,14 +7,21 @@ import math
 import numpy as np
 import torch
 
-from dataloader.retriever_data import EvalData
+from dataloader.retriever_data import EvalData, all_prefixes
 from model.layers import NextItemModel
 from trainer.metrics import label_ranks, metrics_from_ranks
+from utils.progress import progress
 
 
 @torch.no_grad()
 def evaluate(
-    model: NextItemModel, data: EvalData, batch_size: int, ks: list[int], device: torch.device, topk: int = 0
+    model: NextItemModel,
+    data: EvalData,
+    batch_size: int,
+    ks: list[int],
+    device: torch.device,
+    topk: int = 0,
+    desc: str = "evaluate",
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Full-ranking metrics (means over users) and, with topk > 0, each user's top-k items and scores.
 
@@ -22,17 +29,19 @@ def evaluate(
     """
     model.eval()
     ranks, top_items, top_scores = [], [], []
-    for start in range(0, data.num_users, batch_size):
-        end = min(start + batch_size, data.num_users)
-        scores = model(data.tokens[start:end].to(device))
-        rows, items = data.history_mask_index(start, end)
-        scores[rows.to(device), items.to(device)] = -math.inf
-        scores[:, 0] = -math.inf  # padding id
-        ranks.append(label_ranks(scores, data.labels[start:end].to(device)).cpu())
-        if topk:
-            values, indices = scores.topk(topk, dim=1)
-            top_items.append(indices.cpu())
-            top_scores.append(values.cpu())
+    with progress(data.num_users, desc, unit="user") as bar:
+        for start in range(0, data.num_users, batch_size):
+            end = min(start + batch_size, data.num_users)
+            scores = model(data.tokens[start:end].to(device))
+            rows, items = data.history_mask_index(start, end)
+            scores[rows.to(device), items.to(device)] = -math.inf
+            scores[:, 0] = -math.inf  # padding id
+            ranks.append(label_ranks(scores, data.labels[start:end].to(device)).cpu())
+            if topk:
+                values, indices = scores.topk(topk, dim=1)
+                top_items.append(indices.cpu())
+                top_scores.append(values.cpu())
+            bar.update(end - start)
     ranks = torch.cat(ranks)
     arrays = {"labels": data.labels.numpy(), "label_ranks": ranks.numpy(), "users": np.arange(data.num_users)}
     if topk:
@@ -41,49 +50,89 @@ def evaluate(
     return metrics_from_ranks(ranks, ks), arrays
 
 
+PREFIX_CHUNK = 4096  # training prefixes scored at once: memory O(chunk x items), whatever the data's size
+
+
 @torch.no_grad()
 def train_prefix_candidates(
-    model: NextItemModel, train: list[list[int]], max_len: int, topk: int, batch_size: int, device: torch.device
+    model: NextItemModel,
+    train: list[list[int]],
+    max_len: int,
+    topk: int,
+    batch_size: int,
+    device: torch.device,
+    prefixes: tuple[np.ndarray, np.ndarray] | None = None,
+    chunk: int = PREFIX_CHUNK,
 ) -> dict[str, np.ndarray]:
-    """The retriever's masked top-k for every training prefix train[u][:L], 1 <= L < len(train[u]).
+    """The retriever's masked top-k for training prefixes train[u][:L] (`prefixes` = (users, lengths) in (user, L)
+    order; default: every prefix, 1 <= L < len(train[u])).
 
     Each prefix is scored exactly as evaluation scores a history: the model reads its last max_len items and
     the prefix's items are masked out. Returns users, lengths (L; the label is train[u][L]), items [P, k] in
     retriever order (0 where fewer than k items lie outside the prefix), labels and label_ranks (0-based rank of
-    the label in the full masked ranking), in (user, L) order.
+    the label in the full masked ranking), in (user, L) order. Prefixes are scored in chunks of about `chunk`
+    prefixes of whole users, so memory stays O(chunk x items) besides the [P, k] result.
     """
     model.eval()
-    users, lengths, windows = prefix_windows(train, max_len, model.causal)
-    hidden = prefix_states(model, windows, len(users), batch_size, device)
-    return masked_prefix_top_k(
-        model, hidden, train, torch.tensor(users, dtype=torch.long), torch.tensor(lengths, dtype=torch.long),
-        topk, batch_size, device,
-    )  # fmt: skip
+    users, lengths = all_prefixes(train) if prefixes is None else (np.asarray(p, dtype=np.int64) for p in prefixes)
+    parts = []
+    with progress(len(users), "training-prefix candidates", unit="prefix") as bar:
+        for rows in user_chunks(users, chunk):
+            windows = prefix_windows(train, users[rows], lengths[rows], max_len, model.causal)
+            hidden = prefix_states(model, windows, len(users[rows]), batch_size, device)
+            parts.append(
+                masked_prefix_top_k(
+                    model, hidden, train, torch.from_numpy(users[rows]), torch.from_numpy(lengths[rows]), topk,
+                    batch_size, device,
+                )
+            )  # fmt: skip
+            bar.update(len(users[rows]))
+    if not parts:  # no prefix at all: empty arrays of the right shapes
+        nothing = torch.zeros(0, dtype=torch.long)
+        hidden = torch.zeros(0, model.token.embedding_dim)
+        parts.append(masked_prefix_top_k(model, hidden, train, nothing, nothing, topk, batch_size, device))
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def user_chunks(users: np.ndarray, size: int) -> list[slice]:
+    """Consecutive slices of about `size` rows of a (user-sorted) array, never splitting one user's rows."""
+    chunks, start = [], 0
+    while start < len(users):
+        end = min(start + size, len(users))
+        end = int(np.searchsorted(users, users[end - 1], side="right"))  # the whole of the last user
+        chunks.append(slice(start, end))
+        start = end
+    return chunks
 
 
 def prefix_windows(
-    train: list[list[int]], max_len: int, causal: bool
-) -> tuple[list[int], list[int], list[tuple[list[int], int, int]]]:
-    """(users, lengths) of every prefix, and the windows whose forward passes give their states: (item ids, first
-    prefix row, number of prefix rows it serves). With a causal model, one pass of a user's first max_len items
-    serves every prefix that fits in it (later positions never change earlier ones); each longer prefix needs its
-    own window. A bidirectional model needs one pass per prefix (count 0: the window's next_hidden)."""
-    users, lengths, windows = [], [], []
-    for user, seq in enumerate(train):
-        for length in range(1, len(seq)):
-            users.append(user)
-            lengths.append(length)
-        if len(seq) < 2:
+    train: list[list[int]], users: np.ndarray, lengths: np.ndarray, max_len: int, causal: bool
+) -> list[tuple[list[int], list[int], list[int]]]:
+    """The windows whose forward passes give the states of the prefixes (users[r], lengths[r]) (sorted by user):
+    (item ids, the prefix rows it serves, the window position whose state each row takes; -1: the window's
+    next_hidden). With a causal model, one pass of a user's first items serves every prefix that fits in max_len
+    (later positions never change earlier ones); each longer prefix needs its own window of its last max_len items.
+    A bidirectional model needs one pass per prefix."""
+    windows = []
+    bounds = np.flatnonzero(np.diff(users)) + 1
+    for rows in np.split(np.arange(len(users)), bounds):
+        if not len(rows):
             continue
-        first = len(users) - (len(seq) - 1)
+        seq = train[int(users[rows[0]])]
         if not causal:
-            windows += [(seq[max(0, n - max_len) : n], first + n - 1, 0) for n in range(1, len(seq))]
+            windows += [
+                (seq[max(0, n - max_len) : n], [int(r)], [-1])
+                for r, n in zip(rows, lengths[rows].tolist(), strict=True)
+            ]
             continue
-        head = seq[: min(len(seq) - 1, max_len)]
-        windows.append((head, first, len(head)))  # prefixes 1..len(head): every position of the head
-        for length in range(max_len + 1, len(seq)):
-            windows.append((seq[length - max_len : length], first + length - 1, 1))  # only its last position
-    return users, lengths, windows
+        short = rows[lengths[rows] <= max_len]
+        if len(short):
+            head = seq[: int(lengths[short].max())]
+            windows.append((head, short.tolist(), (lengths[short] - 1).tolist()))
+        for r in rows[lengths[rows] > max_len].tolist():
+            n = int(lengths[r])
+            windows.append((seq[n - max_len : n], [r], [max_len - 1]))
+    return windows
 
 
 def prefix_states(
@@ -99,11 +148,11 @@ def prefix_states(
         for row, (items, _, _) in enumerate(batch):
             tokens[row, width - len(items) :] = torch.tensor(items)
         if not model.causal:  # BERT4Rec: history + mask token
-            hidden[[first for _, first, _ in batch]] = model.next_hidden(tokens.to(device)).cpu()
+            hidden[[rows[0] for _, rows, _ in batch]] = model.next_hidden(tokens.to(device)).cpu()
             continue
         states = model.encode(tokens.to(device)).cpu()
-        for row, (_, first, count) in enumerate(batch):
-            hidden[first : first + count] = states[row, width - count :]
+        for row, (items, rows, positions) in enumerate(batch):
+            hidden[rows] = states[row, [width - len(items) + p for p in positions]]
     return hidden
 
 

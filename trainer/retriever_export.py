@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from dataloader.candidates import save_candidates
-from dataloader.retriever_data import eval_data
+from dataloader.retriever_data import eval_data, sample_prefixes
 from datasets.split import SplitData
 from model.layers import NextItemModel
 from model.retrievers import RetrieverSpec, build_retriever
@@ -20,7 +20,8 @@ from trainer.retriever_eval import evaluate, train_prefix_candidates
 from trainer.retriever_train import BEST, LAST, RetrieverTraining, train
 from utils.files import atomic_write_json, load_checkpoint
 
-PREFIX_BATCH = 256  # training prefixes per forward pass
+# Training-prefix windows per forward pass: on a CPU, smaller batches ran faster per position (docs/performance.md).
+PREFIX_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class CandidateExport:
     topk: int = 50  # --retrieved_topk: candidates kept per validation/test user
     train_topk: int = 20  # --retrieved_train_topk: per training prefix
     train_folds: int = 0  # --retrieved_train_folds: 0 in-sample, K >= 2 user-disjoint folds
+    train_max_prefixes: int = 100_000  # --retrieved_train_max_prefixes: a seeded sample above this many (0: all)
+    seed: int = 42  # --seed: the sample's
     batch_size: int = 16  # --test_batch_size
     metric_ks: tuple[int, ...] = (1, 5, 10, 20, 50)
 
@@ -63,12 +66,13 @@ def held_out_prefix_candidates(
     spec: RetrieverSpec,
     training: RetrieverTraining,
     split: SplitData,
+    prefixes: tuple[np.ndarray, np.ndarray],
     folds: int,
     folds_dir: Path,
     topk: int,
     device: torch.device,
 ) -> dict[str, np.ndarray]:
-    """train_prefix_candidates for every user from a retriever that never saw that user.
+    """train_prefix_candidates for the prefixes (users, lengths), each from a retriever that never saw its user.
 
     Users are split into `folds` folds; for each fold a fresh model is trained with the run's spec and training
     (validation and early stopping on the other folds' users) and scores the fold's training prefixes. This makes
@@ -86,11 +90,9 @@ def held_out_prefix_candidates(
         print(f"fold {k}: training on {len(others)} users to score the prefixes of {len(users)} others", flush=True)
         train(model, user_subset(split, others, f"fold{k}"), training, fold_dir, device, resume=resume)
         load_best(model, fold_dir, device)
-        arrays = train_prefix_candidates(
-            model, [split.train[u] for u in users], spec.max_len, topk, PREFIX_BATCH, device
-        )
-        arrays["users"] = users[arrays["users"]]
-        parts.append(arrays)
+        mine = np.isin(prefixes[0], users)
+        mine = (prefixes[0][mine], prefixes[1][mine])
+        parts.append(train_prefix_candidates(model, split.train, spec.max_len, topk, PREFIX_BATCH, device, mine))
     merged = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     order = np.lexsort((merged["lengths"], merged["users"]))  # (user, length) order, as train_prefix_candidates
     return {key: value[order] for key, value in merged.items()}
@@ -101,8 +103,12 @@ def evaluate_splits(
 ) -> tuple[dict, dict, dict, dict]:
     """(val metrics, val arrays, test metrics, test arrays) of the full ranking; with topk, each user's top items."""
     ks = list(export.metric_ks)
-    val_metrics, val_arrays = evaluate(model, eval_data(split, "val", max_len), export.batch_size, ks, device, topk)
-    test_metrics, test_arrays = evaluate(model, eval_data(split, "test", max_len), export.batch_size, ks, device, topk)
+    val_metrics, val_arrays = evaluate(
+        model, eval_data(split, "val", max_len), export.batch_size, ks, device, topk, desc="validation users"
+    )
+    test_metrics, test_arrays = evaluate(
+        model, eval_data(split, "test", max_len), export.batch_size, ks, device, topk, desc="test users"
+    )
     return val_metrics, val_arrays, test_metrics, test_arrays
 
 
@@ -114,18 +120,24 @@ def export_candidates(
     out_dir: Path,
     device: torch.device,
     fold_training: tuple[RetrieverTraining, Path] | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> tuple[dict, dict]:
     """With `model` as it is: val/test metrics, test_metrics.json, test_metrics_batch16.json and candidates.npz.
-    fold_training = (the run's training, the folds' folder) when export.train_folds > 1."""
+    fold_training = (the run's training, the folds' folder) when export.train_folds > 1. `seconds`, if given, gets
+    the time of each part: evaluation (val + test), train_prefixes, files."""
+    seconds = {} if seconds is None else seconds
+    start = time.time()
     topk = min(export.topk, split.num_items)
     val_metrics, val_arrays, test_metrics, test_arrays = evaluate_splits(
         model, split, spec.max_len, export, device, topk
     )
+    seconds["evaluation"] = time.time() - start
     train_arrays, train_metrics = (
         prefix_candidates(model, split, spec, export, device, fold_training, test_metrics)
         if export.train_topk > 0
         else (None, None)
     )
+    seconds["train_prefixes"] = time.time() - start - seconds["evaluation"]
     save_candidates(
         out_dir / "candidates.npz",
         split=split,
@@ -138,6 +150,7 @@ def export_candidates(
         train_metrics=train_metrics,
     )
     write_test_metrics(out_dir, test_metrics, test_arrays["label_ranks"], export.metric_ks)
+    seconds["files"] = time.time() - start - seconds["evaluation"] - seconds["train_prefixes"]
     return val_metrics, test_metrics
 
 
@@ -153,21 +166,28 @@ def prefix_candidates(
     """Every training prefix's top export.train_topk items (in-sample, or from user-disjoint folds) and their metrics."""
     start = time.time()
     train_topk = min(export.train_topk, split.num_items)
+    users, lengths, total = sample_prefixes(split.train, export.train_max_prefixes, export.seed)
     if export.train_folds > 1:
         training, folds_dir = fold_training
         train_arrays = held_out_prefix_candidates(
-            spec, training, split, export.train_folds, folds_dir, train_topk, device
+            spec, training, split, (users, lengths), export.train_folds, folds_dir, train_topk, device
         )
         source = f"{export.train_folds} user-disjoint folds"
     else:
-        train_arrays = train_prefix_candidates(model, split.train, spec.max_len, train_topk, PREFIX_BATCH, device)
+        train_arrays = train_prefix_candidates(
+            model, split.train, spec.max_len, train_topk, PREFIX_BATCH, device, (users, lengths)
+        )
         source = "in-sample"
     # In-sample, the retriever was trained on these very positions: how much better it looks there than at test
     # is what a ranker trained on these lists would learn to expect (docs/ranker.md, "Training candidates").
     train_metrics = metrics_from_ranks(torch.from_numpy(train_arrays["label_ranks"]), list(export.metric_ks))
     train_metrics["source"] = source
+    # what stage 2 can train on: every prefix, or a seeded sample of them (the ranker reads this from the meta)
+    train_metrics["prefixes_total"] = total
+    train_metrics["prefixes_exported"] = len(users)
+    train_metrics["sample_seed"] = export.seed if len(users) < total else None
     print(
-        f"training-prefix candidates: {len(train_arrays['users'])} prefixes x {train_topk} in "
+        f"training-prefix candidates: {len(train_arrays['users'])} of {total} prefixes x {train_topk} in "
         f"{time.time() - start:.1f} s; {source} Recall@20 {train_metrics.get('Recall@20', math.nan):.4f} "
         f"NDCG@20 {train_metrics.get('NDCG@20', math.nan):.4f} vs test {test_metrics.get('Recall@20', math.nan):.4f} "
         f"/ {test_metrics.get('NDCG@20', math.nan):.4f}",

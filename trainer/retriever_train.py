@@ -159,7 +159,7 @@ def validate(
     """One validation: update the best value and patience in `state` (state["done"] on early stopping), save
     checkpoint_best.pt on improvement, append to val_history.jsonl (and wandb). Returns the metrics."""
     start = time.time()
-    metrics, _ = evaluate(model, val_data, training.val_batch_size, list(training.metric_ks), device)
+    metrics, _ = evaluate(model, val_data, training.val_batch_size, list(training.metric_ks), device, desc="validation")
     value = metrics[training.best_metric]
     improved = value > state["best_value"]
     if improved:
