@@ -16,7 +16,7 @@ from model.retrievers import build_retriever
 from trainer.retriever_export import evaluate_splits, export_candidates, load_best, write_test_metrics
 from trainer.retriever_train import BEST, train
 from trainer.run_folder import check_resume_config, prepare_run_dir, run_folder, start_wandb, write_run_info
-from trainer.runtime import resolve_device, set_seed, set_threads
+from trainer.runtime import limit_onednn_cache, resolve_device, set_seed, set_threads
 from utils.errors import InputError, one_line
 from utils.files import atomic_folder, atomic_write_json, load_checkpoint
 
@@ -28,6 +28,7 @@ def rounded(metrics: dict) -> dict:
 
 
 def run(flags: argparse.Namespace) -> dict:
+    limit_onednn_cache()
     set_threads(flags.num_threads)
     set_seed(flags.seed)
     device = resolve_device(flags.device)

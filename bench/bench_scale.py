@@ -105,12 +105,14 @@ def in_process_phases(args: argparse.Namespace) -> dict:
     from trainer.retriever_export import export_candidates, load_best
     from trainer.retriever_train import train
     from trainer.run_folder import prepare_run_dir, run_folder, write_run_info
+    from trainer.runtime import limit_onednn_cache
     from trainer.verbalizer import letter_token_ids
 
     argv = ["--dataset_code", "custom", "--custom_path", str(args.phases), "--data_root", str(args.data_root),
             "--experiment_root", str(args.experiment_root), "--run_name", "bench", "--max_steps", str(args.bench_steps),
             "--val_iterations", str(args.bench_steps), "--num_threads", str(args.num_threads), *RECIPE]  # fmt: skip
     flags = parse_flags(RETRIEVER, argv)
+    limit_onednn_cache()  # as train_retriever.py does
     torch.set_num_threads(args.num_threads)
     torch.manual_seed(0)
     results: dict = {}
@@ -275,6 +277,8 @@ def plot(results: list[dict], path: Path) -> None:
     first = results[0]["preprocess"]["seconds"]
     left.plot(reference, first * reference / reference[0], "k--", linewidth=0.8, label="slope 1")
     left.set(xscale="log", yscale="log", xlabel="interactions", ylabel="seconds", title="time per stage")
+    right.axhline(8, color="gray", linestyle=":", linewidth=0.8)
+    right.text(sizes[0], 8.3, "8 GiB", fontsize="x-small", color="gray")
     right.set(xscale="log", yscale="log", xlabel="interactions", ylabel="GiB", title="peak RSS per stage")
     left.legend(fontsize="x-small")
     fig.tight_layout()
@@ -292,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work_dir", type=Path, default=REPO_ROOT / "experiments" / "bench" / "scale_work")
     parser.add_argument("--plot", type=Path, default=None, help="write the time/memory plot (PNG) here")
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "experiments" / "bench" / "scale.json")
+    parser.add_argument("--replot", action="store_true", help="only redraw --plot from the results in --json")
     parser.add_argument("--phases", type=Path, help=argparse.SUPPRESS)  # internal: one size's in-process phases
     parser.add_argument("--data_root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--experiment_root", type=Path, help=argparse.SUPPRESS)
@@ -299,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.phases is not None:
         atomic_write_json(args.output, in_process_phases(args))
+        return 0
+    if args.replot:
+        record = json.loads(args.json.read_text())
+        print_table(record["sizes"], record["slopes"])
+        plot(record["sizes"], args.plot)
         return 0
     results = []
     for size in sorted(args.sizes):

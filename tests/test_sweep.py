@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -26,6 +27,7 @@ from trainer.search import (
     ended,
     parse_dimension,
     report_validations,
+    run_process,
 )
 from utils.errors import InputError
 from utils.files import REPO_ROOT
@@ -372,3 +374,29 @@ def test_bad_sweep_flags_are_one_error_line_before_anything_runs(tmp_path, capsy
     error = one_error_line(capsys.readouterr().err)
     assert message in error and "secret" not in error
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_trial_stops_at_sigint_even_when_the_sweep_ignores_it(tmp_path):
+    """A shell starts `sweep.py ... &` with SIGINT ignored, which its children inherit: the trial's process must still
+    stop when the sweep sends it SIGINT (pruning, Ctrl-C), not train on to its end."""
+    script = tmp_path / "slow_trial.py"
+    script.write_text("import pathlib, sys, time\ntime.sleep(60)\npathlib.Path(sys.argv[1]).write_text('finished')\n")
+    args = dict.fromkeys(("stage", "study", "fixed", "space", "run_root", "folder", "metric", "trials", "lock"))
+    sweep = Sweep(**args, script=script, threads=1, pruning=True, max_restarts=0, heartbeat=1,
+                  stopping=threading.Event())  # fmt: skip
+    polls = []
+
+    def prune_at_the_third_poll():
+        polls.append(1)
+        if len(polls) == 3:
+            raise Pruned("pruned")
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a shell's background job
+    try:
+        start = time.time()
+        with pytest.raises(Pruned):
+            run_process(sweep, [str(tmp_path / "done")], tmp_path / "trial.log", prune_at_the_third_poll)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert time.time() - start < 30 and not (tmp_path / "done").exists()
+    assert "KeyboardInterrupt" in (tmp_path / "trial.log").read_text()

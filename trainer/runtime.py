@@ -23,6 +23,18 @@ def set_threads(num_threads: int) -> None:
         torch.set_num_threads(num_threads)
 
 
+# oneDNN (torch's CPU kernels) keeps a compiled primitive, with its buffers, for every distinct operator shape it has
+# run, up to 1,024 of them. A retriever's training batches change shape at every step (the labelled positions, the
+# trimmed width), so that cache only fills: the process's memory grew by gigabytes over a long run at the same speed
+# as with a small cache (docs/performance.md, "Scale"). oneDNN reads the capacity at its first operation.
+RETRIEVER_ONEDNN_CACHE = "16"
+
+
+def limit_onednn_cache(capacity: str = RETRIEVER_ONEDNN_CACHE) -> None:
+    """Cap oneDNN's primitive cache (unless ONEDNN_PRIMITIVE_CACHE_CAPACITY is set); call before any torch operator."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", capacity)
+
+
 def rng_state() -> dict:
     """Every RNG a training step draws from (torch, CUDA, numpy, Python), as tensors and plain values."""
     np_state = np.random.get_state()

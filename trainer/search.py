@@ -33,9 +33,12 @@ COMPLETE, PRUNED, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialSta
 RUNNING, WAITING = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING
 # Started through `python -c`: the trial's process dies with the sweep (Linux), so a killed sweep leaves no trial
 # running that a restarted sweep would resume a second time.
+# Its SIGINT handler is set anew: a sweep started in the background by a shell (`sweep.py ... &`) ignores SIGINT, and
+# its children would inherit that, so a pruned or interrupted trial would train on to its end.
 CHILD = """import ctypes, os, runpy, signal, sys
 if sys.platform.startswith("linux"):
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+signal.signal(signal.SIGINT, signal.default_int_handler)
 if os.getppid() != int(sys.argv[1]):
     sys.exit(137)
 sys.argv = sys.argv[2:]
