@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test install install-dev lint format
+.PHONY: demo test test-browser install install-dev lint format
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,8 +39,13 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Without Chromium the browser tests are deselected with one line saying how to get them (tests/conftest.py).
 test: lint
 	$(PY) -m pytest
+
+# The browser tests alone (marker `browser`), Chromium required: apt-get install chromium (Debian/Ubuntu).
+test-browser: $(VENV)/.dev
+	REQUIRE_BROWSER_TESTS=1 $(PY) -m pytest -m browser
 
 format: $(VENV)/.dev
 	$(VENV)/bin/ruff check --fix .

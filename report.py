@@ -1,15 +1,19 @@
 """Results report over every run under an experiments folder: one table per (stage, dataset), runs that differ only
 by seed (or other flags that do not define the experiment) pooled into one row as mean ± sample sd, the paper's
-numbers beside them, unfinished runs listed apart, and optional validation curves (--plots).
+numbers beside them, unfinished runs listed apart, and optional validation curves (--plots). The html format is one
+self-contained page: the same tables, each run's validation curve (PNG data) and the ranker's confidence intervals
+(inline SVG).
 
-    python report.py [ROOT] [--format md|csv|json] [--output FILE] [--plots DIR]
+    python report.py [ROOT] [--format md|csv|json|html] [--output FILE] [--plots DIR]
 
 Which flags make two runs repeats of one experiment comes from the flags' own declarations in config.py (the same
 ones --resume checks): runs are pooled when they agree in every TRAINING and OUTCOME flag.
 """
 
 import argparse
+import base64
 import csv
+import html
 import io
 import json
 import math
@@ -105,13 +109,17 @@ def _escape_surrogate(match: re.Match) -> str:
     return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
 
 
+def _number(value) -> float | None:
+    is_number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if is_number else None
+
+
 def _lookup(obj: dict, path: tuple[str, ...]) -> float | None:
     for key in path:
         if not isinstance(obj, dict) or key not in obj:
             return None
         obj = obj[key]
-    is_number = isinstance(obj, int | float) and not isinstance(obj, bool) and math.isfinite(obj)
-    return float(obj) if is_number else None
+    return _number(obj)
 
 
 def mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -195,9 +203,13 @@ def _md_runs(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + f", … (+{len(names) - shown} more)"
 
 
-def _md_table(stage: str, rows: list[dict]) -> list[str]:
+def table_columns(stage: str, rows: list[dict]) -> list[str]:
     # fused columns only where some run has a fused score (runs made with --llm_fusion none have none)
-    columns = [c for c in STAGE_METRICS[stage] if "fused" not in c or any(r[f"{c} mean"] is not None for r in rows)]
+    return [c for c in STAGE_METRICS[stage] if "fused" not in c or any(r[f"{c} mean"] is not None for r in rows)]
+
+
+def _md_table(stage: str, rows: list[dict]) -> list[str]:
+    columns = table_columns(stage, rows)
     lines = ["| group | n | runs | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
     for row in rows:
         cells = [_md_mean_sd(row[f"{c} mean"], row[f"{c} sd"]) for c in columns]
@@ -211,25 +223,31 @@ def _md_table(stage: str, rows: list[dict]) -> list[str]:
     return lines
 
 
-def render_md(rows: list[dict], unfinished: list[Run], root: Path) -> str:
-    lines = [
-        "# Results report",
-        "",
-        f"Runs under `{printable(str(root))}`. A row pools the runs that differ only in flags that do not define "
-        "the experiment (seed, run name, paths, threads ...); cells are mean ± sample sd over its n runs (sd `-` for "
-        "one run; `-` alone where not every run reports the metric).",
-    ]
-    notes = {
-        "retriever": "Test metrics over all test users.",
-        "ranker": "Test metrics on the subset of test users whose target is among the retriever's candidates; "
-        "`llm-retriever` is the ranker's gain over the retriever's own order on those users; `overall` covers "
-        "all test users.",
-    }
+REPORT_INTRO = (
+    "A row pools the runs that differ only in flags that do not define the experiment (seed, run name, paths, "
+    "threads ...); cells are mean ± sample sd over its n runs (sd `-` for one run; `-` alone where not every run "
+    "reports the metric)."
+)
+TABLE_NOTES = {
+    "retriever": "Test metrics over all test users.",
+    "ranker": "Test metrics on the subset of test users whose target is among the retriever's candidates; "
+    "`llm-retriever` is the ranker's gain over the retriever's own order on those users; `overall` covers "
+    "all test users.",
+}
+
+
+def tables_of(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """The rows of each (stage, dataset) table, in the rows' order."""
     tables: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         tables.setdefault((row["stage"], row["dataset"]), []).append(row)
-    for (stage, dataset), table_rows in tables.items():
-        lines += ["", f"## {stage} / {dataset}", "", notes[stage], "", *_md_table(stage, table_rows)]
+    return tables
+
+
+def render_md(rows: list[dict], unfinished: list[Run], root: Path) -> str:
+    lines = ["# Results report", "", f"Runs under `{printable(str(root))}`. {REPORT_INTRO}"]
+    for (stage, dataset), table_rows in tables_of(rows).items():
+        lines += ["", f"## {stage} / {dataset}", "", TABLE_NOTES[stage], "", *_md_table(stage, table_rows)]
     if unfinished:
         lines += ["", "## Unfinished runs (no test_metrics.json)", ""]
         lines += [f"- {printable(describe_unfinished(run))}" for run in unfinished]
@@ -262,15 +280,16 @@ def render_json(rows: list[dict]) -> str:
 # ------------------------------------------------------------------------------------------------------ plots
 
 
-def import_pyplot():
-    """matplotlib's pyplot (file output only); it is a dev requirement, needed for --plots alone."""
+INSTALL_MATPLOTLIB = "pip install matplotlib, or pip install -r requirements-dev.txt"
+
+
+def load_pyplot():
+    """matplotlib's pyplot (file output only), or None where matplotlib is not installed: it is a dev requirement,
+    needed for the curves of --plots and of the html format alone."""
     try:
         import matplotlib
     except ImportError:
-        raise InputError(
-            "--plots: expected matplotlib to be installed, found it missing (pip install matplotlib, "
-            "or pip install -r requirements-dev.txt)"
-        ) from None
+        return None
     matplotlib.use("Agg")  # no display: write files only
     import matplotlib.pyplot as plt
 
@@ -287,8 +306,8 @@ def best_index(run: Run, points: list[tuple[float, float, dict]]) -> int:
     return values.index(max(values))
 
 
-def plot_run(plt, run: Run, path: Path) -> bool:
-    """The run's validation curve with its best step marked; False (nothing written) when it has none."""
+def curve_figure(plt, run: Run):
+    """A figure of the run's validation curve with its best step marked; None when the run has no validation."""
     metric = "NDCG@10" if run.stage == "ranker" else (run.config or {}).get("best_metric", "Recall@10")
     points = [
         (float(record["step"]), value, record)
@@ -296,16 +315,41 @@ def plot_run(plt, run: Run, path: Path) -> bool:
         if _lookup(record, ("step",)) is not None and (value := _lookup(record, (metric,))) is not None
     ]
     if not points:
-        return False
+        return None
     fig, ax = plt.subplots(figsize=(6, 4))
     try:
         _draw_curve(ax, run, metric, points)
         fig.tight_layout()
+    except BaseException:
+        plt.close(fig)  # figures stay in memory until closed
+        raise
+    return fig
+
+
+def plot_run(plt, run: Run, path: Path) -> bool:
+    """The run's validation curve as a PNG file; False (nothing written) when it has none."""
+    fig = curve_figure(plt, run)
+    if fig is None:
+        return False
+    try:
         with atomic_output(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)  # the temp name has no .png suffix to infer the format from
     finally:
-        plt.close(fig)  # figures stay in memory until closed
+        plt.close(fig)
     return True
+
+
+def curve_png(plt, run: Run) -> bytes | None:
+    """The run's validation curve as PNG bytes (the html format embeds them); None when it has none."""
+    fig = curve_figure(plt, run)
+    if fig is None:
+        return None
+    try:
+        out = io.BytesIO()
+        fig.savefig(out, format="png", dpi=80)
+    finally:
+        plt.close(fig)
+    return out.getvalue()
 
 
 def _draw_curve(ax, run: Run, metric: str, points: list[tuple[float, float, dict]]) -> None:
@@ -315,8 +359,9 @@ def _draw_curve(ax, run: Run, metric: str, points: list[tuple[float, float, dict
     baseline = _lookup(run.test or {}, ("val", "metrics", "retriever", "NDCG@10"))
     if run.stage == "ranker" and baseline is not None:
         ax.axhline(baseline, color="gray", linestyle="--", label=f"retriever's own order: {baseline:.4f}")
-    title = printable(f"{run.stage} / {run.dataset} / {run.name}")
-    ax.set(xlabel="step", ylabel=f"validation {metric}", title=title)
+    ax.set(xlabel="step", ylabel=f"validation {metric}")
+    # parse_math off: a run name holding "$...$" is a name, not a formula
+    ax.set_title(printable(f"{run.stage} / {run.dataset} / {run.name}"), parse_math=False)
     ax.legend(fontsize="small")
 
 
@@ -345,6 +390,215 @@ def write_plots(plt, runs: list[Run], plot_dir: Path) -> list[Path]:
     return written
 
 
+# -------------------------------------------------------------------------------------------------- html page
+
+HTML_STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; color: #222; max-width: 1400px; margin: 1.5em auto; padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { font-size: 1.3em; margin-top: 1.8em; border-bottom: 1px solid #ccc; }
+h3 { font-size: 1.05em; margin-bottom: 0.3em; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; }
+th, td { border: 1px solid #d0d0d0; padding: 3px 8px; vertical-align: middle; }
+th { background: #f2f2f2; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tr.paper td { background: #fff6dc; }
+table.intervals td { white-space: nowrap; }
+table.intervals td.num { font-size: 0.92em; }
+td.interval { padding: 0 4px; }
+.note { color: #555; }
+.curves figure { display: inline-block; margin: 0.3em; }
+.curves img { width: 420px; border: 1px solid #ddd; }
+figcaption { font-size: 0.9em; color: #555; }
+svg text { font: 11px system-ui, sans-serif; fill: #555; }
+line.zero { stroke: #888; stroke-dasharray: 3 2; }
+line.ci { stroke-width: 3; stroke-linecap: round; }
+.better { stroke: #1a7f37; fill: #1a7f37; color: #1a7f37; }
+.worse { stroke: #c62828; fill: #c62828; color: #c62828; }
+.unclear { stroke: #666; fill: #666; }
+"""
+CI_METRICS = ("NDCG@10", "Recall@10")
+CI_ORDERINGS = (("llm", "ranker"), ("fused", "fused"))  # test_metrics.json's name -> the label shown
+CI_WIDTH, CI_HEIGHT, CI_MARGIN = 200, 18, 26  # px: the margin leaves room for the axis labels
+
+
+def _h(text: str) -> str:
+    """`text` as HTML: every name and flag value comes from run folders and their files."""
+    return html.escape(printable(str(text)))
+
+
+def _h_md(text: str) -> str:
+    """A sentence written for the Markdown report, its `code` spans as <code>."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
+
+
+def _html_table(stage: str, rows: list[dict]) -> list[str]:
+    columns = table_columns(stage, rows)
+    head = "".join(f"<th>{_h(c)}</th>" for c in ("group", "n", "runs", *columns))
+    lines = ['<table class="results">', f"<tr>{head}</tr>"]
+    for row in rows:
+        cells = "".join(f'<td class="num">{_md_mean_sd(row[f"{c} mean"], row[f"{c} sd"])}</td>' for c in columns)
+        runs = f'<td title="{_h(", ".join(row["runs"]))}">{_h(_md_runs(row["runs"]))}</td>'
+        lines.append(f'<tr><td>{_h(row["group"])}</td><td class="num">{row["n"]}</td>{runs}{cells}</tr>')
+    paper = rows[0]
+    if paper["paper source"] is not None:
+        cells = "".join(f'<td class="num">{_md_value(paper.get(f"paper {c}"))}</td>' for c in columns)
+        lines.append(f'<tr class="paper"><td>paper ({_h(paper["paper source"])})</td><td></td><td></td>{cells}</tr>')
+    return [*lines, "</table>"]
+
+
+def verdict(low: float, high: float) -> tuple[str, str]:
+    """What an interval of (ranker - retriever) says, as the ranker's test table words it, and its CSS class."""
+    said = "better" if low > 0 else "worse" if high < 0 else "no clear difference"
+    return said, said if low > 0 or high < 0 else "unclear"
+
+
+def _interval(comparisons: dict, name: str, metric: str) -> tuple[float, float, float] | None:
+    """(diff, low, high) of test_metrics.json's paired bootstrap `comparisons[name][metric]`; None if absent."""
+    stats = comparisons.get(name)
+    stats = stats.get(metric) if isinstance(stats, dict) else None
+    if not isinstance(stats, dict) or not isinstance(stats.get("ci95"), list) or len(stats["ci95"]) != 2:
+        return None
+    values = (_number(stats.get("diff")), _number(stats["ci95"][0]), _number(stats["ci95"][1]))
+    return None if None in values else values
+
+
+def ci_rows(run: Run) -> list[dict]:
+    """A ranker run's paired bootstrap intervals against the retriever's own order, test then validation: one dict
+    per (split, ordering): run, ordering, split and, per metric of CI_METRICS, (diff, low, high) or None."""
+    test = run.test or {}
+    val = test.get("val") if isinstance(test.get("val"), dict) else {}
+    splits = [
+        (f"test ({test.get('users_subset', '?')} users)", test.get("test_vs_retriever")),
+        (f"validation ({val.get('users', '?')} users)", val.get("vs_retriever")),
+    ]
+    rows = []
+    for split, comparisons in splits:
+        for name, label in CI_ORDERINGS if isinstance(comparisons, dict) else ():
+            intervals = {metric: _interval(comparisons, name, metric) for metric in CI_METRICS}
+            if any(intervals.values()):
+                rows.append({"run": run.name, "ordering": label, "split": split, **intervals})
+    return rows
+
+
+def _x_scale(values: list[float]):
+    """Pixel x of a value on an axis holding `values` and 0."""
+    low, high = min(0.0, *values), max(0.0, *values)
+    span = (high - low) or 1.0
+    return lambda value: round(CI_MARGIN + (value - low) / span * (CI_WIDTH - 2 * CI_MARGIN), 1)
+
+
+def _ci_svg(x, interval: tuple[float, float, float]) -> str:
+    diff, low, high = interval
+    said, kind = verdict(low, high)
+    text = f"{diff:+.4f} [{low:+.4f}, {high:+.4f}] {said}"
+    y = CI_HEIGHT / 2
+    return (
+        f'<svg class="interval" width="{CI_WIDTH}" height="{CI_HEIGHT}" role="img" aria-label="{text}">'
+        f"<title>{text}</title>"
+        f'<line class="zero" x1="{x(0.0)}" x2="{x(0.0)}" y1="0" y2="{CI_HEIGHT}"/>'
+        f'<line class="ci {kind}" x1="{x(low)}" x2="{x(high)}" y1="{y}" y2="{y}"/>'
+        f'<circle class="diff {kind}" cx="{x(diff)}" cy="{y}" r="3.5"/></svg>'
+    )
+
+
+def _axis_svg(x, values: list[float]) -> str:
+    ticks: list[float] = []
+    for value in (0.0, min(values), max(values)):  # 0 first; a tick too close to one already drawn is left out
+        if all(abs(x(value) - x(t)) >= 36 for t in ticks):
+            ticks.append(value)
+    marks = "".join(
+        f'<line x1="{x(v)}" x2="{x(v)}" y1="0" y2="5" stroke="#888"/>'
+        f'<text x="{x(v)}" y="16" text-anchor="middle">{"0" if v == 0 else f"{v:+.3f}"}</text>'
+        for v in sorted(ticks)
+    )
+    return f'<svg class="axis" width="{CI_WIDTH}" height="20">{marks}</svg>'
+
+
+def _html_intervals(runs: list[Run]) -> list[str]:
+    rows = [row for run in runs for row in ci_rows(run)]
+    if not rows:
+        return []
+    scales = {}
+    for metric in CI_METRICS:
+        values = [v for row in rows if row[metric] for v in row[metric]]
+        scales[metric] = (_x_scale(values), values) if values else None
+    head = "".join(f'<th colspan="2">{metric}</th>' for metric in CI_METRICS)
+    lines = [
+        "<h3>Minus the retriever's own order: mean over users, 95% paired bootstrap interval</h3>",
+        '<p class="note">Each line is one interval; the dot is the mean difference, the dashed line zero. Left of '
+        "zero: worse than the retriever's order on the same users; right: better.</p>",
+        '<table class="intervals">',
+        f"<tr><th>run</th><th>ordering</th><th>users</th>{head}</tr>",
+    ]
+    for row in rows:
+        cells = ""
+        for metric in CI_METRICS:
+            interval = row[metric]
+            if interval is None:
+                cells += '<td class="num">-</td><td></td>'
+                continue
+            diff, low, high = interval
+            said, kind = verdict(low, high)
+            cells += (
+                f'<td class="num {kind}">{diff:+.4f} [{low:+.4f}, {high:+.4f}] {said}</td>'
+                f'<td class="interval">{_ci_svg(scales[metric][0], interval)}</td>'
+            )
+        lines.append(f"<tr><td>{_h(row['run'])}</td><td>{row['ordering']}</td><td>{_h(row['split'])}</td>{cells}</tr>")
+    axes = "".join(f"<td></td><td>{_axis_svg(*scales[metric]) if scales[metric] else ''}</td>" for metric in CI_METRICS)
+    lines.append(f'<tr class="axis"><td colspan="3"></td>{axes}</tr>')
+    return [*lines, "</table>"]
+
+
+def _html_curves(plt, runs: list[Run]) -> list[str]:
+    if plt is None or not runs:
+        return []
+    figures, without = [], []
+    for run in runs:
+        png = curve_png(plt, run)
+        if png is None:
+            without.append(run.name)
+            continue
+        name, data = _h(run.name), base64.b64encode(png).decode("ascii")
+        figures.append(
+            f'<figure><img src="data:image/png;base64,{data}" alt="validation curve of {name}">'
+            f"<figcaption>{name}</figcaption></figure>"
+        )
+    lines = ["<h3>Validation curves</h3>"] if figures else []
+    if figures:
+        lines += ['<div class="curves">', *figures, "</div>"]
+    if without:
+        lines.append(f'<p class="note">No validation history, so no curve: {_h(", ".join(without))}</p>')
+    return lines
+
+
+def render_html(rows: list[dict], runs: list[Run], root: Path, plt) -> str:
+    """One self-contained page (no network resources): the Markdown report's tables, the ranker's intervals as
+    inline SVG, each run's validation curve as PNG data (none when `plt` is None: matplotlib not installed)."""
+    body = [
+        "<h1>Results report</h1>",
+        f"<p>Runs under <code>{_h(str(root))}</code>. {_h_md(REPORT_INTRO)}</p>",
+    ]
+    if plt is None:
+        body.append(f'<p class="note">No validation curves: matplotlib is not installed ({INSTALL_MATPLOTLIB}).</p>')
+    finished = [run for run in runs if run.test is not None]
+    for (stage, dataset), table_rows in tables_of(rows).items():
+        in_table = [run for run in finished if (run.stage, printable(run.dataset)) == (stage, dataset)]
+        body += [f"<h2>{_h(stage)} / {_h(dataset)}</h2>", f"<p>{_h_md(TABLE_NOTES[stage])}</p>"]
+        body += _html_table(stage, table_rows)
+        if stage == "ranker":
+            body += _html_intervals(in_table)
+        body += _html_curves(plt, in_table)
+    unfinished = [run for run in runs if run.test is None]
+    if unfinished:
+        body += ["<h2>Unfinished runs (no test_metrics.json)</h2>", '<ul class="unfinished">']
+        body += [f"<li>{_h(describe_unfinished(run))}</li>" for run in unfinished]
+        body += ["</ul>", *_html_curves(plt, unfinished)]
+    head = f'<meta charset="utf-8"><title>Results report</title><style>{HTML_STYLE}</style>'
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>{head}</head>\n<body>\n' + "\n".join(body) + "\n</body>\n</html>\n"
+    )
+
+
 # -------------------------------------------------------------------------------------------------------- CLI
 
 
@@ -361,7 +615,9 @@ def note_escaped_names(runs: list[Run]) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python report.py", description="Results report over every run under ROOT.")
     parser.add_argument("root", nargs="?", type=Path, default=Path("experiments"), help="experiments folder")
-    parser.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
+    parser.add_argument(
+        "--format", choices=("md", "csv", "json", "html"), default="md", help="output format (default md)"
+    )
     parser.add_argument("--output", type=Path, help="write the report to this file instead of stdout")
     parser.add_argument("--plots", type=Path, metavar="DIR", help="also write one validation-curve PNG per run")
     return parser.parse_args(argv)
@@ -370,24 +626,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        plt = import_pyplot() if args.plots else None  # before any output: fail whole, not half-done
+        plt = load_pyplot() if args.plots or args.format == "html" else None
+        if args.plots and plt is None:  # before any output: fail whole, not half-done
+            raise InputError(f"--plots: expected matplotlib to be installed, found it missing ({INSTALL_MATPLOTLIB})")
         runs = find_runs(args.root)
         note_escaped_names(runs)
         unfinished = [run for run in runs if run.test is None]
         rows = build_rows(runs)
         if args.format == "md":
             text = render_md(rows, unfinished, args.root)
+        elif args.format == "html":
+            if plt is None:
+                no_curves = "note: matplotlib is not installed, so the html report has no validation curves"
+                print(f"{no_curves} ({INSTALL_MATPLOTLIB})", file=sys.stderr)
+            text = render_html(rows, runs, args.root, plt)
         else:
             text = render_csv(rows) if args.format == "csv" else render_json(rows)
             for run in unfinished:  # the table formats hold finished runs only
                 print(f"note: unfinished run {describe_unfinished(run)}", file=sys.stderr)
-        if plt is not None:
+        if args.plots:
             make_plot_dir(args.plots)  # before the report is written: fail whole, not half-done
         if args.output:
             atomic_write_text(args.output, text)
         else:
             sys.stdout.write(text)
-        if plt is not None:
+        if args.plots:
             written = write_plots(plt, runs, args.plots)
             print(f"{len(written)} plots written to {args.plots}", file=sys.stderr)
     except InputError as e:

@@ -1,5 +1,8 @@
-"""Shared fixtures: real data (the shipped ml-latest-small), the shipped Llama-2 tokenizer and tiny splits."""
+"""Shared fixtures: real data (the shipped ml-latest-small), the shipped Llama-2 tokenizer and tiny splits; the
+`browser` marker's rule (Chromium found: run; not found: deselected with one line, or an error where required)."""
 
+import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -99,3 +102,37 @@ def tiny_args(tmp_path):
 
 def run_dir_of(tmp_path, name="seed42"):
     return tmp_path / "exp" / "retriever" / "custom-tiny" / name
+
+
+# --------------------------------------------------------------------------- browser tests (tests/test_browser.py)
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+GET_BROWSER_TESTS = "install Chromium (Debian/Ubuntu: apt-get install chromium), then make test-browser"
+BROWSER_NOTE = pytest.StashKey[str]()
+
+
+def find_chromium() -> str | None:
+    """The Chromium (or Chrome) binary: $CHROMIUM if set, else the first of CHROMIUM_NAMES on PATH; None if absent."""
+    names = [os.environ["CHROMIUM"]] if os.environ.get("CHROMIUM") else CHROMIUM_NAMES
+    return next((found for name in names if (found := shutil.which(name))), None)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without Chromium the `browser` tests are deselected (not skipped) with one line saying how to get them;
+    with REQUIRE_BROWSER_TESTS set (make test-browser, CI) a missing Chromium is an error instead."""
+    browser = [item for item in items if item.get_closest_marker("browser")]
+    if not browser or find_chromium() is not None:
+        return
+    where = f"$CHROMIUM={os.environ['CHROMIUM']}" if os.environ.get("CHROMIUM") else " or ".join(CHROMIUM_NAMES)
+    if os.environ.get("REQUIRE_BROWSER_TESTS"):
+        raise pytest.UsageError(f"the browser tests need Chromium, found no {where} on PATH: {GET_BROWSER_TESTS}")
+    items[:] = [item for item in items if not item.get_closest_marker("browser")]
+    config.hook.pytest_deselected(items=browser)
+    config.stash[BROWSER_NOTE] = (
+        f"{len(browser)} browser tests deselected: no {where} on PATH; to run them, {GET_BROWSER_TESTS}"
+    )
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if BROWSER_NOTE in config.stash:
+        terminalreporter.write_line(config.stash[BROWSER_NOTE])
