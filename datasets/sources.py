@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from utils.errors import InputError
 from utils.files import REPO_ROOT, sha256_file
+from utils.progress import reading
 
 # (interactions, titles: raw item id -> title, the raw files read)
 RawData = tuple[pd.DataFrame, dict[str, str], list[Path]]
@@ -350,7 +351,8 @@ def read_csv_checked(path: Path, columns: dict[str, str], optional: dict[str, st
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        with reading(path, f"reading {path.name}") as f:
+            df = pd.read_csv(f, dtype=str, keep_default_na=False, encoding="utf-8")
     except pd.errors.EmptyDataError:
         raise InputError(f"{path}: file is empty; expected a header with {', '.join(columns)}") from None
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:

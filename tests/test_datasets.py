@@ -368,3 +368,16 @@ def test_cache_written_twice_keeps_one_whole_copy_and_replaces_an_unreadable_one
     (folder / "meta.json").write_text("{not json")
     save_split(folder, split, {})
     assert load_cached_split(folder).fingerprint == split.fingerprint
+
+
+def test_reading_a_large_file_shows_a_progress_bar_by_bytes(tmp_path, capsys):
+    from utils.progress import reading
+
+    path = tmp_path / "interactions.csv"
+    path.write_bytes(b"user_id,item_id,timestamp\n" + b"u1,i1,1\n" * 5000)
+    with reading(path, "reading interactions.csv", min_bytes=0) as f:
+        assert f.read() == path.read_bytes()  # the wrapper passes every byte through
+    assert "reading interactions.csv" in capsys.readouterr().err
+    with reading(path, "reading interactions.csv") as f:  # below the default size: no bar
+        f.read()
+    assert capsys.readouterr().err == ""
