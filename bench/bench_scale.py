@@ -26,6 +26,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -69,25 +71,13 @@ def timed_child(command: list[str], log: Path) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------- phases
 
 
-def phase(results: dict, name: str, work: float, unit: str):
-    """A context that times a phase of this process and records its seconds, peak RSS and work."""
-
-    class Phase:
-        def __enter__(self):
-            reset_peak_rss()
-            self.start = time.perf_counter()
-            return self
-
-        def __exit__(self, kind, value, traceback):
-            if kind is None:
-                results[name] = {
-                    "seconds": time.perf_counter() - self.start,
-                    "peak_rss_mib": peak_rss_mib(),
-                    "work": work,
-                    "unit": unit,
-                }
-
-    return Phase()
+@contextmanager
+def phase(results: dict, name: str, work: float, unit: str) -> Iterator[None]:
+    """Time a phase of this process; record its seconds, its own peak RSS and its work under results[name]."""
+    reset_peak_rss()
+    start = time.perf_counter()
+    yield
+    results[name] = {"seconds": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib(), "work": work, "unit": unit}
 
 
 def in_process_phases(args: argparse.Namespace) -> dict:
