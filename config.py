@@ -8,6 +8,7 @@ import time.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -25,6 +26,7 @@ from trainer.retriever_train import RetrieverTraining
 from trainer.run_folder import check_run_name, flag_record
 from utils.errors import InputError, WriteError, describe_os_error
 from utils.files import REPO_ROOT, read_json_object
+from utils.settings import Config, from_flags
 
 if TYPE_CHECKING:
     from trainer.ranker_train import RankerTraining
@@ -154,9 +156,16 @@ def add_flag(
     check: Callable[[str, object], None] | None = None,
     **kwargs,
 ) -> argparse.Action:
-    """add_argument, plus the flag's role (ROLES) and an optional value check (run on values other than None)."""
+    """add_argument, plus the flag's role (ROLES) and an optional value check (run on values other than None). A flag
+    of DATASET_DEFAULTS defaults to None (resolved per dataset after parsing) and its help says the defaults."""
     if role not in ROLES:
         raise ValueError(f"{name}: unknown role {role!r}")
+    dest = kwargs.get("dest", name.lstrip("-"))
+    if dest in DATASET_DEFAULTS["other"] and kwargs.get("default") is not argparse.SUPPRESS:
+        if kwargs.get("default") is not None:
+            raise ValueError(f"{name}: its defaults are DATASET_DEFAULTS'; declare no other")
+        kwargs["default"] = None
+        kwargs["help"] = f"{kwargs['help']} (default: {dataset_defaults_text(dest)})"
     action = container.add_argument(name, **kwargs)
     action.role = role
     action.check = check
@@ -181,6 +190,18 @@ def add_bool_arg(
     )  # fmt: skip
 
 
+def dataset_defaults_text(dest: str) -> str:
+    """E.g. '16 ml-100k, 128 ml-1m and ml-20m, else 64': a flag's DATASET_DEFAULTS as its help states them."""
+    otherwise = json.dumps(DATASET_DEFAULTS["other"][dest])
+    by_value: dict[str, list[str]] = {}
+    for code, defaults in DATASET_DEFAULTS.items():
+        if code != "other" and json.dumps(defaults[dest]) != otherwise:
+            by_value.setdefault(json.dumps(defaults[dest]), []).append(code)
+    named = [f"{value} {', '.join(codes[:-1])} and {codes[-1]}" if len(codes) > 1 else f"{value} {codes[0]}"
+             for value, codes in by_value.items()]  # fmt: skip
+    return ", ".join([*named, f"else {otherwise}"])
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except None: those flags say in their help what they default to."""
 
@@ -191,15 +212,27 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # ---------------------------------------------------------------------------------------------- flag groups
 
 
+def add_device_args(group: argparse._ArgumentGroup) -> None:
+    # fmt: off
+    add_flag(group, "--device", default="auto", choices=("auto", "cpu", "cuda"), role=SETTING,
+             help="auto = cuda if available, else cpu")
+    add_flag(group, "--num_threads", type=int, default=0, check=non_negative, role=SETTING,
+             help="torch CPU threads (0: torch's default; 1 on a CPU shared with other jobs)")
+    # fmt: on
+
+
+def add_config_arg(group: argparse._ArgumentGroup) -> None:
+    add_flag(group, "--config", type=Path, default=None, role=SETTING,
+             help="a JSON object of flag values (a run's own config.json reruns it); flags after it override it; "
+                  "--resume, --overwrite, --eval_only and --print_config are taken from the command line only")  # fmt: skip
+
+
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     # fmt: off
     group = parser.add_argument_group("run")
     add_flag(group, "--seed", type=int, default=42, role=REPEAT,
              help="random seed for everything")
-    add_flag(group, "--device", default="auto", choices=("auto", "cpu", "cuda"), role=SETTING,
-             help="auto = cuda if available, else cpu")
-    add_flag(group, "--num_threads", type=int, default=0, check=non_negative, role=SETTING,
-             help="torch CPU threads (0: torch's default; 1 on a CPU shared with other jobs)")
+    add_device_args(group)
     add_flag(group, "--experiment_root", type=Path, default=REPO_ROOT / "experiments", role=SETTING,
              help="root folder of all run folders")
     add_flag(group, "--run_name", default=None, role=SETTING,
@@ -217,6 +250,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
              help="wandb project name (with --use_wandb)")
     add_flag(group, "--print_config", action="store_true", role=SETTING,
              help="print the fully resolved config as JSON and exit")
+    add_config_arg(group)
     add_flag(group, "--metric_ks", type=int, nargs="+", default=[1, 5, 10, 20, 50], check=positive, role=OUTCOME,
              help="cut-offs k of Recall/NDCG/MRR@k (the ranker's test reports k = 1, 5, 10; its validation logs these "
                   "k below the candidate count, and 10)")
@@ -258,16 +292,16 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
     add_flag(group, "--retriever_model", choices=RETRIEVER_MODELS, default="lru", role=TRAINING,
              help="lru: LRURec (the paper's retriever); sasrec, bert4rec, narm: the Table 1 baselines (NARM uses one "
                   "GRU layer)")
-    add_flag(group, "--bert_max_len", type=int, default=None, check=positive, role=TRAINING,
-             help="max sequence length of every retriever (default 200 ml-100k, ml-1m, ml-20m; else 50)")
+    add_flag(group, "--bert_max_len", type=int, check=positive, role=TRAINING,
+             help="max sequence length of every retriever")
     add_flag(group, "--bert_hidden_units", type=int, default=64, check=positive, role=TRAINING,
              help="embedding / hidden size d of every retriever")
     add_flag(group, "--bert_num_blocks", type=int, default=2, check=positive, role=TRAINING,
              help="blocks of every retriever (LRU layer + feed-forward; attention blocks)")
-    add_flag(group, "--bert_dropout", type=float, default=None, check=fraction, role=TRAINING,
-             help="dropout of embeddings and feed-forward (0.5 ml-100k, else 0.2)")
-    add_flag(group, "--bert_attn_dropout", type=float, default=None, check=fraction, role=TRAINING,
-             help="dropout on the LRU layer's output / the attention (0.5 ml-100k, else 0.2)")
+    add_flag(group, "--bert_dropout", type=float, check=fraction, role=TRAINING,
+             help="dropout of embeddings and feed-forward")
+    add_flag(group, "--bert_attn_dropout", type=float, check=fraction, role=TRAINING,
+             help="dropout on the LRU layer's output / the attention")
     add_flag(group, "--attn_heads", type=int, default=2, check=positive, role=TRAINING,
              help="attention heads of sasrec and bert4rec")
     add_flag(group, "--bert_mask_prob", type=float, default=0.2, check=open_fraction, role=TRAINING,
@@ -275,14 +309,13 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
     add_flag(group, "--sliding_window_size", type=float, default=1.0, role=TRAINING,
              help="training windows over sequences longer than max_len step by this fraction of max_len")
     add_bool_arg(group, "train_all_items", None, role=TRAINING,
-                 help="training windows make every training item a label once (default True ml-100k, else False = the "
-                      "original)")
-    add_flag(group, "--train_batch_size", type=int, default=None, check=positive, role=TRAINING,
-             help="sequences per step (default 16 ml-100k, 128 ml-1m and ml-20m, else 64)")
-    add_flag(group, "--val_batch_size", type=int, default=None, check=positive, role=SETTING,
-             help="users per validation batch (default 16 ml-100k, 256 ml-1m and ml-20m, else 64)")
-    add_flag(group, "--test_batch_size", type=int, default=None, check=positive, role=SETTING,
-             help="users per test/export batch (default 16 ml-100k, 256 ml-1m and ml-20m, else 64)")
+                 help="training windows make every training item a label once (false: the original's windows)")
+    add_flag(group, "--train_batch_size", type=int, check=positive, role=TRAINING,
+             help="sequences per step")
+    add_flag(group, "--val_batch_size", type=int, check=positive, role=SETTING,
+             help="users per validation batch")
+    add_flag(group, "--test_batch_size", type=int, check=positive, role=SETTING,
+             help="users per test/export batch")
     add_flag(group, "--lr", type=float, default=1e-3, check=positive, role=TRAINING,
              help="AdamW learning rate")
     add_flag(group, "--weight_decay", type=float, default=0.01, check=non_negative, role=TRAINING,
@@ -291,9 +324,8 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
              help="AdamW epsilon")
     add_flag(group, "--max_grad_norm", type=float, default=5.0, check=positive, role=TRAINING,
              help="gradient-norm clipping")
-    add_flag(group, "--label_smoothing", type=float, default=None, check=fraction, role=TRAINING,
-             help="share of the next-item target spread evenly over all real items (0.1 ml-100k, else 0 = plain cross-"
-                  "entropy)")
+    add_flag(group, "--label_smoothing", type=float, check=fraction, role=TRAINING,
+             help="share of the next-item target spread evenly over all real items (0: plain cross-entropy)")
     add_bool_arg(group, "enable_lr_schedule", False, role=TRAINING,
                  help="linear warm-up then linear decay to 0 over --num_epochs")
     add_flag(group, "--warmup_steps", type=int, default=100, check=non_negative, role=TRAINING,
@@ -302,8 +334,8 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
              help="upper bound on training epochs")
     add_flag(group, "--max_steps", type=int, default=None, check=positive, role=OUTCOME,
              help="stop after this many steps (tests, benchmarks; --resume with a higher value continues)")
-    add_flag(group, "--val_iterations", type=int, default=None, check=positive, role=OUTCOME,
-             help="validate every this many steps (default 50 ml-100k, 500 ml-1m and ml-20m, else 100; the paper: 500)")
+    add_flag(group, "--val_iterations", type=int, check=positive, role=OUTCOME,
+             help="validate every this many steps (the paper: 500)")
     add_flag(group, "--best_metric", default="Recall@10", role=TRAINING,
              help="validation metric of model selection: Recall/NDCG/MRR@k, k in --metric_ks")
     add_bool_arg(group, "early_stopping", True, role=OUTCOME,
@@ -393,8 +425,8 @@ def add_ranker_args(parser: argparse.ArgumentParser) -> None:
              help="learning rate")
     add_flag(group, "--lora_warmup_steps", type=int, default=100, check=non_negative, role=TRAINING,
              help="linear warm-up steps")
-    add_flag(group, "--lora_micro_batch_size", type=int, default=None, check=positive, role=TRAINING,
-             help="prompts per forward pass (default 16 ml-100k, else 12)")
+    add_flag(group, "--lora_micro_batch_size", type=int, check=positive, role=TRAINING,
+             help="prompts per forward pass")
     add_flag(group, "--lora_gradient_accumulation_steps", type=int, default=1, check=positive, role=TRAINING,
              help="micro-batches per optimizer step")
     add_flag(group, "--lora_global_batch_size", type=int, default=None, check=positive, role=TRAINING,
@@ -431,10 +463,8 @@ def add_recommend_args(parser: argparse.ArgumentParser) -> None:
              help="JSONL output file; - prints to stdout")
     add_flag(group, "--recommend_batch_size", type=int, default=16, check=positive, role=SETTING,
              help="histories per retriever forward pass")
-    add_flag(group, "--device", default="auto", choices=("auto", "cpu", "cuda"), role=SETTING,
-             help="auto = cuda if available, else cpu")
-    add_flag(group, "--num_threads", type=int, default=0, check=non_negative, role=SETTING,
-             help="torch CPU threads (0: torch's default)")
+    add_device_args(group)
+    add_config_arg(group)
     # fmt: on
 
 
@@ -585,6 +615,8 @@ def parse_flags(
     flags not passed and check every value. `parser`: build_parser(script) with extra flags (the benches)."""
     parser = parser or build_parser(script)
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--config" in parser._option_string_actions:
+        argv = expand_config_file(script, parser, argv)
     flags, unknown = parser.parse_known_args(argv)
     for token in unknown:
         error = foreign_flag_error(script, token.split("=", 1)[0]) if token.startswith("--") else None
@@ -602,6 +634,70 @@ def parse_flags(
         if all(hasattr(flags, dest) for dest in check.needs):
             check(flags, parser)
     return flags
+
+
+# Actions, not settings: a --config file never makes a run resume, delete, only evaluate or only print.
+COMMAND_LINE_ONLY = ("resume", "overwrite", "eval_only", "print_config")
+
+
+def expand_config_file(script: str, parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """argv with `--config FILE` replaced by FILE's values written as flags, before the other flags (which override
+    them) and followed by `--config FILE` (so the run records where its flags came from)."""
+    at = [i for i, token in enumerate(argv) if token == "--config" or token.startswith("--config=")]
+    if not at:
+        return argv
+    if len(at) > 1:
+        raise InputError(f"--config: expected one file, found {len(at)} --config flags")
+    i = at[0]
+    if argv[i] == "--config":
+        if i + 1 == len(argv) or argv[i + 1].startswith("--"):
+            raise InputError("--config: expected a JSON file, found nothing after it")
+        path, rest = Path(argv[i + 1]), argv[:i] + argv[i + 2 :]
+    else:
+        path, rest = Path(argv[i].split("=", 1)[1]), argv[:i] + argv[i + 1 :]
+    return config_file_args(script, parser, path, rest) + rest + [f"--config={path}"]
+
+
+def config_file_args(script: str, parser: argparse.ArgumentParser, path: Path, later: list[str]) -> list[str]:
+    """The values of the JSON object in `path` as flags of `script`, except those `later` (the command line) passes."""
+    values = read_json_object(path)
+    options = {}  # dest -> its option strings (--x and --no-x share one)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            options.setdefault(action.dest, []).extend(action.option_strings)
+    skipped = {*RUN_KEYS.get(script, ()), *COMMAND_LINE_ONLY, "config"}
+    unknown = sorted(set(values) - set(options) - skipped)
+    if unknown:
+        owned = next((error for key in unknown if (error := foreign_flag_error(script, f"--{key}"))), None)
+        hint = f"; {owned}" if owned else f" (see {script} --help)"
+        shown = ", ".join(unknown[:6]) + (f" and {len(unknown) - 6} more" if len(unknown) > 6 else "")
+        raise InputError(f"--config {path}: expected flags of {script}, found unknown keys {shown}{hint}")
+    given = {token.split("=", 1)[0] for token in later if token.startswith("--")}
+    args = []
+    for dest, value in values.items():
+        if dest in skipped or given & set(options[dest]):
+            continue
+        args += flag_args(parser._option_string_actions[options[dest][0]], value, path)
+    return args
+
+
+def flag_args(action: argparse.Action, value, path: Path) -> list[str]:
+    """`value` (from JSON) as the command-line arguments that set `action` to it."""
+    option = action.option_strings[0]
+    if value is None:
+        if action.default is not None:
+            raise InputError(f"--config {path}: {action.dest}: expected a value, found null")
+        return []
+    if action.nargs == 0:  # store_true
+        return [option] if value is True else []
+    if isinstance(value, list):
+        if action.nargs not in ("+", "*"):
+            raise InputError(f"--config {path}: {action.dest}: expected one value, found a list")
+        return [option, *map(str, value)]
+    if isinstance(value, dict):
+        raise InputError(f"--config {path}: {action.dest}: expected a value, found an object")
+    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return [option, *text.split()] if action.nargs in ("+", "*") else [f"{option}={text}"]
 
 
 def resolve_dataset(flags: argparse.Namespace) -> None:
@@ -757,128 +853,65 @@ def run_cli(script: str, run: Callable[[argparse.Namespace], object], argv: list
 
 
 def data_config(flags: argparse.Namespace) -> DataConfig:
-    return DataConfig(
-        code=flags.dataset_code,
-        custom_path=flags.custom_path,
-        data_root=Path(flags.data_root),
-        ml_100k_path=flags.ml_100k_path,
-        movielens_path=getattr(flags, "movielens_path", None),  # absent from run folders written before the flag
-        download=flags.download,
-        min_rating=flags.min_rating,
-        min_uc=flags.min_uc,
-        min_sc=flags.min_sc,
-    )
+    return from_flags(DataConfig, flags)
 
 
 def retriever_spec(flags: argparse.Namespace) -> RetrieverSpec:
-    return RetrieverSpec(
-        model=getattr(flags, "retriever_model", "lru"),  # run folders written before the flag existed are LRURec
-        max_len=flags.bert_max_len,
-        hidden_units=flags.bert_hidden_units,
-        num_blocks=flags.bert_num_blocks,
-        dropout=flags.bert_dropout,
-        attn_dropout=flags.bert_attn_dropout,
-        heads=getattr(flags, "attn_heads", 2),
-        mask_prob=getattr(flags, "bert_mask_prob", 0.2),
-    )
+    return from_flags(RetrieverSpec, flags)
 
 
 def retriever_training(flags: argparse.Namespace) -> RetrieverTraining:
-    return RetrieverTraining(
-        seed=flags.seed,
-        batch_size=flags.train_batch_size,
-        lr=flags.lr,
-        weight_decay=flags.weight_decay,
-        adam_epsilon=flags.adam_epsilon,
-        max_grad_norm=flags.max_grad_norm,
-        label_smoothing=flags.label_smoothing,
-        enable_lr_schedule=flags.enable_lr_schedule,
-        warmup_steps=flags.warmup_steps,
-        num_epochs=flags.num_epochs,
-        max_steps=flags.max_steps,
-        max_len=flags.bert_max_len,
-        sliding_window_size=flags.sliding_window_size,
-        train_all_items=flags.train_all_items,
-        val_iterations=flags.val_iterations,
-        val_batch_size=flags.val_batch_size,
-        early_stopping=flags.early_stopping,
-        early_stopping_patience=flags.early_stopping_patience,
-        best_metric=flags.best_metric,
-        metric_ks=tuple(flags.metric_ks),
-    )
+    return from_flags(RetrieverTraining, flags)
 
 
 def candidate_export(flags: argparse.Namespace) -> CandidateExport:
-    return CandidateExport(
-        topk=flags.retrieved_topk,
-        train_topk=flags.retrieved_train_topk,
-        train_folds=flags.retrieved_train_folds,
-        train_max_prefixes=getattr(flags, "retrieved_train_max_prefixes", 0),  # runs made before the flag: all
-        seed=flags.seed,
-        batch_size=flags.test_batch_size,
-        metric_ks=tuple(flags.metric_ks),
-    )
+    return from_flags(CandidateExport, flags)
 
 
 def llm_spec(flags: argparse.Namespace) -> LLMSpec:
-    return LLMSpec(
-        base_model=flags.llm_base_model,
-        tokenizer=flags.llm_base_tokenizer or flags.llm_base_model,
-        load_in_4bit=flags.llm_load_in_4bit,
-        cache_dir=Path(flags.llm_cache_dir),
-    )
+    return from_flags(LLMSpec, flags, tokenizer=flags.llm_base_tokenizer or flags.llm_base_model)
 
 
 def lora_settings(flags: argparse.Namespace) -> LoraSettings:
-    return LoraSettings(
-        r=flags.lora_r,
-        alpha=flags.lora_alpha,
-        dropout=flags.lora_dropout,
-        target_modules=tuple(flags.lora_target_modules),
-    )
+    return from_flags(LoraSettings, flags)
 
 
 def prompt_config(flags: argparse.Namespace) -> PromptConfig:
-    return PromptConfig(
-        system=flags.llm_system_template,
-        input_template=flags.llm_input_template,
-        max_title_len=flags.llm_max_title_len,
-        max_text_len=flags.llm_max_text_len,
-        max_history=flags.llm_max_history,
-    )
+    return from_flags(PromptConfig, flags)
 
 
 def ranker_data(flags: argparse.Namespace) -> RankerData:
-    return RankerData(
-        seed=flags.seed,
-        num_negatives=flags.llm_negative_sample_size,
-        max_train_samples=flags.llm_max_train_samples,
-        max_eval_users=flags.llm_max_eval_users,
-        shuffle_eval_candidates=flags.llm_shuffle_eval_candidates,
-        train_candidates=flags.llm_train_candidates,
-        train_missed=flags.llm_train_missed,
-        shuffle_train_candidates=flags.llm_shuffle_train_candidates,
-    )
+    return from_flags(RankerData, flags)
 
 
 def ranker_training(flags: argparse.Namespace) -> "RankerTraining":
     from trainer.ranker_train import RankerTraining  # imports transformers: only when a ranker runs, not for --help
 
-    return RankerTraining(
-        seed=flags.seed,
-        micro_batch_size=flags.lora_micro_batch_size,
-        gradient_accumulation_steps=flags.lora_gradient_accumulation_steps,
-        global_batch_size=flags.lora_global_batch_size,
-        num_epochs=flags.lora_num_epochs,
-        max_steps=flags.lora_max_steps,
-        lr=flags.lora_lr,
-        warmup_steps=flags.lora_warmup_steps,
-        val_iterations=flags.lora_val_iterations,
-        early_stopping_patience=flags.lora_early_stopping_patience,
-        num_workers=flags.num_workers,
-        metric_ks=tuple(flags.metric_ks),
-        wandb_project=flags.wandb_project if flags.use_wandb else None,
-    )
+    return from_flags(RankerTraining, flags, wandb_project=flags.wandb_project if flags.use_wandb else None)
+
+
+# Each typed config, the script whose flags set it and its builder (default_config).
+STAGE_CONFIGS = {
+    "DataConfig": (PREPARE, data_config),
+    "RetrieverSpec": (RETRIEVER, retriever_spec),
+    "RetrieverTraining": (RETRIEVER, retriever_training),
+    "CandidateExport": (RETRIEVER, candidate_export),
+    "LLMSpec": (RANKER, llm_spec),
+    "LoraSettings": (RANKER, lora_settings),
+    "PromptConfig": (RANKER, prompt_config),
+    "RankerData": (RANKER, ranker_data),
+    "RankerTraining": (RANKER, ranker_training),
+}
+
+
+def default_config(cls: type[Config], dataset_code: str = "ml-100k", **fields) -> Config:
+    """`cls` as a run on `dataset_code` with no other flag gets it, with `fields` replaced (tests, benches)."""
+    script, build = STAGE_CONFIGS[cls.__name__]
+    return dataclasses.replace(build(parse_flags(script, ["--dataset_code", dataset_code])), **fields)
+
+
+# The value a flag had in runs saved before the flag existed, where its default would say otherwise.
+BEFORE_THE_FLAG = {"retrieved_train_max_prefixes": 0}  # such runs exported every training prefix
 
 
 def saved_flags(path: Path, script: str) -> argparse.Namespace:
@@ -886,6 +919,7 @@ def saved_flags(path: Path, script: str) -> argparse.Namespace:
     made keeps its default). Paths come back as Path."""
     saved = read_json_object(path)
     values = {action.dest: action.default for action in flag_actions(script)}
+    values.update({dest: value for dest, value in BEFORE_THE_FLAG.items() if dest in values})
     values.update(saved)
     for action in flag_actions(script):
         if action.type is Path and values.get(action.dest) is not None:

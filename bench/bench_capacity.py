@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from config import SETTING, add_bool_arg
+from config import SETTING, add_bool_arg, default_config
 from model.llm import (
     LoraSettings,
     add_lora,
@@ -144,7 +144,7 @@ def bench(args: argparse.Namespace) -> dict:
     result["estimated_step_memory_gib_without_checkpointing"] = round(
         training_memory_bytes(model, args.micro_batch_size, tokens) / 2**30, 1
     )
-    model = add_lora(model, LoraSettings(), quantized=load_in_4bit, gradient_checkpointing=checkpointing)
+    model = add_lora(model, default_config(LoraSettings), quantized=load_in_4bit, gradient_checkpointing=checkpointing)
     generator = torch.Generator().manual_seed(0)
     result.update(time_training(model, args, device, generator))
     result.update(time_evaluation(model, args, device, generator))

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from bench.roofline import LLM_PROJECTION, SQUARE, count_flops, cpu_features, machine_rates, share
-from dataloader.prompts import PromptBuilder
+from config import default_config
+from dataloader.prompts import PromptBuilder, PromptConfig
 from dataloader.ranker_data import EvalExample, TrainCollator, TrainPrompts, training_prefixes
 from datasets import DataConfig, load_split
 from model.llm import LLM_CACHE_DIR, LoraSettings
@@ -185,17 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(0)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
-    split = load_split(DataConfig("ml-100k"))
+    split = load_split(default_config(DataConfig, code="ml-100k"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.time()
     tokenizer = load_tokenizer(args.llm_base_model, LLM_CACHE_DIR)
     model = load_model(args.llm_base_model, device, args.load_in_4bit, LLM_CACHE_DIR)
     load_seconds = time.time() - start
-    builder = PromptBuilder(tokenizer, split.titles)
+    builder = PromptBuilder(tokenizer, split.titles, default_config(PromptConfig))
     letter_ids = torch.tensor(list(letter_token_ids(builder, 20).values()))
     rows, lengths = bench_eval(model, builder, split, letter_ids, args.eval_users, args.eval_batch_sizes, device)
     rows.insert(0, bench_projections(model, round(float(np.mean(lengths))), device))
-    model = add_lora(model, LoraSettings(dropout=0.05), quantized=args.load_in_4bit)
+    model = add_lora(model, default_config(LoraSettings, dropout=0.05), quantized=args.load_in_4bit)
     rows += bench_eval(model, builder, split, letter_ids, args.eval_users, args.eval_batch_sizes, device, "eval+LoRA")[
         0
     ]

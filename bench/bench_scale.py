@@ -84,9 +84,17 @@ def in_process_phases(args: argparse.Namespace) -> dict:
     """The retriever and ranker-data phases of one size (run in a child process: `--phases`)."""
     import torch
 
-    from config import RETRIEVER, candidate_export, data_config, parse_flags, retriever_spec, retriever_training
+    from config import (
+        RETRIEVER,
+        candidate_export,
+        data_config,
+        default_config,
+        parse_flags,
+        retriever_spec,
+        retriever_training,
+    )
     from dataloader.candidates import load_candidates
-    from dataloader.prompts import PromptBuilder
+    from dataloader.prompts import PromptBuilder, PromptConfig
     from dataloader.ranker_data import RankerData, build_eval_sets, build_train_set
     from dataloader.retriever_data import training_windows, window_step
     from datasets import load_split
@@ -159,12 +167,17 @@ def in_process_phases(args: argparse.Namespace) -> dict:
     }
     tokenizer = load_tokenizer(str(LLAMA2_TOKENIZER))
     with phase(results, "ranker_prompts", split.num_users, "users"):
-        builder = PromptBuilder(tokenizer, split.titles)
+        builder = PromptBuilder(tokenizer, split.titles, default_config(PromptConfig))
         letters = list(letter_token_ids(builder, 20).values())
-        val_set, test_set = build_eval_sets(builder, split, candidates, RankerData(seed=flags.seed))
-        uniform = build_train_set(builder, split, candidates, RankerData(seed=flags.seed), letters, 2)
+        val_set, test_set = build_eval_sets(builder, split, candidates, default_config(RankerData, seed=flags.seed))
+        uniform = build_train_set(builder, split, candidates, default_config(RankerData, seed=flags.seed), letters, 2)
         retrieved = build_train_set(
-            builder, split, candidates, RankerData(seed=flags.seed, train_candidates="retrieved"), letters, 2
+            builder,
+            split,
+            candidates,
+            default_config(RankerData, seed=flags.seed, train_candidates="retrieved"),
+            letters,
+            2,
         )
         for index in np.random.default_rng(0).choice(len(uniform), size=min(1000, len(uniform)), replace=False):
             uniform[int(index)]

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from utils.errors import InputError
+from utils.settings import flag_field
 
 # The paper's prompt texts (the --llm_system_template / --llm_input_template defaults); PromptBuilder wraps them.
 DEFAULT_SYSTEM = (
@@ -35,17 +36,17 @@ class PromptConfig:
     """The prompt's texts and lengths (the --llm_* prompt flags); training, evaluation and recommend.py build every
     prompt from one of these."""
 
-    system: str = DEFAULT_SYSTEM  # --llm_system_template
-    input_template: str = DEFAULT_INPUT  # --llm_input_template
-    max_title_len: int = 32  # tokens kept of each title
-    max_text_len: int = 1536  # prompt tokens kept (cut from the left)
-    max_history: int = 20  # last history items shown
+    system: str = flag_field("llm_system_template")
+    input_template: str = flag_field("llm_input_template")
+    max_title_len: int = flag_field("llm_max_title_len")  # tokens kept of each title
+    max_text_len: int = flag_field("llm_max_text_len")  # prompt tokens kept (cut from the left)
+    max_history: int = flag_field("llm_max_history")  # last history items shown
 
 
 class PromptBuilder:
     """Prompt text and token ids for (history, candidates); titles cut once and cached per item."""
 
-    def __init__(self, tokenizer, titles: Sequence[str], config: PromptConfig = PromptConfig()) -> None:
+    def __init__(self, tokenizer, titles: Sequence[str], config: PromptConfig) -> None:
         try:
             fields = [field for _, field, _, _ in string.Formatter().parse(config.input_template) if field is not None]
         except ValueError:  # an unmatched brace

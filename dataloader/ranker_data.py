@@ -14,6 +14,7 @@ from dataloader.retriever_data import all_prefixes
 from datasets.split import SplitData
 from utils.errors import InputError
 from utils.progress import progress
+from utils.settings import flag_field
 
 
 def sample_negatives(rng: np.random.Generator, num_items: int, exclude: set[int], count: int) -> list[int]:
@@ -263,14 +264,14 @@ def true_letter(example: EvalExample) -> str:
 class RankerData:
     """Which prompts a ranker run trains and is validated on (the ranker's data flags)."""
 
-    seed: int = 42
-    num_negatives: int = 19  # --llm_negative_sample_size: candidates = this + 1
-    max_train_samples: int | None = None  # --llm_max_train_samples
-    max_eval_users: int | None = None  # --llm_max_eval_users: validation users ranked during training
-    shuffle_eval_candidates: bool = False
-    train_candidates: str = "uniform"  # uniform (the paper) or retrieved
-    train_missed: str = "drop"  # retrieved: drop or insert the prefixes whose next item the retriever missed
-    shuffle_train_candidates: bool = False
+    seed: int
+    num_negatives: int = flag_field("llm_negative_sample_size")  # candidates = this + 1
+    max_train_samples: int | None = flag_field("llm_max_train_samples")
+    max_eval_users: int | None = flag_field("llm_max_eval_users")  # validation users ranked during training
+    shuffle_eval_candidates: bool = flag_field("llm_shuffle_eval_candidates")
+    train_candidates: str = flag_field("llm_train_candidates")  # uniform (the paper) or retrieved
+    train_missed: str = flag_field("llm_train_missed")  # retrieved: drop or insert the prefixes the retriever missed
+    shuffle_train_candidates: bool = flag_field("llm_shuffle_train_candidates")
 
     @property
     def num_candidates(self) -> int:

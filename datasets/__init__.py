@@ -15,7 +15,8 @@ from pathlib import Path
 from datasets.cache import cache_key, load_cached_split, save_split
 from datasets.sources import AMAZON_FILES, ML_100K_SHIPPED, MOVIELENS, read_amazon, read_custom, read_movielens
 from datasets.split import SplitData, make_split
-from utils.files import REPO_ROOT, sha256_file
+from utils.files import sha256_file
+from utils.settings import flag_field
 
 __all__ = ["DataConfig", "SplitData", "load_split", "make_split"]
 
@@ -37,15 +38,15 @@ def __getattr__(name: str):
 class DataConfig:
     """Which data and how it is preprocessed (the data flags)."""
 
-    code: str  # --dataset_code: one of DATASET_CODES
-    custom_path: Path | None = None  # folder with interactions.csv and items.csv (custom)
-    data_root: Path = REPO_ROOT / "data"  # raw files of the downloaded datasets and the preprocessed cache
-    ml_100k_path: Path | None = None  # ml-latest-small ratings.csv/movies.csv (default: the shipped release)
-    movielens_path: Path | None = None  # ml-1m / ml-20m files (default: <data_root>/<code>)
-    download: bool = True
-    min_rating: float = 0
-    min_uc: int = 5
-    min_sc: int = 5
+    code: str = flag_field("dataset_code")  # one of DATASET_CODES
+    custom_path: Path | None  # folder with interactions.csv and items.csv (custom)
+    data_root: Path  # raw files of the downloaded datasets and the preprocessed cache
+    ml_100k_path: Path | None  # ml-latest-small ratings.csv/movies.csv (None: the shipped release)
+    movielens_path: Path | None  # ml-1m / ml-20m files (None: <data_root>/<code>)
+    download: bool
+    min_rating: float
+    min_uc: int
+    min_sc: int
 
     @property
     def name(self) -> str:

@@ -21,6 +21,7 @@ import torch
 from model.layers import Dropout
 from utils.errors import InputError, one_line
 from utils.files import REPO_ROOT
+from utils.settings import flag_field
 
 LLM_CACHE_DIR = REPO_ROOT / ".cache" / "llm"  # GGUF models converted to transformers folders
 
@@ -37,10 +38,10 @@ if TYPE_CHECKING:  # transformers/peft are imported where used: importing them c
 class LLMSpec:
     """Which causal LM ranks, and how it is loaded (the --llm_base_* flags)."""
 
-    base_model: str = "meta-llama/Llama-2-7b-hf"  # Hub id, local folder, .gguf file or an EMBEDDED_MODELS name
-    tokenizer: str = "meta-llama/Llama-2-7b-hf"  # default: the base model's
-    load_in_4bit: bool | None = None  # None: on iff CUDA
-    cache_dir: Path = LLM_CACHE_DIR  # GGUF models converted to transformers folders
+    base_model: str = flag_field("llm_base_model")  # Hub id, local folder, .gguf file or an EMBEDDED_MODELS name
+    tokenizer: str  # --llm_base_tokenizer, else the base model's
+    load_in_4bit: bool | None = flag_field("llm_load_in_4bit")  # None: on iff CUDA
+    cache_dir: Path = flag_field("llm_cache_dir")  # GGUF models converted to transformers folders
 
     def quantized_on(self, device: torch.device) -> bool:
         """NF4 4-bit weights: as asked, else on CUDA only (bitsandbytes' CPU 4-bit path is slower than fp32)."""
@@ -51,10 +52,10 @@ class LLMSpec:
 class LoraSettings:
     """The LoRA adapter (the --lora_r/alpha/dropout/target_modules flags)."""
 
-    r: int = 8
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    r: int = flag_field("lora_r")
+    alpha: int = flag_field("lora_alpha")
+    dropout: float = flag_field("lora_dropout")
+    target_modules: tuple[str, ...] = flag_field("lora_target_modules")
 
 
 # Offline models shipped as a pip package: short name -> (python package, GGUF file inside it).

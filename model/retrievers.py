@@ -8,6 +8,7 @@ from model.lru import LRURec
 from model.narm import NARM
 from model.sasrec import SASRec
 from utils.errors import InputError
+from utils.settings import flag_field
 
 RETRIEVER_MODELS = ("lru", "sasrec", "bert4rec", "narm")
 
@@ -16,14 +17,14 @@ RETRIEVER_MODELS = ("lru", "sasrec", "bert4rec", "narm")
 class RetrieverSpec:
     """What defines a retriever's weights (the --bert_* flags size every model, under the original code's names)."""
 
-    model: str = "lru"  # --retriever_model
-    max_len: int = 200  # --bert_max_len
-    hidden_units: int = 64  # --bert_hidden_units
-    num_blocks: int = 2  # --bert_num_blocks (NARM: one GRU layer)
-    dropout: float = 0.2  # --bert_dropout
-    attn_dropout: float = 0.2  # --bert_attn_dropout
-    heads: int = 2  # --attn_heads (sasrec, bert4rec)
-    mask_prob: float = 0.2  # --bert_mask_prob (bert4rec)
+    model: str = flag_field("retriever_model")
+    max_len: int = flag_field("bert_max_len")
+    hidden_units: int = flag_field("bert_hidden_units")
+    num_blocks: int = flag_field("bert_num_blocks")  # NARM: one GRU layer
+    dropout: float = flag_field("bert_dropout")
+    attn_dropout: float = flag_field("bert_attn_dropout")
+    heads: int = flag_field("attn_heads")  # sasrec, bert4rec
+    mask_prob: float = flag_field("bert_mask_prob")  # bert4rec
 
 
 def build_retriever(spec: RetrieverSpec, num_items: int) -> NextItemModel:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from config import RETRIEVER, data_config, parse_flags
+from config import RETRIEVER, data_config, default_config, parse_flags
 from datasets import DataConfig, SplitData, load_split, make_split
 from utils.files import REPO_ROOT
 
@@ -31,7 +31,7 @@ def llama2_tokenizer(llama2_tokenizer_path):
 def ml100k_split(tmp_path_factory) -> SplitData:
     """The real ml-latest-small 2018 split (shipped in data/); cached in a temp data root."""
     root = tmp_path_factory.mktemp("data_root")
-    return load_split(DataConfig("ml-100k", data_root=root))
+    return load_split(default_config(DataConfig, code="ml-100k", data_root=root))
 
 
 def split_of(argv: list[str], script: str = RETRIEVER) -> SplitData:

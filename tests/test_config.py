@@ -1,27 +1,43 @@
 """config.py: each script's own flags (a flag of another script is an error naming its script), booleans, lists,
 dataset defaults that never override the user, value checks, the missing dataset code, the typed configs."""
 
+import argparse
+import dataclasses
+import importlib
 import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from config import (
+    DATASET_DEFAULTS,
     PREPARE,
     RANKER,
     RECOMMEND,
     RETRIEVER,
+    STAGE_CONFIGS,
+    add_flag,
     ask_dataset_code,
     build_parser,
+    default_config,
+    flag_actions,
+    llm_spec,
+    lora_settings,
     parse_flags,
+    ranker_data,
+    ranker_training,
     retriever_spec,
     retriever_training,
     run_cli,
 )
+from trainer.retriever_train import RetrieverTraining
+from trainer.run_folder import flag_record
 from utils.errors import InputError
 from utils.files import REPO_ROOT
+from utils.settings import flag_name
 
 
 def retriever_flags(*argv: str):
@@ -283,3 +299,162 @@ def test_ctrl_c_ends_with_one_line_and_exit_130(capsys):
     assert run_cli(RETRIEVER, interrupted, ["--dataset_code", "ml-100k"]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------- one declaration
+
+
+def test_every_typed_config_field_is_set_by_a_flag_of_its_script_and_repeats_no_default():
+    """A field is either named like its flag or names it (flag_field); none carries a default of its own, so a
+    default lives only in the flag's declaration."""
+    for name, (script, _) in STAGE_CONFIGS.items():
+        dests = {action.dest for action in flag_actions(script)}
+        cls = stage_class(name)
+        derived = {"LLMSpec": {"tokenizer"}, "RankerTraining": {"wandb_project"}}.get(name, set())
+        for field in dataclasses.fields(cls):
+            assert field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING, field
+            assert field.name in derived or flag_name(field) in dests, (name, field.name)
+
+
+def stage_class(name: str) -> type:
+    for module in ("datasets", "model.retrievers", "trainer.retriever_train", "trainer.retriever_export", "model.llm",
+                   "dataloader.prompts", "dataloader.ranker_data", "trainer.ranker_train"):  # fmt: skip
+        cls = getattr(importlib.import_module(module), name, None)
+        if cls is not None:
+            return cls
+    raise LookupError(name)
+
+
+def test_a_typed_config_takes_each_value_from_its_own_flag():
+    """Every field gets a distinct value through its flag: a field wired to the wrong flag (or to a default) fails."""
+    argv = ["--dataset_code", "beauty", "--seed", "7", "--train_batch_size", "3", "--lr", "0.25", "--weight_decay",
+            "0.125", "--adam_epsilon", "1e-5", "--max_grad_norm", "2.5", "--label_smoothing", "0.375",
+            "--enable_lr_schedule", "--warmup_steps", "11", "--num_epochs", "13", "--max_steps", "17",
+            "--bert_max_len", "19", "--sliding_window_size", "0.75", "--train_all_items", "--val_iterations", "23",
+            "--val_batch_size", "29", "--no-early_stopping", "--early_stopping_patience", "31", "--best_metric",
+            "NDCG@5", "--metric_ks", "5", "37"]  # fmt: skip
+    training = retriever_training(parse_flags(RETRIEVER, argv))
+    assert dataclasses.astuple(training) == (
+        7,
+        3,
+        0.25,
+        0.125,
+        1e-5,
+        2.5,
+        0.375,
+        True,
+        11,
+        13,
+        17,
+        19,
+        0.75,
+        True,
+        23,
+        29,
+        False,
+        31,
+        "NDCG@5",
+        (5, 37),
+    )
+    flags = parse_flags(RANKER, ["--dataset_code", "beauty", "--seed", "3", "--llm_negative_sample_size", "4",
+                                 "--llm_max_train_samples", "5", "--llm_max_eval_users", "6",
+                                 "--llm_shuffle_eval_candidates", "--llm_train_candidates", "retrieved",
+                                 "--llm_train_missed", "insert", "--llm_shuffle_train_candidates", "--lora_r", "2",
+                                 "--lora_alpha", "9", "--lora_dropout", "0.5", "--lora_target_modules", "a", "b",
+                                 "--llm_base_model", "m", "--use_wandb", "--wandb_project", "p"])  # fmt: skip
+    assert dataclasses.astuple(ranker_data(flags)) == (3, 4, 5, 6, True, "retrieved", "insert", True)
+    assert dataclasses.astuple(lora_settings(flags)) == (2, 9, 0.5, ("a", "b"))
+    assert (llm_spec(flags).base_model, llm_spec(flags).tokenizer) == ("m", "m")
+    assert ranker_training(flags).wandb_project == "p"
+    assert ranker_training(ranker_flags()).wandb_project is None  # no --use_wandb: no project, though it has a default
+
+
+def test_default_config_is_the_flags_defaults_with_fields_replaced():
+    assert default_config(RetrieverTraining, "ml-100k").val_iterations == 50  # the dataset's, not a dataclass's
+    assert default_config(RetrieverTraining, "ml-1m", lr=0.5).lr == 0.5
+    assert default_config(RetrieverTraining, "ml-1m").batch_size == 128
+
+
+def test_each_dataset_default_is_declared_once_and_stated_in_the_help():
+    """DATASET_DEFAULTS is the only place of a dataset-dependent default: its flags default to None (resolved after
+    parsing) and their help is generated from it, so it can never disagree with the table."""
+    keys = set(DATASET_DEFAULTS["other"])
+    assert all(set(defaults) == keys for defaults in DATASET_DEFAULTS.values())
+    text = build_parser(RETRIEVER).format_help() + build_parser(RANKER).format_help()
+    text = " ".join(text.split())
+    for dest in keys:
+        script = RANKER if dest.startswith("lora_") else RETRIEVER
+        assert {action.dest: action.default for action in flag_actions(script)}[dest] is None, dest
+    assert "(default: 16 ml-100k, 128 ml-1m and ml-20m, else 64)" in text  # --train_batch_size
+    assert "(default: 200 ml-100k, ml-1m and ml-20m, else 50)" in text  # --bert_max_len
+    assert "(default: 0.1 ml-100k, else 0.0)" in text  # --label_smoothing
+    with pytest.raises(ValueError, match="DATASET_DEFAULTS"):
+        add_flag(argparse.ArgumentParser(), "--bert_max_len", type=int, default=7, role="training", help="x")
+
+
+def test_device_and_threads_are_declared_once():
+    source = (REPO_ROOT / "config.py").read_text()
+    assert source.count('"--device"') == 1 and source.count('"--num_threads"') == 1
+    assert build_parser(RECOMMEND).get_default("device") == build_parser(RETRIEVER).get_default("device") == "auto"
+
+
+# ---------------------------------------------------------------------------------------------- --config
+
+
+def write_json(path, obj) -> str:
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+def test_a_runs_own_config_reproduces_its_flags_and_later_flags_override(tmp_path):
+    original = retriever_flags("--lr", "0.003", "--metric_ks", "1", "10", "--no-train_all_items", "--seed", "5",
+                               "--run_name", "r", "--max_steps", "7", "--bert_dropout", "0.1")  # fmt: skip
+    saved = write_json(tmp_path / "config.json", flag_record(vars(original)))
+    again = parse_flags(RETRIEVER, ["--config", saved])
+    assert vars(again) == {**vars(original), "config": Path(saved)}
+    # later flags override, including a boolean the file sets (no "not allowed with" clash) and a list
+    later = parse_flags(RETRIEVER, [f"--config={saved}", "--lr", "0.5", "--train_all_items", "--metric_ks", "5", "10"])
+    assert (later.lr, later.train_all_items, later.metric_ks, later.seed) == (0.5, True, [5, 10], 5)
+    # the command line wins wherever --config stands
+    before = parse_flags(RETRIEVER, ["--lr", "0.5", "--config", saved])
+    assert before.lr == 0.5
+
+
+def test_config_values_are_checked_like_flags(tmp_path, capsys):
+    ok = {"dataset_code": "ml-100k"}
+    with pytest.raises(InputError, match=r"--config .*bad.json: expected flags of train_retriever.py, found unknown "
+                                         r"keys bogus, lora_r; --lora_r is a train_ranker.py flag"):  # fmt: skip
+        parse_flags(RETRIEVER, ["--config", write_json(tmp_path / "bad.json", {**ok, "lora_r": 4, "bogus": 1})])
+    with pytest.raises(InputError, match="--bert_dropout: expected a value in"):
+        parse_flags(RETRIEVER, ["--config", write_json(tmp_path / "c.json", {**ok, "bert_dropout": 1.5})])
+    with pytest.raises(SystemExit):  # argparse's own error for a value of the wrong type or outside the choices
+        parse_flags(RETRIEVER, ["--config", write_json(tmp_path / "c.json", {**ok, "retriever_model": "gru"})])
+    assert "--retriever_model: invalid choice: 'gru'" in capsys.readouterr().err
+    with pytest.raises(InputError, match="lr: expected a value, found null"):
+        parse_flags(RETRIEVER, ["--config", write_json(tmp_path / "c.json", {**ok, "lr": None})])
+    with pytest.raises(InputError, match="c.json: expected a JSON object, found list"):
+        parse_flags(RETRIEVER, ["--config", write_json(tmp_path / "c.json", [1])])
+    with pytest.raises(InputError, match="missing.json: expected a JSON object, found an unreadable file"):
+        parse_flags(RETRIEVER, ["--config", str(tmp_path / "missing.json")])
+    with pytest.raises(InputError, match="--config: expected one file, found 2"):
+        parse_flags(RETRIEVER, ["--config", "a.json", "--config=b.json"])
+    with pytest.raises(InputError, match="--config: expected a JSON file, found nothing"):
+        parse_flags(RETRIEVER, ["--config"])
+
+
+def test_config_never_resumes_overwrites_or_only_evaluates(tmp_path):
+    path = write_json(tmp_path / "c.json", {"dataset_code": "ml-100k", "overwrite": True, "resume": True,
+                                            "eval_only": True, "print_config": True, "dataset_name": "ml-100k"})  # fmt: skip
+    flags = parse_flags(RETRIEVER, ["--config", path])
+    assert not (flags.overwrite or flags.resume or flags.eval_only or flags.print_config)
+    assert parse_flags(RETRIEVER, ["--config", path, "--overwrite"]).overwrite
+
+
+def test_ranker_and_recommend_read_config_files(tmp_path):
+    ranker = ranker_flags("--lora_target_modules", "q_proj", "k_proj", "--llm_train_candidates", "retrieved")
+    record = {**flag_record(vars(ranker)), "processes": 1}
+    again = parse_flags(RANKER, ["--config", write_json(tmp_path / "r.json", record)])
+    assert vars(again) == {**vars(ranker), "config": tmp_path / "r.json"}
+    path = write_json(tmp_path / "rec.json", {"retriever_run": "runs/r", "users": ["1", "2"], "topk": 5})
+    recommend = parse_flags(RECOMMEND, ["--config", path, "--topk", "3"])
+    assert (recommend.retriever_run, recommend.users, recommend.topk) == (Path("runs/r"), ["1", "2"], 3)

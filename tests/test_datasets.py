@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from config import default_config
 from datasets import DataConfig, load_split, make_split
 from datasets.llamarec_pickle import convert as convert_llamarec_pickle
 from datasets.sources import clean_movielens_title, parse_amazon_meta
@@ -68,7 +69,9 @@ def test_llamarec_pickle_converts_to_the_same_split(tiny_split, tmp_path):
     counts = convert_llamarec_pickle(tmp_path / "dataset.pkl", tmp_path / "csv")
     assert counts == {"users": 12, "items": tiny_split.num_items, "interactions": 12 * 9, "placeholder_titles": 0}
     # --min_sc 1 as the tiny split was made with (the paper's files are 5-core already, so 5 keeps them whole)
-    split = load_split(DataConfig("custom", custom_path=tmp_path / "csv", data_root=tmp_path, min_sc=1))
+    split = load_split(
+        default_config(DataConfig, code="custom", custom_path=tmp_path / "csv", data_root=tmp_path, min_sc=1)
+    )
 
     def raw_sequences(s):
         return {
@@ -195,8 +198,8 @@ def test_fingerprint_independent_of_hash_seed(tmp_path):
         folder / "items.csv", index=False
     )
     code = (
-        "from pathlib import Path; from datasets import DataConfig, load_split; "
-        f"print(load_split(DataConfig('custom', custom_path=Path({str(folder)!r}), "
+        "from pathlib import Path; from config import default_config; from datasets import DataConfig, load_split; "
+        f"print(load_split(default_config(DataConfig, code='custom', custom_path=Path({str(folder)!r}), "
         f"data_root=Path({str(tmp_path / 'cache')!r}), min_sc=1)).fingerprint)"
     )
     prints = set()
@@ -294,7 +297,7 @@ def write_amazon_raw(root: Path) -> None:
 
 def test_amazon_raw_formats(tmp_path):
     write_amazon_raw(tmp_path)
-    split = load_split(DataConfig("beauty", data_root=tmp_path, download=False, min_sc=1))
+    split = load_split(default_config(DataConfig, code="beauty", data_root=tmp_path, download=False, min_sc=1))
     assert split.stats()["users"] == 6 and split.num_items == 6  # B006 has no title
     assert split.titles[1] == "Crème n°0 'Deluxe'"
     assert split.item_raw_ids[1:] == [f"B{i:03d}" for i in range(6)]

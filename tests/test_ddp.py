@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train_ranker
+from config import default_config
 from tests.test_ranker import tokenizer, write_tiny_project  # noqa: F401 (tokenizer is a fixture)
 from trainer.ranker_train import RankerTraining, accumulation_steps
 from trainer.runtime import device_for, shard
@@ -101,9 +102,9 @@ def test_shards_cover_every_index_once():
 
 
 def test_global_batch_sets_the_accumulation():
-    training = RankerTraining(global_batch_size=128, micro_batch_size=16, gradient_accumulation_steps=1)
+    training = default_config(RankerTraining, global_batch_size=128, micro_batch_size=16, gradient_accumulation_steps=1)
     assert [accumulation_steps(training, processes) for processes in (1, 2, 8)] == [8, 4, 1]
     with pytest.raises(InputError, match="multiple of --lora_micro_batch_size x processes = 16 x 3 = 48"):
         accumulation_steps(training, 3)
-    training = RankerTraining(micro_batch_size=16, gradient_accumulation_steps=3)
+    training = default_config(RankerTraining, micro_batch_size=16, gradient_accumulation_steps=3)
     assert accumulation_steps(training, 4) == 3  # without it, --lora_gradient_accumulation_steps as given

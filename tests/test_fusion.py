@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dataloader.prompts import PromptBuilder
+from config import default_config
+from dataloader.prompts import PromptBuilder, PromptConfig
 from dataloader.ranker_data import EvalExample, eval_examples
 from tests.test_prompts import llama2_bos, small_split  # noqa: F401 (llama2_bos is a fixture)
 from trainer.metrics import fuse_scores, label_ranks
@@ -70,7 +71,7 @@ def test_shuffled_candidates_keep_their_retriever_scores_and_fused_ranks(llama2_
     """With --llm_shuffle_eval_candidates each candidate keeps its own retriever score, so the fused ranking of the
     items is the unshuffled one, only listed in another order."""
     split = small_split()
-    builder = PromptBuilder(llama2_bos, split.titles)
+    builder = PromptBuilder(llama2_bos, split.titles, default_config(PromptConfig))
     items = np.array([[21, *range(24, 43)], [*range(24, 43), 22], [23, *range(25, 44)]], dtype=np.int32)
     scores = np.sort(np.random.default_rng(1).normal(size=(3, 20)).astype(np.float32))[:, ::-1].copy()
     part = {"users": np.array([0, 1, 2]), "items": items, "labels": np.array([21, 22, 23]), "scores": scores}

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from config import default_config
 from dataloader.prompts import PromptBuilder, PromptConfig
 from dataloader.ranker_data import EvalExample, TrainPrompts, training_prefixes
 from dataloader.retriever_data import eval_data
@@ -56,10 +57,19 @@ def test_a_retriever_trained_by_the_run_code_learns_a_planted_rule(name, num_cyc
     leave the test metrics near popularity's."""
     torch.manual_seed(0)
     split = planted_split(num_cycles)
-    spec = RetrieverSpec(model=name, max_len=LENGTH, hidden_units=32, num_blocks=1, dropout=0.0, attn_dropout=0.0)
+    spec = default_config(
+        RetrieverSpec, model=name, max_len=LENGTH, hidden_units=32, num_blocks=1, dropout=0.0, attn_dropout=0.0
+    )
     model = build_retriever(spec, split.num_items)
-    training = RetrieverTraining(
-        batch_size=16, lr=5e-3, max_steps=300, max_len=LENGTH, val_iterations=100, val_batch_size=64, metric_ks=(1, 10)
+    training = default_config(
+        RetrieverTraining,
+        batch_size=16,
+        lr=5e-3,
+        max_steps=300,
+        max_len=LENGTH,
+        val_iterations=100,
+        val_batch_size=64,
+        metric_ks=(1, 10),
     )
     state = train(model, split, training, tmp_path, torch.device("cpu"))
     assert state["step"] == 300
@@ -77,7 +87,9 @@ def ranker_step(micro_batch: int, accumulation: int, llm_tokenizer, tmp_path) ->
     from trainer.ranker_train import RankerTraining, ranker_trainer
     from trainer.verbalizer import letter_token_ids
 
-    builder = PromptBuilder(llm_tokenizer, [""] + [f"Film {i}" for i in range(1, 41)], PromptConfig(max_history=3))
+    builder = PromptBuilder(
+        llm_tokenizer, [""] + [f"Film {i}" for i in range(1, 41)], default_config(PromptConfig, max_history=3)
+    )
     letters = letter_token_ids(builder, 20)
     letter_ids = torch.tensor(list(letters.values()))
     train = [list(range(1, 12)), list(range(12, 20))]
@@ -85,8 +97,9 @@ def ranker_step(micro_batch: int, accumulation: int, llm_tokenizer, tmp_path) ->
     prompts = TrainPrompts(builder, train, 40, pairs, 19, letter_ids.tolist(), llm_tokenizer.eos_token_id, seed=0)
     val = [EvalExample(0, [1, 2], list(range(21, 41)), 0, 0, builder.encode([1, 2], list(range(21, 41))), [0.0] * 20)]
     torch.manual_seed(0)
-    model = add_lora(tiny_llama(), LoraSettings(dropout=0.0), quantized=False)
-    training = RankerTraining(
+    model = add_lora(tiny_llama(), default_config(LoraSettings, dropout=0.0), quantized=False)
+    training = default_config(
+        RankerTraining,
         micro_batch_size=micro_batch, gradient_accumulation_steps=accumulation, max_steps=1, lr=1e-2, warmup_steps=0,
         val_iterations=1,
     )  # fmt: skip

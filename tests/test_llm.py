@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dataloader.prompts import PromptBuilder
+from config import default_config
+from dataloader.prompts import PromptBuilder, PromptConfig
 from model.layers import Dropout
 from model.llm import LoraSettings, add_lora, load_model, load_tokenizer, resolve_model_path
 from tests.conftest import tiny_llama
@@ -42,7 +43,7 @@ def test_4bit_qlora_path_on_cpu(tiny_llama_dir):
 
     model = load_model(str(tiny_llama_dir), torch.device("cpu"), load_in_4bit=True)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    model = add_lora(model, LoraSettings(4, 16, 0.0), quantized=True)
+    model = add_lora(model, default_config(LoraSettings, r=4, alpha=16, dropout=0.0), quantized=True)
     ids = torch.randint(3, 32000, (2, 16))
     logits = model(input_ids=ids, logits_to_keep=2).logits
     loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), torch.tensor([29909, 2, 29933, 2]))
@@ -55,7 +56,11 @@ def test_4bit_qlora_path_on_cpu(tiny_llama_dir):
 def test_bad_lora_target_is_an_input_error(tiny_llama_dir):
     model = load_model(str(tiny_llama_dir), torch.device("cpu"), load_in_4bit=False)
     with pytest.raises(InputError, match="lora_target_modules"):
-        add_lora(model, LoraSettings(4, 16, 0.0, ("no_such_proj",)), quantized=False)
+        add_lora(
+            model,
+            default_config(LoraSettings, r=4, alpha=16, dropout=0.0, target_modules=("no_such_proj",)),
+            quantized=False,
+        )
 
 
 def test_missing_gguf_file_is_an_input_error(tmp_path):
@@ -74,7 +79,7 @@ def test_smollm2_embedded_model_converts_without_touching_the_rng_and_has_single
     assert len(list(tmp_path.glob("*/done.json"))) == 1
     model = load_model("smollm2-135m", torch.device("cpu"), False, tmp_path)
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.rope_parameters["rope_theta"] == 100000
-    builder = PromptBuilder(tokenizer, ["", "Toy Story (1995)", "Heat (1995)"])
+    builder = PromptBuilder(tokenizer, ["", "Toy Story (1995)", "Heat (1995)"], default_config(PromptConfig))
     letters = letter_token_ids(builder, 20)
     assert len(set(letters.values())) == 20
     ids = torch.tensor([builder.encode([1], [2, 1])])
@@ -129,7 +134,7 @@ def test_fp32_head_passes_gradients_to_a_trained_head_and_its_input(tiny_llama_d
 def test_lora_dropout_on_cpu_drops_at_its_rate_in_training_only(tiny_llama_dir):
     model = add_lora(
         load_model(str(tiny_llama_dir), torch.device("cpu"), load_in_4bit=False),
-        LoraSettings(dropout=0.25),
+        default_config(LoraSettings, dropout=0.25),
         quantized=False,
     )
     dropouts = [m.lora_dropout["default"] for m in model.modules() if hasattr(m, "lora_dropout")]
@@ -176,7 +181,12 @@ def test_lora_with_gradient_checkpointing_gets_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = add_lora(tiny_llama(), LoraSettings(4, 16, 0.0), quantized=False, gradient_checkpointing=checkpointing)
+        model = add_lora(
+            tiny_llama(),
+            default_config(LoraSettings, r=4, alpha=16, dropout=0.0),
+            quantized=False,
+            gradient_checkpointing=checkpointing,
+        )
         model.train()
         for name, p in model.named_parameters():  # LoRA B starts at 0: give it values so A gets a gradient too
             if "lora_B" in name:

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from config import default_config
 from dataloader.candidates import load_candidates
 from model.retrievers import RetrieverSpec, build_retriever
 from tests.conftest import run_dir_of, split_of
@@ -17,7 +18,16 @@ MODELS = ["lru", "sasrec", "bert4rec", "narm"]
 
 def small(name: str, max_len: int = 8):
     torch.manual_seed(0)
-    spec = RetrieverSpec(name, max_len, hidden_units=16, num_blocks=2, dropout=0.0, attn_dropout=0.0, mask_prob=0.3)
+    spec = default_config(
+        RetrieverSpec,
+        model=name,
+        max_len=max_len,
+        hidden_units=16,
+        num_blocks=2,
+        dropout=0.0,
+        attn_dropout=0.0,
+        mask_prob=0.3,
+    )
     return build_retriever(spec, 40).eval()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from config import RANKER, RETRIEVER, parse_flags
+from config import RANKER, RETRIEVER, default_config, parse_flags
 from datasets import DataConfig, load_split
 from datasets.llamarec_pickle import convert, main
 from datasets.sources import MOVIELENS, read_movielens
@@ -108,7 +108,7 @@ def test_download_fills_the_folder_and_the_split_reads_it(server, tmp_path, code
     for name in expected:
         assert (folder / name).read_bytes() == release_files(code)[name]
     # the default folder of --dataset_code ml-1m / ml-20m is <data_root>/<code>; offline now, it reads those files
-    split = load_split(DataConfig(code, data_root=tmp_path / "data", download=False))
+    split = load_split(default_config(DataConfig, code=code, data_root=tmp_path / "data", download=False))
     assert split.stats()["users"] == USERS and split.num_items == ITEMS  # item 31 and user 41 left by the 5-core
     assert split.item_raw_ids[1:] == [str(i) for i in range(1, ITEMS + 1)]
     assert split.titles[1:3] == CLEAN_TITLES  # latin-1 (ml-1m) / UTF-8 (ml-20m) decoded, then cleaned
@@ -215,7 +215,9 @@ def test_lrurec_pickle_with_a_titles_file_keeps_the_authors_split(tmp_path, titl
     data = lrurec_pickle(tmp_path / "dataset.pkl")
     titles = write_titles(tmp_path / titles_name, [10 * (i + 1) for i in range(13)])
     assert main([str(tmp_path / "dataset.pkl"), str(tmp_path / "csv"), "--titles", str(titles)]) == 0
-    split = load_split(DataConfig("custom", custom_path=tmp_path / "csv", data_root=tmp_path))  # default 5-core
+    split = load_split(
+        default_config(DataConfig, code="custom", custom_path=tmp_path / "csv", data_root=tmp_path)
+    )  # default 5-core
 
     raw_user = {uid: str(raw) for raw, uid in data["umap"].items()}
     raw_item = {sid: str(raw) for raw, sid in data["smap"].items()}
@@ -248,7 +250,7 @@ def test_lrurec_pickle_without_titles_is_refused_unless_placeholders_are_asked_f
     assert counts == {"users": 8, "items": 12, "interactions": 72, "placeholder_titles": 1}
     assert "120,item 120\n" in (tmp_path / "csv" / "items.csv").read_text()
     assert "1 of 12 items have no title" in capsys.readouterr().err
-    split = load_split(DataConfig("custom", custom_path=tmp_path / "csv", data_root=tmp_path))
+    split = load_split(default_config(DataConfig, code="custom", custom_path=tmp_path / "csv", data_root=tmp_path))
     assert split.num_items == 12  # the placeholder keeps item 120, so the split stays whole
 
 

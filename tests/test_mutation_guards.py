@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from config import default_config
 from dataloader.candidates import Candidates, load_candidates, save_candidates
 from dataloader.prompts import PromptBuilder, PromptConfig, candidate_letters
 from dataloader.ranker_data import (
@@ -170,9 +171,11 @@ def guard_candidates(num_users: int) -> tuple[SplitData, Candidates]:
 def test_max_eval_users_keeps_exactly_that_many_validation_users(llama2_tokenizer):
     """Catches an off-by-one in the --llm_max_eval_users cap (one user too few, or no cap at len - 1)."""
     split, candidates = guard_candidates(5)
-    builder = PromptBuilder(llama2_tokenizer, split.titles)
+    builder = PromptBuilder(llama2_tokenizer, split.titles, default_config(PromptConfig))
     for cap, expected in ((None, 5), (5, 5), (4, 4), (2, 2)):
-        val_set, test_set = build_eval_sets(builder, split, candidates, RankerData(num_negatives=2, max_eval_users=cap))
+        val_set, test_set = build_eval_sets(
+            builder, split, candidates, default_config(RankerData, num_negatives=2, max_eval_users=cap)
+        )
         users = [e.user for e in val_set]
         assert len(users) == expected and users == sorted(set(users)), cap
         assert len(test_set) == 5  # the test set is never capped
@@ -181,7 +184,7 @@ def test_max_eval_users_keeps_exactly_that_many_validation_users(llama2_tokenize
 def test_test_candidates_are_shuffled_independently_of_validation(llama2_tokenizer):
     """Catches the test shuffle reusing the validation stream (the same letter order for a user in both)."""
     split, candidates = guard_candidates(6)
-    builder = PromptBuilder(llama2_tokenizer, split.titles)
+    builder = PromptBuilder(llama2_tokenizer, split.titles, default_config(PromptConfig))
     part = candidates.val
     val = eval_examples(builder, split, part, "val", 3, shuffle=True, seed=0)
     test = eval_examples(builder, split, part, "test", 3, shuffle=True, seed=0)
@@ -220,7 +223,9 @@ def test_twenty_six_candidates_get_a_to_z():
 
 def test_max_history_zero_shows_no_history(llama2_tokenizer):
     """Catches list[-0:] showing the whole history when --llm_max_history is 0."""
-    builder = PromptBuilder(llama2_tokenizer, ["", "Alpha", "Beta", "Gamma"], PromptConfig(max_history=0))
+    builder = PromptBuilder(
+        llama2_tokenizer, ["", "Alpha", "Beta", "Gamma"], default_config(PromptConfig, max_history=0)
+    )
     text = builder.text([1, 2], [3])
     assert "User history: ; \n Candidate pool: (A) Gamma" in text
     assert "Alpha" not in text and "Beta" not in text
@@ -230,20 +235,23 @@ def test_title_one_token_too_long_is_cut(llama2_tokenizer):
     """Catches an off-by-one that keeps a title of max_title_len + 1 tokens whole."""
     title = "The Extraordinarily Movie (1999)"
     length = len(llama2_tokenizer(title, add_special_tokens=False).input_ids)
-    builder = PromptBuilder(llama2_tokenizer, ["", title], PromptConfig(max_title_len=length - 1))
+    builder = PromptBuilder(llama2_tokenizer, ["", title], default_config(PromptConfig, max_title_len=length - 1))
     cut = builder.title(1)
     assert cut != title and title.startswith(cut)
     assert len(llama2_tokenizer(cut, add_special_tokens=False).input_ids) <= length - 1
-    assert PromptBuilder(llama2_tokenizer, ["", title], PromptConfig(max_title_len=length)).title(1) == title
+    assert (
+        PromptBuilder(llama2_tokenizer, ["", title], default_config(PromptConfig, max_title_len=length)).title(1)
+        == title
+    )
 
 
 def test_left_cut_adds_no_bos_when_the_tokenizer_adds_none(llama2_tokenizer):
     """Catches prepending BOS to a cut prompt whose tokenizer never put one there."""
     titles = [""] + [f"Movie {i}" for i in range(1, 31)]
-    full_builder = PromptBuilder(llama2_tokenizer, titles)
+    full_builder = PromptBuilder(llama2_tokenizer, titles, default_config(PromptConfig))
     full = full_builder.encode(list(range(1, 11)), list(range(11, 21)))
     assert full[0] != llama2_tokenizer.bos_token_id and len(full) > 40
-    ids = PromptBuilder(llama2_tokenizer, titles, PromptConfig(max_text_len=40)).encode(
+    ids = PromptBuilder(llama2_tokenizer, titles, default_config(PromptConfig, max_text_len=40)).encode(
         list(range(1, 11)), list(range(11, 21))
     )
     assert ids == full[-40:]
@@ -303,7 +311,7 @@ def test_fold_models_train_and_validate_on_the_other_folds_users_only(tmp_path, 
         history = [json.loads(line) for line in (fold_run / "val_history.jsonl").read_text().splitlines()]
         assert [row["step"] for row in history] == [2, 4, 6, 8]
         # the last validation is the last model's on the other users' validation items
-        spec = RetrieverSpec(model="lru", max_len=5, hidden_units=8, num_blocks=2)
+        spec = default_config(RetrieverSpec, model="lru", max_len=5, hidden_units=8, num_blocks=2)
         model = build_retriever(spec, split.num_items)
         model.load_state_dict(load_checkpoint(fold_run / "checkpoint_last.pt", CPU)["model"])
         data = EvalData([split.train[u] for u in others], [split.val[u] for u in others], 5)

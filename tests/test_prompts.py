@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from config import default_config
 from dataloader.prompts import PromptBuilder, PromptConfig, candidate_letters
 from dataloader.ranker_data import (
     TrainCollator,
@@ -53,7 +54,7 @@ GOLDEN = (
 
 def test_golden_prompt_text(llama2_bos):
     titles = ["", "Toy Story (1995)", "Jumanji (1995)", "Heat (1995)", "Casino (1995)"]
-    builder = PromptBuilder(llama2_bos, titles)
+    builder = PromptBuilder(llama2_bos, titles, default_config(PromptConfig))
     assert builder.text([1, 3], [4, 2, 3]) == GOLDEN
     ids = builder.encode([1, 3], [4, 2, 3])
     assert ids == llama2_bos(GOLDEN).input_ids  # exactly the whole-text tokenisation
@@ -62,7 +63,7 @@ def test_golden_prompt_text(llama2_bos):
 
 def test_history_keeps_the_last_items(llama2_bos):
     split = small_split()
-    builder = PromptBuilder(llama2_bos, split.titles, PromptConfig(max_history=3))
+    builder = PromptBuilder(llama2_bos, split.titles, default_config(PromptConfig, max_history=3))
     text = builder.text([1, 2, 3, 4, 5], [6])
     assert "(1) Movie 3 (1903) \n (2) Movie 4 (1904) \n (3) Movie 5 (1905);" in text
     assert "Movie 1 " not in text and "Movie 2 " not in text
@@ -70,7 +71,7 @@ def test_history_keeps_the_last_items(llama2_bos):
 
 def test_title_truncation(llama2_bos):
     long_title = "The " + " ".join(["Extraordinarily"] * 40) + " Movie (1999)"
-    builder = PromptBuilder(llama2_bos, ["", long_title, "Short (2000)"], PromptConfig(max_title_len=8))
+    builder = PromptBuilder(llama2_bos, ["", long_title, "Short (2000)"], default_config(PromptConfig, max_title_len=8))
     cut = builder.title(1)
     assert long_title.startswith(cut) and len(cut) < len(long_title)
     assert len(llama2_bos(cut, add_special_tokens=False).input_ids) <= 8
@@ -79,8 +80,10 @@ def test_title_truncation(llama2_bos):
 
 def test_prompt_cut_from_the_left_keeps_bos_and_the_end(llama2_bos):
     split = small_split()
-    builder = PromptBuilder(llama2_bos, split.titles, PromptConfig(max_text_len=60))
-    full = PromptBuilder(llama2_bos, split.titles).encode(list(range(1, 21)), list(range(21, 41)))
+    builder = PromptBuilder(llama2_bos, split.titles, default_config(PromptConfig, max_text_len=60))
+    full = PromptBuilder(llama2_bos, split.titles, default_config(PromptConfig)).encode(
+        list(range(1, 21)), list(range(21, 41))
+    )
     ids = builder.encode(list(range(1, 21)), list(range(21, 41)))
     assert len(full) > 60 and len(ids) == 60
     assert ids[0] == llama2_bos.bos_token_id
@@ -89,7 +92,7 @@ def test_prompt_cut_from_the_left_keeps_bos_and_the_end(llama2_bos):
 
 
 def test_letter_token_ids_are_the_in_context_tokens(llama2_bos):
-    builder = PromptBuilder(llama2_bos, small_split().titles)
+    builder = PromptBuilder(llama2_bos, small_split().titles, default_config(PromptConfig))
     letters = letter_token_ids(builder, 20)
     assert list(letters) == candidate_letters(20)
     assert letters["A"] == 29909 and letters["B"] == 29933
@@ -101,7 +104,7 @@ def test_letter_token_ids_are_the_in_context_tokens(llama2_bos):
 @pytest.mark.parametrize("template", ["only {}", "{} {} {}", "{0} and {1}", "{x} {}", "{} {} {"])
 def test_input_template_needs_exactly_two_empty_fields(llama2_bos, template):
     with pytest.raises(InputError, match="--llm_input_template: expected exactly two"):
-        PromptBuilder(llama2_bos, ["", "t"], PromptConfig(input_template=template))
+        PromptBuilder(llama2_bos, ["", "t"], default_config(PromptConfig, input_template=template))
 
 
 def test_too_many_candidates_is_an_input_error():
@@ -130,7 +133,7 @@ def test_training_prefixes_every_prefix_and_seeded_cap():
 
 def test_training_example_and_target(llama2_bos):
     split = small_split()
-    builder = PromptBuilder(llama2_bos, split.titles)
+    builder = PromptBuilder(llama2_bos, split.titles, default_config(PromptConfig))
     letters = letter_token_ids(builder, 20)
     eos = llama2_bos.eos_token_id
     pairs = training_prefixes(split.train, None, 0)
@@ -148,7 +151,7 @@ def test_training_example_and_target(llama2_bos):
 
 def test_eval_examples_subset_history_and_order(llama2_bos):
     split = small_split()
-    builder = PromptBuilder(llama2_bos, split.titles)
+    builder = PromptBuilder(llama2_bos, split.titles, default_config(PromptConfig))
     items = np.array([[21, *range(24, 43)], [*range(24, 43), 22], [*range(24, 44)]], dtype=np.int32)
     scores = -np.arange(20, dtype=np.float32)[None].repeat(3, 0)
     part = {"users": np.array([0, 1, 2]), "items": items, "labels": np.array([21, 22, 23]), "scores": scores}

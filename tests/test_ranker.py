@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_ranker
-from config import RANKER
+from config import RANKER, default_config
 from dataloader.candidates import load_candidates, save_candidates
 from dataloader.prompts import PromptBuilder, PromptConfig
 from dataloader.ranker_data import EvalExample, TrainCollator, TrainPrompts, training_prefixes
@@ -46,7 +46,7 @@ def test_verbalizer_reads_the_letter_logits():
 
 def test_rank_examples_left_padding_matches_single_prompts(tokenizer):
     model = tiny_llama()
-    builder = PromptBuilder(tokenizer, [""] + [f"Film {i}" for i in range(1, 31)])
+    builder = PromptBuilder(tokenizer, [""] + [f"Film {i}" for i in range(1, 31)], default_config(PromptConfig))
     letters = letter_token_ids(builder, 20)
     letter_ids = torch.tensor(list(letters.values()))
     histories = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12]]
@@ -80,7 +80,9 @@ def ranker_trainer(model, tmp_path, dataset=None) -> RankerTrainer:
 
 
 def answer_batch(tokenizer, count: int = 4):
-    builder = PromptBuilder(tokenizer, [""] + [f"Film {i}" for i in range(1, 41)], PromptConfig(max_history=3))
+    builder = PromptBuilder(
+        tokenizer, [""] + [f"Film {i}" for i in range(1, 41)], default_config(PromptConfig, max_history=3)
+    )
     letters = letter_token_ids(builder, 20)
     train = [list(range(1, 12)), list(range(12, 20))]
     pairs = training_prefixes(train, None, 0)[:count]
@@ -110,7 +112,7 @@ def test_trainer_loss_is_cross_entropy_of_letter_then_eos(tokenizer, tmp_path):
 def test_training_steps_lower_the_loss(tokenizer, tmp_path):
     from model.llm import LoraSettings, add_lora
 
-    model = add_lora(tiny_llama(), LoraSettings(dropout=0.0), quantized=False)
+    model = add_lora(tiny_llama(), default_config(LoraSettings, dropout=0.0), quantized=False)
     _, _, batch = answer_batch(tokenizer)
     trainer = ranker_trainer(model, tmp_path)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -10,7 +10,7 @@ import torch
 import recommend
 import train_ranker
 import train_retriever
-from config import RETRIEVER, retriever_spec, saved_flags
+from config import RETRIEVER, default_config, retriever_spec, saved_flags
 from dataloader.retriever_data import EvalData
 from model.retrievers import build_retriever
 from tests.conftest import split_of
@@ -101,7 +101,7 @@ def test_ranker_recommendations_follow_the_verbalizer(runs, capsys):
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     weight = json.loads((ranker_run / "test_metrics.json").read_text())["fusion"]["weight"]
     tok = load_tokenizer(str(root / "llm"))
-    builder = PromptBuilder(tok, split.titles, PromptConfig(max_history=5))
+    builder = PromptBuilder(tok, split.titles, default_config(PromptConfig, max_history=5))
     letters = letter_token_ids(builder, 20)
     letter_ids = torch.tensor([letters[c] for c in candidate_letters(20)])
     # the weights as the ranker run loads them (dtype, fp32 LM head), then its adapter

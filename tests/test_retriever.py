@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from config import default_config
 from dataloader.candidates import load_candidates
 from dataloader.retriever_data import EvalData, sample_prefixes, training_windows
 from model.lru import LRURec
@@ -302,7 +303,9 @@ def test_training_prefix_candidates_equal_the_masked_top_k_of_each_prefix(name):
     """Every prefix (short ones from one shared window, long ones from their own; a bidirectional model: each its
     own) gets exactly what evaluate() gives for that prefix as a history: its top-k with the prefix masked."""
     torch.manual_seed(0)
-    spec = RetrieverSpec(model=name, max_len=6, hidden_units=8, num_blocks=2, dropout=0.0, attn_dropout=0.0)
+    spec = default_config(
+        RetrieverSpec, model=name, max_len=6, hidden_units=8, num_blocks=2, dropout=0.0, attn_dropout=0.0
+    )
     model = build_retriever(spec, 30).eval()
     rng = np.random.default_rng(0)
     train = [rng.choice(np.arange(1, 31), size=n, replace=False).tolist() for n in (2, 5, 9, 13, 1)]
@@ -353,7 +356,9 @@ def test_sampled_prefixes_in_small_chunks_equal_the_rows_of_every_prefix():
     """A sample of training prefixes, scored in chunks of a few users, gets exactly the rows the every-prefix export
     gives them (the short ones still share their user's first window, the long ones get their own)."""
     torch.manual_seed(0)
-    spec = RetrieverSpec(model="lru", max_len=6, hidden_units=8, num_blocks=2, dropout=0.0, attn_dropout=0.0)
+    spec = default_config(
+        RetrieverSpec, model="lru", max_len=6, hidden_units=8, num_blocks=2, dropout=0.0, attn_dropout=0.0
+    )
     model = build_retriever(spec, 40).eval()
     rng = np.random.default_rng(1)
     train = [rng.choice(np.arange(1, 41), size=n, replace=False).tolist() for n in (2, 5, 9, 13, 1, 20, 3)]

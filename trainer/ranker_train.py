@@ -21,6 +21,7 @@ from trainer.ranker_eval import rank_examples, subset_metrics
 from trainer.runtime import is_main_process, process_rank
 from utils.errors import InputError
 from utils.files import append_jsonl, atomic_write_json, truncate_history
+from utils.settings import flag_field
 
 SELECTION_METRIC = "NDCG@10"
 SUMMARY = "training_summary.json"  # in the run folder, written when training ends
@@ -31,19 +32,19 @@ CLOCK = "training_clock.json"  # in each HF checkpoint: the time spent up to it
 class RankerTraining:
     """How the LoRA adapter is trained and selected (the --lora_* training flags)."""
 
-    seed: int = 42
-    micro_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    global_batch_size: int | None = None  # overrides the accumulation: global / (micro-batch x processes)
-    num_epochs: float = 1
-    max_steps: int = -1  # -1: the epochs decide
-    lr: float = 1e-4
-    warmup_steps: int = 100
-    val_iterations: int = 100
-    early_stopping_patience: int = 20
-    num_workers: int = 0
-    metric_ks: tuple[int, ...] = (1, 5, 10, 20, 50)
-    wandb_project: str | None = None  # None: no wandb
+    seed: int
+    micro_batch_size: int = flag_field("lora_micro_batch_size")
+    gradient_accumulation_steps: int = flag_field("lora_gradient_accumulation_steps")
+    global_batch_size: int | None = flag_field("lora_global_batch_size")  # replaces the accumulation (see below)
+    num_epochs: float = flag_field("lora_num_epochs")
+    max_steps: int = flag_field("lora_max_steps")  # -1: the epochs decide
+    lr: float = flag_field("lora_lr")
+    warmup_steps: int = flag_field("lora_warmup_steps")
+    val_iterations: int = flag_field("lora_val_iterations")
+    early_stopping_patience: int = flag_field("lora_early_stopping_patience")
+    num_workers: int
+    metric_ks: tuple[int, ...]
+    wandb_project: str | None  # --wandb_project with --use_wandb, else None (no wandb)
 
 
 def accumulation_steps(training: RankerTraining, processes: int) -> int:

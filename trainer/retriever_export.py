@@ -19,6 +19,7 @@ from trainer.metrics import PAPER_BATCH_SIZE, batch_averaged_metrics, metrics_fr
 from trainer.retriever_eval import evaluate, train_prefix_candidates
 from trainer.retriever_train import BEST, LAST, RetrieverTraining, train
 from utils.files import atomic_write_json, load_checkpoint
+from utils.settings import flag_field
 
 # Training-prefix windows per forward pass: on a CPU, smaller batches ran faster per position (docs/performance.md).
 PREFIX_BATCH = 64
@@ -28,13 +29,13 @@ PREFIX_BATCH = 64
 class CandidateExport:
     """What a finished retriever run writes (the --retrieved_* flags, the test batch size and cut-offs)."""
 
-    topk: int = 50  # --retrieved_topk: candidates kept per validation/test user
-    train_topk: int = 20  # --retrieved_train_topk: per training prefix
-    train_folds: int = 0  # --retrieved_train_folds: 0 in-sample, K >= 2 user-disjoint folds
-    train_max_prefixes: int = 100_000  # --retrieved_train_max_prefixes: a seeded sample above this many (0: all)
-    seed: int = 42  # --seed: the sample's
-    batch_size: int = 16  # --test_batch_size
-    metric_ks: tuple[int, ...] = (1, 5, 10, 20, 50)
+    topk: int = flag_field("retrieved_topk")  # candidates kept per validation/test user
+    train_topk: int = flag_field("retrieved_train_topk")  # per training prefix
+    train_folds: int = flag_field("retrieved_train_folds")  # 0 in-sample, K >= 2 user-disjoint folds
+    train_max_prefixes: int = flag_field("retrieved_train_max_prefixes")  # a seeded sample above this many (0: all)
+    seed: int  # the sample's
+    batch_size: int = flag_field("test_batch_size")
+    metric_ks: tuple[int, ...]
 
 
 def load_best(model: NextItemModel, run_dir: Path, device: torch.device) -> NextItemModel:

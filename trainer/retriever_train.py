@@ -17,6 +17,7 @@ from trainer.retriever_eval import evaluate
 from trainer.runtime import rng_state, set_rng_state
 from utils.errors import InputError, one_line
 from utils.files import append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint, truncate_history
+from utils.settings import flag_field
 
 # in the run folder
 BEST, LAST, HISTORY, SUMMARY = "checkpoint_best.pt", "checkpoint_last.pt", "val_history.jsonl", "training_summary.json"
@@ -26,26 +27,26 @@ BEST, LAST, HISTORY, SUMMARY = "checkpoint_best.pt", "checkpoint_last.pt", "val_
 class RetrieverTraining:
     """How a retriever is trained and selected (the retriever's training flags)."""
 
-    seed: int = 42
-    batch_size: int = 16  # --train_batch_size
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    adam_epsilon: float = 1e-9
-    max_grad_norm: float = 5.0
-    label_smoothing: float = 0.0
-    enable_lr_schedule: bool = False
-    warmup_steps: int = 100
-    num_epochs: int = 500
-    max_steps: int | None = None
-    max_len: int = 200  # --bert_max_len: the windows' length
-    sliding_window_size: float = 1.0
-    train_all_items: bool = False
-    val_iterations: int = 500
-    val_batch_size: int = 16
-    early_stopping: bool = True
-    early_stopping_patience: int = 20
-    best_metric: str = "Recall@10"
-    metric_ks: tuple[int, ...] = (1, 5, 10, 20, 50)
+    seed: int
+    batch_size: int = flag_field("train_batch_size")
+    lr: float
+    weight_decay: float
+    adam_epsilon: float
+    max_grad_norm: float
+    label_smoothing: float
+    enable_lr_schedule: bool
+    warmup_steps: int
+    num_epochs: int
+    max_steps: int | None
+    max_len: int = flag_field("bert_max_len")  # the windows' length
+    sliding_window_size: float
+    train_all_items: bool
+    val_iterations: int
+    val_batch_size: int
+    early_stopping: bool
+    early_stopping_patience: int
+    best_metric: str
+    metric_ks: tuple[int, ...]
 
 
 def build_optimizer(model: NextItemModel, lr: float, weight_decay: float, eps: float) -> torch.optim.AdamW:
