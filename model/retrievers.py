@@ -1,16 +1,21 @@
-"""The retriever of a run: LRURec (the paper's) or a baseline of the paper's Table 1, built from its sizes."""
+"""The retriever of a run: LRURec (the paper's) or a baseline of the paper's Table 1, built from its sizes.
+
+RETRIEVERS is the registry: a new retriever is a file in model/ with a NextItemModel subclass (its `from_spec`
+builds it from a RetrieverSpec) plus one line here; --retriever_model's choices come from it.
+"""
 
 from dataclasses import dataclass
 
 from model.bert4rec import BERT4Rec
-from model.layers import NextItemModel
+from model.interface import NextItemModel
 from model.lru import LRURec
 from model.narm import NARM
 from model.sasrec import SASRec
 from utils.errors import InputError
 from utils.settings import flag_field
 
-RETRIEVER_MODELS = ("lru", "sasrec", "bert4rec", "narm")
+RETRIEVERS: dict[str, type[NextItemModel]] = {"lru": LRURec, "sasrec": SASRec, "bert4rec": BERT4Rec, "narm": NARM}
+RETRIEVER_MODELS = tuple(RETRIEVERS)
 
 
 @dataclass(frozen=True)
@@ -29,18 +34,6 @@ class RetrieverSpec:
 
 def build_retriever(spec: RetrieverSpec, num_items: int) -> NextItemModel:
     """A freshly initialised retriever over item ids 1..num_items (0 = padding)."""
-    sizes = {"hidden_units": spec.hidden_units, "dropout": spec.dropout}
-    if spec.model == "lru":
-        return LRURec(num_items, num_blocks=spec.num_blocks, attn_dropout=spec.attn_dropout, **sizes)
-    if spec.model == "narm":
-        return NARM(num_items, **sizes)
-    if spec.hidden_units % spec.heads:
-        raise InputError(
-            f"--attn_heads: expected a divisor of --bert_hidden_units {spec.hidden_units}, found {spec.heads}"
-        )
-    attention = {"max_len": spec.max_len, "num_blocks": spec.num_blocks, "heads": spec.heads}
-    if spec.model == "sasrec":
-        return SASRec(num_items, **attention, attn_dropout=spec.attn_dropout, **sizes)
-    if spec.model == "bert4rec":
-        return BERT4Rec(num_items, **attention, attn_dropout=spec.attn_dropout, mask_prob=spec.mask_prob, **sizes)
-    raise InputError(f"--retriever_model: expected one of {', '.join(RETRIEVER_MODELS)}, found {spec.model!r}")
+    if spec.model not in RETRIEVERS:
+        raise InputError(f"--retriever_model: expected one of {', '.join(RETRIEVERS)}, found {spec.model!r}")
+    return RETRIEVERS[spec.model].from_spec(spec, num_items)

@@ -8,43 +8,17 @@ states of real positions do not depend on the left padding (as LRURec's); positi
 """
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers import Dropout, NextItemModel, truncated_normal_init_
+from model.interface import NextItemModel
+from model.layers import Dropout, SelfAttention, attention_mask, check_heads, position_ids, truncated_normal_init_
 
-
-def position_ids(tokens: torch.Tensor) -> torch.Tensor:
-    """0 at each row's first real item, counting up; padding gets 0 (its state is never read)."""
-    return ((tokens > 0).long().cumsum(1) - 1).clamp(min=0)
-
-
-def attention_mask(tokens: torch.Tensor, causal: bool) -> torch.Tensor:
-    """[B, 1, L, L] boolean, True = may attend: real keys (causal: at or before the query), plus the diagonal."""
-    length = tokens.shape[1]
-    allowed = (tokens > 0)[:, None, None, :].expand(-1, 1, length, -1)
-    if causal:
-        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
-    return allowed | torch.eye(length, dtype=torch.bool, device=tokens.device)
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, d_model: int, heads: int, dropout: float):
-        super().__init__()
-        if d_model % heads:
-            raise ValueError(f"hidden size {d_model} is not divisible by {heads} heads")
-        self.heads = heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
-        self.dropout = dropout
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        batch, length, d = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(batch, length, d))
+if TYPE_CHECKING:  # type hints only: model/retrievers.py imports every retriever
+    from model.retrievers import RetrieverSpec
 
 
 class SASRecBlock(nn.Module):
@@ -84,6 +58,19 @@ class SASRec(NextItemModel):
         self.layer_norm = nn.LayerNorm(hidden_units)
         self.bias = nn.Parameter(torch.zeros(num_items + 1))
         truncated_normal_init_(self)
+
+    @classmethod
+    def from_spec(cls, spec: "RetrieverSpec", num_items: int) -> "SASRec":
+        check_heads(spec.hidden_units, spec.heads)
+        return cls(
+            num_items,
+            max_len=spec.max_len,
+            hidden_units=spec.hidden_units,
+            num_blocks=spec.num_blocks,
+            heads=spec.heads,
+            dropout=spec.dropout,
+            attn_dropout=spec.attn_dropout,
+        )
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.token(tokens) * math.sqrt(self.token.embedding_dim) + self.position(position_ids(tokens))

@@ -7,6 +7,8 @@ import ast
 import pytest
 
 from config import RANKER, RETRIEVER, add_flag, build_parser, experiment_keys, resume_keys
+from model.interface import NextItemModel
+from model.retrievers import RETRIEVER_MODELS, RETRIEVERS
 from utils.files import REPO_ROOT
 
 # A module may import modules of its own package and of lower layers only.
@@ -15,7 +17,8 @@ SCRIPTS = ("config", "train_retriever", "train_ranker", "recommend", "report", "
 
 
 def project_modules() -> dict[str, set[str]]:
-    """module name -> the project modules it imports (anywhere in the file, lazy imports included)."""
+    """module name -> the project modules it imports (anywhere in the file, lazy imports included; not those under
+    `if TYPE_CHECKING:`, which are type hints only and never run)."""
     files = {path.stem: path for path in REPO_ROOT.glob("*.py")}
     for package in (*LAYERS, "bench"):
         for path in (REPO_ROOT / package).glob("*.py"):
@@ -23,7 +26,17 @@ def project_modules() -> dict[str, set[str]]:
     graph = {}
     for name, path in files.items():
         imported = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        type_only = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+            for statement in node.body
+            for inner in ast.walk(statement)
+        }
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
             if isinstance(node, ast.ImportFrom) and node.module:
                 imported.add(node.module)
             elif isinstance(node, ast.Import):
@@ -60,6 +73,29 @@ def test_imports_point_down_the_layers():
             if target != package and (target not in LAYERS or LAYERS[target] >= LAYERS[package]):
                 upward.append(f"{module} -> {dependency}")
     assert upward == []
+
+
+def test_each_retriever_imports_only_the_interface_and_shared_layers():
+    graph = project_modules()
+    retrievers = {model.__module__ for model in RETRIEVERS.values()}
+    assert retrievers == {"model.lru", "model.sasrec", "model.bert4rec", "model.narm"}
+    for module in retrievers:  # never another retriever, nor the registry (a circle) or the LLM
+        assert {m for m in graph[module] if m.startswith("model.")} <= {"model.interface", "model.layers"}, module
+    assert not {m for m in graph["model.interface"] | graph["model.layers"] if m.startswith("model.")} - {"model.loss"}
+
+
+def test_the_registry_holds_every_retriever():
+    """Every NextItemModel subclass defined in model/ is registered (else no flag reaches it), and builds itself."""
+    defined = set()
+    for path in (REPO_ROOT / "model").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef) and any(getattr(b, "id", "") == "NextItemModel" for b in node.bases):
+                defined.add((f"model.{path.stem}", node.name))
+    assert defined == {(model.__module__, model.__name__) for model in RETRIEVERS.values()}
+    assert RETRIEVER_MODELS == tuple(RETRIEVERS) == ("lru", "sasrec", "bert4rec", "narm")
+    assert all(model.from_spec.__func__ is not NextItemModel.from_spec.__func__ for model in RETRIEVERS.values())
+    flag = next(a for a in build_parser(RETRIEVER)._actions if a.dest == "retriever_model")
+    assert tuple(flag.choices) == RETRIEVER_MODELS
 
 
 def test_only_scripts_import_the_flag_module():

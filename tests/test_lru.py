@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from model.lru import ComplexLinearScan, Dropout, LRULayer, LRURec, complex_linear_scan
+from model.layers import Dropout
+from model.lru import ComplexLinearScan, LRULayer, LRURec, complex_linear_scan
 
 
 def random_lambda(hidden: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:

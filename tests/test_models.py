@@ -1,17 +1,23 @@
 """The retrievers of the paper's Table 1 (LRURec, SASRec, BERT4Rec, NARM): shapes, causality, padding invariance,
 BERT4Rec's cloze masking, and a short training run of each through train_retriever.py."""
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from config import default_config
 from dataloader.candidates import load_candidates
-from model.retrievers import RetrieverSpec, build_retriever
+from model.retrievers import RETRIEVERS, RetrieverSpec, build_retriever
 from tests.conftest import run_dir_of, split_of
 from train_retriever import main
 from trainer.retriever_train import train_step
+from utils.errors import InputError
+from utils.files import REPO_ROOT
 
 MODELS = ["lru", "sasrec", "bert4rec", "narm"]
 
@@ -141,3 +147,76 @@ def test_narm_matches_its_definition_written_out():
                 torch.testing.assert_close(got[row, start + t], want, rtol=1e-4, atol=1e-5)
         # evaluation's shortcut for the last position gives encode's last state
         torch.testing.assert_close(model.next_hidden(tokens), got[:, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_sizes_a_model_cannot_take_are_input_errors():
+    for name in ("sasrec", "bert4rec"):
+        with pytest.raises(InputError, match=r"^--attn_heads: expected a divisor of --bert_hidden_units 10, found 4$"):
+            build_retriever(RetrieverSpec(name, 8, hidden_units=10, heads=4), 40)
+    with pytest.raises(
+        InputError, match=r"^--retriever_model: expected one of lru, sasrec, bert4rec, narm, found 'gru'$"
+    ):
+        build_retriever(RetrieverSpec("gru"), 40)
+
+
+# A retriever written the way docs/retriever.md says: one file with a NextItemModel subclass, nothing else.
+BAG_OF_ITEMS = """
+import torch
+from torch import nn
+
+from model.interface import NextItemModel
+
+
+class BagOfItems(NextItemModel):
+    \"\"\"The mean embedding of the items so far, through one linear layer.\"\"\"
+
+    def __init__(self, num_items: int, hidden_units: int):
+        super().__init__()
+        self.num_items = num_items
+        self.token = nn.Embedding(num_items + 1, hidden_units)
+        self.mix = nn.Linear(hidden_units, hidden_units)
+        self.bias = nn.Parameter(torch.zeros(num_items + 1))
+
+    @classmethod
+    def from_spec(cls, spec, num_items):
+        return cls(num_items, spec.hidden_units)
+
+    def encode(self, tokens):
+        real = (tokens > 0).unsqueeze(-1)
+        return self.mix((self.token(tokens) * real).cumsum(1) / real.cumsum(1).clamp(min=1))
+"""
+
+
+def test_a_registry_line_is_all_build_retriever_needs(tmp_path, monkeypatch):
+    (tmp_path / "bag_of_items.py").write_text(BAG_OF_ITEMS)
+    spec = importlib.util.spec_from_file_location("bag_of_items", tmp_path / "bag_of_items.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(RETRIEVERS, "bag", module.BagOfItems)  # the registry line; removed after the test
+    model = build_retriever(RetrieverSpec("bag", 8, hidden_units=12), 40)
+    assert type(model) is module.BagOfItems and model.token.weight.shape == (41, 12)
+    assert model(torch.tensor([[0, 3, 4], [1, 2, 5]])).shape == (2, 41)
+
+
+def test_a_new_retriever_trains_and_exports_with_one_registry_line(tmp_path, tiny_args):
+    """The whole stage 1 (flags, training, checkpoints, evaluation, candidates, --eval_only) takes a retriever that is
+    one new file plus its line in RETRIEVERS: run in a fresh process, that line added before anything reads it."""
+    (tmp_path / "bag_of_items.py").write_text(BAG_OF_ITEMS)
+    registry_line = (
+        "import sys, model.retrievers as r; from bag_of_items import BagOfItems\n"
+        "r.RETRIEVERS['bag'] = BagOfItems; r.RETRIEVER_MODELS = tuple(r.RETRIEVERS)\n"
+        "from train_retriever import main; sys.exit(main(sys.argv[1:]) or main([*sys.argv[1:], '--eval_only']))"
+    )
+    argv = [*tiny_args, "--retriever_model", "bag", "--max_steps", "4", "--run_name", "bag", "--num_threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}  # bag_of_items.py; the project from the working folder
+    command = [sys.executable, "-c", registry_line, *argv]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = run_dir_of(tmp_path, "bag")
+    assert json.loads((run / "config.json").read_text())["retriever_model"] == "bag"
+    candidates = load_candidates(run, split_of(tiny_args))
+    assert candidates.test["items"].shape[0] == len(split_of(tiny_args).test) and candidates.meta["topk"] > 0
+    # --eval_only rebuilds it from the run's flags and loads its best checkpoint: the same test metrics
+    assert json.loads((run / "eval" / "test_metrics.json").read_text()) == json.loads(
+        (run / "test_metrics.json").read_text()
+    )

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from dataloader.retriever_data import EvalData, all_prefixes
-from model.layers import NextItemModel
+from model.interface import NextItemModel
 from trainer.metrics import label_ranks, metrics_from_ranks
 from utils.progress import progress
 

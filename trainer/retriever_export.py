@@ -13,7 +13,7 @@ import torch
 from dataloader.candidates import save_candidates
 from dataloader.retriever_data import eval_data, sample_prefixes
 from datasets.split import SplitData
-from model.layers import NextItemModel
+from model.interface import NextItemModel
 from model.retrievers import RetrieverSpec, build_retriever
 from trainer.metrics import PAPER_BATCH_SIZE, batch_averaged_metrics, metrics_from_ranks
 from trainer.retriever_eval import evaluate, train_prefix_candidates

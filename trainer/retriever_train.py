@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from dataloader.retriever_data import EvalData, epoch_batches, eval_data, training_windows, window_step
 from datasets.split import SplitData
-from model.layers import NextItemModel
+from model.interface import NextItemModel
 from trainer.retriever_eval import evaluate
 from trainer.runtime import rng_state, set_rng_state
 from utils.errors import InputError, one_line
