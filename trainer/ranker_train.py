@@ -5,7 +5,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from model.llm import bf16_supported
 from trainer.ranker_eval import rank_examples, subset_metrics
 from trainer.runtime import is_main_process, process_rank
 from utils.errors import InputError
-from utils.files import append_jsonl, atomic_write_json, truncate_history
+from utils.files import append_jsonl, atomic_folder, atomic_write_json, truncate_history
 
 SELECTION_METRIC = "NDCG@10"
 SUMMARY = "training_summary.json"  # in the run folder, written when training ends
@@ -299,8 +298,6 @@ def save_adapter(model, run_dir: Path, summary: dict) -> Path:
     """training_summary.json, then the LoRA adapter as run_dir/adapter: written beside and renamed, so an adapter/
     folder always means "training finished" (what --resume and recommend.py check)."""
     atomic_write_json(run_dir / SUMMARY, summary)
-    adapter_dir, tmp_dir = run_dir / "adapter", run_dir / "adapter.tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    model.save_pretrained(str(tmp_dir))
-    tmp_dir.rename(adapter_dir)
-    return adapter_dir
+    with atomic_folder(run_dir / "adapter") as tmp:
+        model.save_pretrained(str(tmp))
+    return run_dir / "adapter"
