@@ -4,7 +4,6 @@ turn a damaged file into an InputError naming it."""
 import errno
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -153,22 +152,6 @@ def append_jsonl(path: Path, obj) -> None:
             f.write(json.dumps(obj, ensure_ascii=False) + "\n")
     except OSError as e:
         raise WriteError(f"could not append to {describe_os_error(e, path)} (--resume drops a cut line)") from None
-
-
-def truncate_history(path: Path, max_step: int) -> None:
-    """Keep the validation lines of steps <= max_step: the rest belong to the part of an interrupted run that
-    --resume repeats. A line cut off by the interruption is dropped too."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step", math.inf) <= max_step:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    atomic_write_text(path, "".join(kept))
 
 
 def sha256_file(path: Path) -> str:
