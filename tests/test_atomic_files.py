@@ -45,7 +45,7 @@ def test_a_file_lands_whole_with_mode_0644_and_a_folder_with_0755(tmp_path):
     with atomic_folder(tmp_path / "a" / "folder") as tmp:
         (tmp / "x").write_text("x")
     assert (tmp_path / "a" / "out.txt").read_text() == "new"
-    assert stat.S_IMODE(os.stat(tmp_path / "a" / "out.txt").st_mode) == 0o644  # mkstemp's 0600 would pass a bug
+    assert stat.S_IMODE(os.stat(tmp_path / "a" / "out.txt").st_mode) == 0o644  # mkstemp alone gives 0600
     assert stat.S_IMODE(os.stat(tmp_path / "a" / "folder").st_mode) == 0o755
     assert leftovers(tmp_path / "a") == []
     with pytest.raises(InputError, match="expected a file to write, found a folder"):
