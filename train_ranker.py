@@ -34,6 +34,7 @@ from datasets import load_split
 from datasets.split import SplitData
 from model.llm import LLMSpec
 from trainer.run_folder import check_resume_config, prepare_run_dir, run_folder, write_run_info
+from trainer.run_state import SUMMARY, read_summary
 from trainer.runtime import (
     init_distributed,
     is_main_process,
@@ -44,7 +45,7 @@ from trainer.runtime import (
     set_threads,
 )
 from utils.errors import InputError
-from utils.files import atomic_folder, read_json_object, sha256_file
+from utils.files import atomic_folder, sha256_file
 
 
 def say(text: str) -> None:
@@ -171,11 +172,10 @@ def load_trained(setup: Setup, adapter: Path):
 
 def resume_finished(setup: Setup, run_dir: Path) -> tuple[object, bool, dict]:
     """--resume of a run whose training had ended: its best adapter and its training summary, then the test."""
-    from trainer.ranker_train import SUMMARY
-
     say(f"--resume: training finished before; loading the best adapter from {run_dir / 'adapter'}")
-    summary_path = run_dir / SUMMARY
-    summary = read_json_object(summary_path) if summary_path.is_file() else {"note": f"no {SUMMARY} (an older run)"}
+    summary = read_summary(run_dir)
+    if summary is None:
+        summary = {"note": f"no {SUMMARY} (an older run)"}
     return load_trained(setup, run_dir / "adapter"), True, summary
 
 

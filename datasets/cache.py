@@ -2,14 +2,12 @@
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from datasets.split import SplitData
+from utils.files import atomic_folder
 
 # Bump when preprocessing changes what it produces, so old caches are not reused.
 PREPROCESS_VERSION = 2  # 2: repeated (user, item) interactions keep the first
@@ -22,10 +20,10 @@ def cache_key(name: str, options: dict, raw_hashes: dict[str, str]) -> str:
 
 
 def save_split(folder: Path, split: SplitData, extra: dict) -> None:
-    """Write into a temp folder, then rename: a crash never leaves a half-written cache."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    """Write into a temp folder, then rename: a crash never leaves a half-written cache. When another process (e.g.
+    a parallel sweep trial) wrote the same key first, its copy is the same split: it is kept (a process may be
+    reading it); an unreadable one is replaced."""
+    with atomic_folder(folder, keep_existing=lambda path: load_cached_split(path) is not None) as tmp:
         lengths = np.array([len(seq) for seq in split.train], dtype=np.int64)
         flat = np.fromiter((i for seq in split.train for i in seq), dtype=np.int32, count=int(lengths.sum()))
         np.savez(
@@ -45,17 +43,6 @@ def save_split(folder: Path, split: SplitData, extra: dict) -> None:
             **extra,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-        try:
-            os.replace(tmp, folder)  # fails when the folder exists (and is not empty)
-        except OSError:
-            if load_cached_split(folder) is not None:  # another process (e.g. a parallel sweep trial) wrote this
-                shutil.rmtree(tmp, ignore_errors=True)  # same key first: the same split, keep it
-                return
-            shutil.rmtree(folder, ignore_errors=True)  # an unreadable cache: replaced
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_cached_split(folder: Path) -> SplitData | None:

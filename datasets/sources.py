@@ -7,7 +7,6 @@ a numeric timestamp and an optional rating; a dict raw item id -> title; and the
 import ast
 import gzip
 import json
-import os
 import re
 import shutil
 import sys
@@ -16,6 +15,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from utils.errors import InputError
-from utils.files import REPO_ROOT, sha256_file
+from utils.files import REPO_ROOT, atomic_output, sha256_file
 from utils.progress import reading
 
 # (interactions, titles: raw item id -> title, the raw files read)
@@ -48,45 +48,39 @@ AMAZON_FILES = {
 def download(url: str, dest: Path, sha256: str | None = None) -> None:
     """Download with a progress bar into a temp file, check its sha256 when one is pinned, then rename: no
     half-written or unverified file is ever left at `dest`."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    f.write(block)
-                    bar.update(len(block))
+    with atomic_output(dest) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+                    for block in iter(lambda: response.read(1 << 20), b""):
+                        f.write(block)
+                        bar.update(len(block))
+        except (urllib.error.URLError, OSError) as e:  # raised here: a failed download is not a failed write
+            raise InputError(f"{dest}: download from {url} failed ({e})") from None
         if sha256 is not None and (digest := sha256_file(tmp)) != sha256:
             raise InputError(
                 f"{url}: the download's sha256 is {digest}, expected the published {sha256} (a corrupted or "
                 "changed file); it was not kept"
             )
-        tmp.replace(dest)
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"{dest}: download from {url} failed ({e})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def fetch_zip_members(url: str, sha256: str | None, zip_folder: str, members: tuple[str, ...], folder: Path) -> None:
     """Download the zip at `url` (checked against `sha256` when given) and extract `zip_folder/<member>` of each
-    member into `folder`. Extracted beside the archive, moved into `folder` only once every member is complete."""
+    member into `folder`. Each member is extracted beside its place and all are renamed into place only once every
+    one is complete."""
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        archive = Path(tmp) / url.rsplit("/", 1)[-1]
+    with tempfile.TemporaryDirectory(dir=folder) as scratch, ExitStack() as outputs:
+        archive = Path(scratch) / url.rsplit("/", 1)[-1]  # deleted with the scratch folder
         download(url, archive, sha256)
         try:
             with zipfile.ZipFile(archive) as zf:
                 for member in members:
-                    with zf.open(f"{zip_folder}/{member}") as src, open(Path(tmp) / member, "wb") as dst:
+                    tmp = outputs.enter_context(atomic_output(folder / member))
+                    with zf.open(f"{zip_folder}/{member}") as src, open(tmp, "wb") as dst:
                         shutil.copyfileobj(src, dst)
         except (zipfile.BadZipFile, KeyError, EOFError, zlib.error) as e:
             raise InputError(f"{url}: expected a zip with {zip_folder}/{{{','.join(members)}}} ({e})") from None
-        for member in members:
-            os.replace(Path(tmp) / member, folder / member)
 
 
 # ---------------------------------------------------------------- MovieLens (GroupLens releases)

@@ -10,7 +10,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from model.layers import Dropout
 from utils.errors import InputError, one_line
-from utils.files import REPO_ROOT
+from utils.files import REPO_ROOT, atomic_folder
 from utils.settings import flag_field
 
 LLM_CACHE_DIR = REPO_ROOT / ".cache" / "llm"  # GGUF models converted to transformers folders
@@ -144,13 +143,10 @@ def _convert_gguf(gguf_path: Path, folder: Path) -> None:
     if not same:
         raise RuntimeError(f"GGUF conversion of {gguf_path}: the rebuilt model's logits differ from the GGUF model's")
     del gguf_model
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "done.json").write_text(json.dumps({"source": str(gguf_path), "seconds": time.time() - start}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic_folder(folder) as tmp:  # a crash mid-save leaves no folder that looks converted
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "done.json").write_text(json.dumps({"source": str(gguf_path), "seconds": time.time() - start}))
     print(f"converted in {time.time() - start:.1f} s", flush=True)
 
 

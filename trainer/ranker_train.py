@@ -1,14 +1,12 @@
 """Stage-2 training: HF Trainer + PEFT, loss on the answer letter (+EOS) only, verbalizer validation every
 `val_iterations` steps, early stopping on NDCG@10, the best adapter kept."""
 
-import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,13 +16,21 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 from dataloader.ranker_data import EvalExample, TrainCollator, TrainPrompts
 from model.llm import bf16_supported
 from trainer.ranker_eval import rank_examples, subset_metrics
+from trainer.run_state import (
+    HISTORY,
+    Clock,
+    SessionClock,
+    append_validation,
+    clock_summary,
+    truncate_history,
+    write_summary,
+)
 from trainer.runtime import is_main_process, process_rank
 from utils.errors import InputError
-from utils.files import append_jsonl, atomic_write_json, truncate_history
+from utils.files import atomic_folder, atomic_write_json, read_json_object
 from utils.settings import flag_field
 
 SELECTION_METRIC = "NDCG@10"
-SUMMARY = "training_summary.json"  # in the run folder, written when training ends
 CLOCK = "training_clock.json"  # in each HF checkpoint: the time spent up to it
 
 
@@ -88,20 +94,22 @@ class RankerTrainer(Trainer):
         self.history_path = history_path
         self._loss_sum = 0.0  # since the last validation
         self._loss_count = 0
-        # the run's clock and loss total before this session (from the checkpoint a --resume continues)
-        self.clock = {"seconds": 0.0, "validation_seconds": 0.0, "sessions": 0, "loss_sum": 0.0, "loss_count": 0}
-        self.session_start = time.time()
-        self.eval_seconds = 0.0  # validation time of this session
-        self.session_loss_sum, self.session_loss_count = 0.0, 0
+        self.clock = SessionClock()  # train_adapter continues the clock of the checkpoint a --resume starts from
+        # the training loss summed over the sessions before this one, then this session's
+        self.loss_before, self.session_loss_sum, self.session_loss_count = (0.0, 0), 0.0, 0
+
+    def resume_clock(self, saved: dict) -> None:
+        """Continue the run's clock and loss total from a checkpoint's training_clock.json (from now on)."""
+        self.clock = SessionClock(Clock(saved["seconds"], saved["validation_seconds"], saved["sessions"]))
+        # checkpoints saved before the loss total existed lack it
+        self.loss_before = (saved.get("loss_sum", 0.0), saved.get("loss_count", 0))
 
     def elapsed(self) -> dict:
-        """The run's clock up to now: this session added to the sessions before it."""
+        """The run's clock and loss total up to now (what training_clock.json holds)."""
         return {
-            "seconds": self.clock["seconds"] + time.time() - self.session_start,
-            "validation_seconds": self.clock["validation_seconds"] + self.eval_seconds,
-            "sessions": self.clock["sessions"] + 1,
-            "loss_sum": self.clock.get("loss_sum", 0.0) + self.session_loss_sum,
-            "loss_count": self.clock.get("loss_count", 0) + self.session_loss_count,
+            **asdict(self.clock.elapsed()),
+            "loss_sum": self.loss_before[0] + self.session_loss_sum,
+            "loss_count": self.loss_before[1] + self.session_loss_count,
         }
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -130,12 +138,12 @@ class RankerTrainer(Trainer):
             "validation users",
         )  # fmt: skip
         seconds = time.time() - start
-        self.eval_seconds += seconds
+        self.clock.add_validation(seconds)
         metrics = subset_metrics(scores, self.val_examples, self.ks)
         train_loss = self._loss_sum / self._loss_count if self._loss_count else math.nan
         self._loss_sum, self._loss_count = 0.0, 0
         if is_main_process():
-            append_jsonl(
+            append_validation(
                 self.history_path,
                 {
                     "step": self.state.global_step,
@@ -250,7 +258,7 @@ def ranker_trainer(
         eval_batch_size=eval_batch,
         # NDCG@10 drives model selection, so 10 is always computed
         ks=sorted({k for k in training.metric_ks if k < len(letter_ids)} | {10}),
-        history_path=run_dir / "val_history.jsonl",
+        history_path=run_dir / HISTORY,
     )
     trainer.add_callback(SaveClock(trainer))
     return trainer
@@ -263,10 +271,10 @@ def train_adapter(trainer: RankerTrainer, run_dir: Path, resume: bool) -> dict:
     if resume_from:
         print(f"--resume: continuing from {resume_from}", flush=True)
         if is_main_process():
-            truncate_history(run_dir / "val_history.jsonl", int(resume_from.name.split("-")[1]))
-        if (resume_from / CLOCK).is_file():
-            trainer.clock = json.loads((resume_from / CLOCK).read_text(encoding="utf-8"))
-    trainer.session_start = time.time()
+            truncate_history(run_dir / HISTORY, int(resume_from.name.split("-")[1]))
+    trainer.clock = SessionClock()  # this session starts now, after loading the model and data
+    if resume_from and (resume_from / CLOCK).is_file():
+        trainer.resume_clock(read_json_object(resume_from / CLOCK))
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     best = trainer.state.best_model_checkpoint
     print(f"best adapter (validation {SELECTION_METRIC} {trainer.state.best_metric}): {best}", flush=True)
@@ -274,34 +282,31 @@ def train_adapter(trainer: RankerTrainer, run_dir: Path, resume: bool) -> dict:
 
 
 def training_summary(trainer: RankerTrainer, steps: int, prompts: int) -> dict:
-    args, state, clock = trainer.args, trainer.state, trainer.elapsed()
+    """training_summary.json: steps, samples, loss, the adapter kept, and the time over all sessions."""
+    args, state, totals, clock = trainer.args, trainer.state, trainer.elapsed(), trainer.clock.elapsed()
     samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * process_rank()[1]
     samples = min(samples, math.ceil(prompts * args.num_train_epochs))
     losses = [record["loss"] for record in state.log_history if "loss" in record]
     best = state.best_model_checkpoint
-    mean_loss = clock["loss_sum"] / clock["loss_count"] if clock["loss_count"] else None
+    mean_loss = totals["loss_sum"] / totals["loss_count"] if totals["loss_count"] else None
     return {
         "train_steps": steps,
         "train_samples_seen": samples,
         "train_prompts_available": prompts,
-        "train_seconds_incl_validation": round(clock["seconds"], 2),
-        "validation_seconds": round(clock["validation_seconds"], 2),
-        "train_s_per_sample": round((clock["seconds"] - clock["validation_seconds"]) / max(samples, 1), 3),
+        "train_s_per_sample": round((clock.seconds - clock.validation_seconds) / max(samples, 1), 3),
         "train_loss": mean_loss,  # over every micro-batch of every session (rank 0's under DDP)
         "train_loss_last_logged": losses[-1] if losses else None,
         "best_checkpoint": best,
         "best_step": int(best.rsplit("-", 1)[1]) if best else None,
         "best_val_metric": {SELECTION_METRIC: state.best_metric},
-        "sessions": clock["sessions"],
+        **clock_summary(clock),
     }
 
 
 def save_adapter(model, run_dir: Path, summary: dict) -> Path:
     """training_summary.json, then the LoRA adapter as run_dir/adapter: written beside and renamed, so an adapter/
     folder always means "training finished" (what --resume and recommend.py check)."""
-    atomic_write_json(run_dir / SUMMARY, summary)
-    adapter_dir, tmp_dir = run_dir / "adapter", run_dir / "adapter.tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    model.save_pretrained(str(tmp_dir))
-    tmp_dir.rename(adapter_dir)
-    return adapter_dir
+    write_summary(run_dir, summary)
+    with atomic_folder(run_dir / "adapter") as tmp:
+        model.save_pretrained(str(tmp))
+    return run_dir / "adapter"

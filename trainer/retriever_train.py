@@ -4,23 +4,31 @@ checkpoints that let --resume continue exactly where a run stopped."""
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from dataloader.retriever_data import EvalData, epoch_batches, eval_data, training_windows, window_step
+from dataloader.retriever_data import epoch_batches, eval_data, training_windows, window_step
 from datasets.split import SplitData
 from model.interface import NextItemModel
 from trainer.retriever_eval import evaluate
+from trainer.run_state import (
+    HISTORY,
+    Clock,
+    SessionClock,
+    append_validation,
+    clock_summary,
+    truncate_history,
+    write_summary,
+)
 from trainer.runtime import rng_state, set_rng_state
 from utils.errors import InputError, one_line
-from utils.files import append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint, truncate_history
+from utils.files import atomic_torch_save, load_checkpoint
 from utils.settings import flag_field
 
-# in the run folder
-BEST, LAST, HISTORY, SUMMARY = "checkpoint_best.pt", "checkpoint_last.pt", "val_history.jsonl", "training_summary.json"
+BEST, LAST = "checkpoint_best.pt", "checkpoint_last.pt"  # in the run folder
 
 
 @dataclass(frozen=True)
@@ -101,27 +109,45 @@ def train_step(
     return loss.item()
 
 
-def initial_state() -> dict:
-    """The training state saved in checkpoint_last.pt: position in the data, best validation, early stopping, and
-    the training summary summed over every part of an interrupted and resumed run."""
-    return {
-        "step": 0,
-        "epoch": 0,
-        "batch": 0,
-        "best_value": -math.inf,
-        "best_step": None,
-        "patience": 0,
-        "done": False,
-        "loss_sum": 0.0,  # since the last validation
-        "loss_count": 0,
-        "train_loss": None,  # mean training loss of the last validation interval
-        "train_seconds": 0.0,  # incl. validation, up to the last save
-        "validation_seconds": 0.0,
-        "sessions": 0,
-    }
+@dataclass
+class RetrieverState:
+    """Where a training run stands: its position in the data, best validation, early stopping, and the summary's
+    loss and clock over every session. Saved in checkpoint_last.pt as a plain dict (checkpoints load with
+    weights_only=True) whose keys are the field names, so --resume continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # the next batch of the epoch
+    best_value: float = -math.inf
+    best_step: int | None = None
+    patience: int = 0  # validations since the best one (early stopping)
+    done: bool = False
+    loss_sum: float = 0.0  # since the last validation
+    loss_count: int = 0
+    train_loss: float | None = None  # mean training loss of the last validation interval
+    train_seconds: float = 0.0  # the run's clock up to the last save: training incl. validation
+    validation_seconds: float = 0.0
+    sessions: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "RetrieverState":
+        # checkpoints saved before the summary fields existed lack them: they start from the defaults
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in saved.items() if key in names})
+
+    def clock(self) -> Clock:
+        return Clock(self.train_seconds, self.validation_seconds, self.sessions)
+
+    def set_clock(self, clock: Clock) -> None:
+        self.train_seconds, self.validation_seconds, self.sessions = (
+            clock.seconds, clock.validation_seconds, clock.sessions,
+        )  # fmt: skip
 
 
-def save_last_checkpoint(path: Path, model: NextItemModel, optimizer, scheduler, state: dict) -> None:
+def save_last_checkpoint(path: Path, model: NextItemModel, optimizer, scheduler, state: RetrieverState) -> None:
     """Everything --resume needs to continue exactly: weights, optimizer, schedule, RNGs, state."""
     atomic_torch_save(
         {
@@ -129,13 +155,15 @@ def save_last_checkpoint(path: Path, model: NextItemModel, optimizer, scheduler,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
-            "state": state,
+            "state": state.to_dict(),
         },
         path,
     )
 
 
-def load_last_checkpoint(path: Path, model: NextItemModel, optimizer, scheduler, device: torch.device) -> dict:
+def load_last_checkpoint(
+    path: Path, model: NextItemModel, optimizer, scheduler, device: torch.device
+) -> RetrieverState:
     """Restore what save_last_checkpoint wrote; return the training state."""
     ckpt = load_checkpoint(path, device)
     try:
@@ -143,55 +171,18 @@ def load_last_checkpoint(path: Path, model: NextItemModel, optimizer, scheduler,
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
-        return {**initial_state(), **ckpt["state"]}  # runs saved before the summary fields existed
-    except (KeyError, RuntimeError, ValueError) as e:
+        return RetrieverState.from_dict(ckpt["state"])
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
         raise InputError(f"{path}: does not fit this run's model ({one_line(e, 300)})") from None
 
 
-def validate(
-    model: NextItemModel,
-    val_data: EvalData,
-    training: RetrieverTraining,
-    state: dict,
-    run_dir: Path,
-    device: torch.device,
-    wandb_run,
-) -> dict[str, float]:
-    """One validation: update the best value and patience in `state` (state["done"] on early stopping), save
-    checkpoint_best.pt on improvement, append to val_history.jsonl (and wandb). Returns the metrics."""
-    start = time.time()
-    metrics, _ = evaluate(model, val_data, training.val_batch_size, list(training.metric_ks), device, desc="validation")
-    value = metrics[training.best_metric]
-    improved = value > state["best_value"]
-    if improved:
-        state["best_value"], state["best_step"], state["patience"] = value, state["step"], 0
-        atomic_torch_save({"model": model.state_dict(), "step": state["step"], "value": value}, run_dir / BEST)
-    else:
-        state["patience"] += 1
-    state["train_loss"] = state["loss_sum"] / max(1, state["loss_count"])
-    record = {
-        "step": state["step"],
-        "epoch": state["epoch"],
-        "train_loss": state["train_loss"],
-        **metrics,
-        "best": improved,
-        "val_seconds": round(time.time() - start, 3),
-    }
-    state["validation_seconds"] += time.time() - start
-    append_jsonl(run_dir / HISTORY, record)
-    if wandb_run is not None:
-        wandb_run.log(
-            {"train/loss": record["train_loss"], **{f"val/{k}": v for k, v in metrics.items()}}, step=state["step"]
-        )
-    state["loss_sum"], state["loss_count"] = 0.0, 0
-    tqdm.write(
-        f"step {state['step']} (epoch {state['epoch']}): {training.best_metric} {value:.4f} "
-        f"(best {state['best_value']:.4f} at {state['best_step']}) NDCG@10 {metrics.get('NDCG@10', math.nan):.4f}"
-    )
-    if training.early_stopping and state["patience"] >= training.early_stopping_patience:
-        tqdm.write(f"early stopping: {state['patience']} validations without a better {training.best_metric}")
-        state["done"] = True
-    return metrics
+def update_best(state: RetrieverState, value: float) -> bool:
+    """Count one validation of `value` for model selection and early stopping; True when it is a new best."""
+    if value > state.best_value:
+        state.best_value, state.best_step, state.patience = value, state.step, 0
+        return True
+    state.patience += 1
+    return False
 
 
 def short_metrics(metrics: dict[str, float]) -> dict[str, str]:
@@ -228,51 +219,80 @@ class Session:
         self.scheduler = build_scheduler(
             self.optimizer, training.enable_lr_schedule, training.warmup_steps, total_steps
         )
-        self.state = initial_state()
+        self.state = RetrieverState()
         if resume and (run_dir / LAST).exists():
             self.state = load_last_checkpoint(run_dir / LAST, model, self.optimizer, self.scheduler, device)
-            truncate_history(run_dir / HISTORY, self.state["step"])
-            print(f"resumed from {run_dir / LAST} at step {self.state['step']} ({self.epochs():.1f} epochs)")
-        self.state["sessions"] += 1
-        self.start, self.seconds_before = time.time(), self.state["train_seconds"]
+            truncate_history(run_dir / HISTORY, self.state.step)
+            print(f"resumed from {run_dir / LAST} at step {self.state.step} ({self.epochs():.1f} epochs)")
+        self.clock = SessionClock(self.state.clock())
         self.last_val: dict[str, float] = {}
 
     def epochs(self) -> float:
-        return self.state["step"] / self.steps_per_epoch
+        return self.state.step / self.steps_per_epoch
 
     def reached_max_steps(self) -> bool:  # e.g. --resume of a run that stopped at this --max_steps
-        return self.training.max_steps is not None and self.state["step"] >= self.training.max_steps
+        return self.training.max_steps is not None and self.state.step >= self.training.max_steps
 
     def save(self) -> None:
-        self.state["train_seconds"] = self.seconds_before + time.time() - self.start
+        self.state.set_clock(self.clock.elapsed())
         save_last_checkpoint(self.run_dir / LAST, self.model, self.optimizer, self.scheduler, self.state)
+
+    def validate(self) -> dict[str, float]:
+        """One validation: update the best value and patience (state.done on early stopping), save
+        checkpoint_best.pt on improvement, append to val_history.jsonl (and wandb). Returns the metrics."""
+        state, training, start = self.state, self.training, time.time()
+        metrics, _ = evaluate(
+            self.model, self.val_data, training.val_batch_size, list(training.metric_ks), self.device, desc="validation"
+        )
+        value = metrics[training.best_metric]
+        improved = update_best(state, value)
+        if improved:
+            atomic_torch_save(
+                {"model": self.model.state_dict(), "step": state.step, "value": value}, self.run_dir / BEST
+            )
+        state.train_loss = state.loss_sum / max(1, state.loss_count)
+        record = {"step": state.step, "epoch": state.epoch, "train_loss": state.train_loss, **metrics, "best": improved}
+        record["val_seconds"] = round(time.time() - start, 3)
+        self.clock.add_validation(time.time() - start)
+        append_validation(self.run_dir / HISTORY, record)
+        if self.wandb_run is not None:
+            self.wandb_run.log(
+                {"train/loss": state.train_loss, **{f"val/{k}": v for k, v in metrics.items()}}, step=state.step
+            )
+        state.loss_sum, state.loss_count = 0.0, 0
+        tqdm.write(
+            f"step {state.step} (epoch {state.epoch}): {training.best_metric} {value:.4f} "
+            f"(best {state.best_value:.4f} at {state.best_step}) NDCG@10 {metrics.get('NDCG@10', math.nan):.4f}"
+        )
+        if training.early_stopping and state.patience >= training.early_stopping_patience:
+            tqdm.write(f"early stopping: {state.patience} validations without a better {training.best_metric}")
+            state.done = True
+        return metrics
 
     def run_epoch(self) -> None:
         """Train from the state's position to the end of its epoch, or until done or --max_steps."""
         state, training = self.state, self.training
-        batches = epoch_batches(len(self.tokens), training.batch_size, training.seed, state["epoch"])
+        batches = epoch_batches(len(self.tokens), training.batch_size, training.seed, state.epoch)
         # a context: an error or Ctrl-C closes (clears) the bar, so the one error line starts on a line of its own
         with tqdm(
-            total=len(batches), initial=state["batch"], desc=f"epoch {state['epoch'] + 1}", leave=False, mininterval=2
+            total=len(batches), initial=state.batch, desc=f"epoch {state.epoch + 1}", leave=False, mininterval=2
         ) as bar:
-            while not state["done"] and not self.reached_max_steps():
-                index = batches[state["batch"]]
+            while not state.done and not self.reached_max_steps():
+                index = batches[state.batch]
                 tokens, labels = self.tokens[index].to(self.device), self.labels[index].to(self.device)
                 loss = train_step(
                     self.model, self.optimizer, self.scheduler, tokens, labels, training.max_grad_norm,
                     training.label_smoothing,
                 )  # fmt: skip
-                state["loss_sum"], state["loss_count"] = state["loss_sum"] + loss, state["loss_count"] + 1
-                state["step"], state["batch"] = state["step"] + 1, state["batch"] + 1
-                end_of_epoch = state["batch"] == len(batches)
+                state.loss_sum, state.loss_count = state.loss_sum + loss, state.loss_count + 1
+                state.step, state.batch = state.step + 1, state.batch + 1
+                end_of_epoch = state.batch == len(batches)
                 if end_of_epoch:  # the state a resumed run starts from: the next epoch's first batch
-                    state["epoch"], state["batch"] = state["epoch"] + 1, 0
+                    state.epoch, state.batch = state.epoch + 1, 0
                 bar.update(1)
                 bar.set_postfix({"loss": f"{loss:.3f}", **short_metrics(self.last_val)}, refresh=False)
-                if state["step"] % training.val_iterations == 0:
-                    self.last_val = validate(
-                        self.model, self.val_data, training, state, self.run_dir, self.device, self.wandb_run
-                    )
+                if state.step % training.val_iterations == 0:
+                    self.last_val = self.validate()
                     self.save()
                 if end_of_epoch:
                     break
@@ -287,7 +307,8 @@ def train(
     resume: bool = False,
     wandb_run=None,
 ) -> dict:
-    """Train with validation every training.val_iterations steps and early stopping; return the final state.
+    """Train with validation every training.val_iterations steps and early stopping; return the final state (the
+    plain dict saved in checkpoint_last.pt).
 
     Writes checkpoint_best.pt (best validation training.best_metric; the last model when no validation ran),
     checkpoint_last.pt (everything --resume needs, saved at each validation and when training stops),
@@ -296,38 +317,36 @@ def train(
     """
     session = Session(model, split, training, run_dir, device, resume, wandb_run)
     state = session.state
-    while not state["done"] and not session.reached_max_steps() and state["epoch"] < training.num_epochs:
+    while not state.done and not session.reached_max_steps() and state.epoch < training.num_epochs:
         session.run_epoch()
-    if state["epoch"] >= training.num_epochs:
-        state["done"] = True
-    if state["loss_count"]:  # steps since the last validation (or no validation at all)
-        state["train_loss"] = state["loss_sum"] / state["loss_count"]
+    if state.epoch >= training.num_epochs:
+        state.done = True
+    if state.loss_count:  # steps since the last validation (or no validation at all)
+        state.train_loss = state.loss_sum / state.loss_count
     session.save()
     if not (run_dir / BEST).exists():
         print(f"note: no validation ran (--val_iterations {training.val_iterations}); the last model is {BEST}")
-        atomic_torch_save({"model": model.state_dict(), "step": state["step"], "value": None}, run_dir / BEST)
-    atomic_write_json(run_dir / SUMMARY, training_summary(state, training, session.steps_per_epoch))
-    return state
+        atomic_torch_save({"model": model.state_dict(), "step": state.step, "value": None}, run_dir / BEST)
+    write_summary(run_dir, training_summary(state, training, session.steps_per_epoch))
+    return state.to_dict()
 
 
-def training_summary(state: dict, training: RetrieverTraining, steps_per_epoch: int) -> dict:
+def training_summary(state: RetrieverState, training: RetrieverTraining, steps_per_epoch: int) -> dict:
     """training_summary.json: where training stopped and why, the model kept, loss and time over all sessions."""
-    if state["patience"] >= training.early_stopping_patience and training.early_stopping:
+    if state.patience >= training.early_stopping_patience and training.early_stopping:
         stopped = "early stopping"
-    elif training.max_steps is not None and state["step"] >= training.max_steps:
+    elif training.max_steps is not None and state.step >= training.max_steps:
         stopped = f"--max_steps {training.max_steps}"
     else:
         stopped = f"--num_epochs {training.num_epochs}"
     return {
-        "steps": state["step"],
-        "epochs": round(state["step"] / steps_per_epoch, 3),
+        "steps": state.step,
+        "epochs": round(state.step / steps_per_epoch, 3),
         "stopped_by": stopped,
-        "best_step": state["best_step"],
+        "best_step": state.best_step,
         "best_metric": training.best_metric,
-        "best_value": None if state["best_step"] is None else state["best_value"],
-        "best_is_last_model": state["best_step"] is None,
-        "train_loss": state["train_loss"],
-        "train_seconds_incl_validation": round(state["train_seconds"], 2),
-        "validation_seconds": round(state["validation_seconds"], 2),
-        "sessions": state["sessions"],
+        "best_value": None if state.best_step is None else state.best_value,
+        "best_is_last_model": state.best_step is None,
+        "train_loss": state.train_loss,
+        **clock_summary(state.clock()),
     }

@@ -10,7 +10,6 @@ A study owns the run folders it makes: before a run first starts, the sweep reco
 earlier study of the same name, a run started by hand) is refused, never resumed nor credited with its results.
 """
 
-import json
 import math
 import os
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 import optuna
 
 from trainer.ranker_train import SELECTION_METRIC
+from trainer.run_state import HISTORY, read_history, read_summary
 from utils.errors import InputError
 from utils.files import atomic_write_json, read_json_object
 
@@ -166,14 +166,7 @@ def run_process(sweep: Sweep, argv: list[str], log: Path, on_poll=None) -> int:
 
 def report_validations(sweep: Sweep, trial: optuna.Trial, run_dir: Path, reported: set[int]) -> None:
     """Each new validation of the run goes to the pruner; raises Pruned when it says stop."""
-    path = run_dir / "val_history.jsonl"
-    if not path.is_file():
-        return
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line being written
+    for record in read_history(run_dir / HISTORY):  # a line being written is skipped
         step, value = record.get("step"), record.get(sweep.metric)
         if step in reported or not isinstance(value, int | float):
             continue
@@ -185,8 +178,7 @@ def report_validations(sweep: Sweep, trial: optuna.Trial, run_dir: Path, reporte
 
 def objective_value(sweep: Sweep, run_dir: Path) -> float:
     """The run's best validation metric, from its training_summary.json."""
-    path = run_dir / "training_summary.json"
-    summary = read_json_object(path) if path.is_file() else {}
+    summary = read_summary(run_dir) or {}
     value = (
         summary.get("best_value")
         if sweep.stage == "retriever"

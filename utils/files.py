@@ -4,12 +4,11 @@ turn a damaged file into an InputError naming it."""
 import errno
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import torch
@@ -28,56 +27,78 @@ def write_error(e: OSError, path: Path) -> WriteError:
 
 
 @contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success rename it to `path`, on any error delete it. An OSError (disk
-    full, permission denied) becomes a WriteError naming `path`."""
+def atomic_output(
+    path: Path, folder: bool = False, keep_existing: Callable[[Path], bool] | None = None
+) -> Iterator[Path]:
+    """Yield a temp file (or, with folder=True, an empty temp folder) beside `path`; on success it is renamed to
+    `path`, replacing what was there, on any error (Ctrl-C included) it is deleted and `path` stays as it was. An
+    OSError (disk full, permission denied) becomes a WriteError naming `path`.
+
+    keep_existing: when a folder already stands at `path` (another process wrote the same one first) and
+    keep_existing(path) is true, that one is kept and the new one deleted."""
     path = Path(path)
-    if path.is_dir():
+    if not folder and path.is_dir():
         raise InputError(f"{path}: expected a file to write, found a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise write_error(e, path) from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise write_error(e, path) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def atomic_folder(path: Path) -> Iterator[Path]:
-    """Yield an empty temp folder beside `path`; on success it replaces `path` (and everything in it), on any error
-    it is deleted and `path` stays as it was. So `path` never mixes files of two writes."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        tmp = _make_temp(path, folder)
     except OSError as e:
         raise write_error(e, path) from None
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
+        # mkstemp/mkdtemp create 0600/0700; results are meant to be read by others
+        os.chmod(tmp, 0o755 if folder else 0o644)
+        _rename_into_place(tmp, path, keep_existing)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise write_error(e, path) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
+
+
+def atomic_folder(path: Path, keep_existing: Callable[[Path], bool] | None = None) -> AbstractContextManager[Path]:
+    """atomic_output(path, folder=True): `path` never mixes the files of two writes."""
+    return atomic_output(path, folder=True, keep_existing=keep_existing)
+
+
+def _make_temp(path: Path, folder: bool) -> Path:
+    # Beside `path` (same file system: the rename is atomic) and hidden, with a unique name (parallel writers).
+    if folder:
+        return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _remove(tmp: Path) -> None:
+    if tmp.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+
+
+def _rename_into_place(tmp: Path, path: Path, keep_existing: Callable[[Path], bool] | None) -> None:
+    try:
+        os.replace(tmp, path)  # atomic; a folder only replaces an absent or empty one
+        return
+    except OSError:
+        if not path.exists():
+            raise
+    if keep_existing is not None and keep_existing(path):
+        _remove(tmp)
+        return
+    # A non-empty folder cannot be renamed over: move it aside, put the new one in, then delete the old one.
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+    try:
+        os.replace(path, old / path.name)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            os.replace(old / path.name, path)  # put the old one back: `path` stays as it was
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -131,22 +152,6 @@ def append_jsonl(path: Path, obj) -> None:
             f.write(json.dumps(obj, ensure_ascii=False) + "\n")
     except OSError as e:
         raise WriteError(f"could not append to {describe_os_error(e, path)} (--resume drops a cut line)") from None
-
-
-def truncate_history(path: Path, max_step: int) -> None:
-    """Keep the validation lines of steps <= max_step: the rest belong to the part of an interrupted run that
-    --resume repeats. A line cut off by the interruption is dropped too."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step", math.inf) <= max_step:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    atomic_write_text(path, "".join(kept))
 
 
 def sha256_file(path: Path) -> str:
