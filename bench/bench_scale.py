@@ -18,6 +18,7 @@ experiments/bench/scale.json, and with --plot a PNG (matplotlib).
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -82,29 +83,26 @@ def phase(results: dict, name: str, work: float, unit: str) -> Iterator[None]:
 
 def in_process_phases(args: argparse.Namespace) -> dict:
     """The retriever and ranker-data phases of one size (run in a child process: `--phases`)."""
+    results: dict = {}
+    split, candidates, seed = retriever_phases(args, results)
+    ranker_prompt_phase(split, candidates, seed, results)
+    return results
+
+
+def retriever_phases(args: argparse.Namespace, results: dict) -> tuple:
+    """Preprocessed data, --bench_steps of training with one validation, and the candidate export, as
+    train_retriever.py runs them; returns (split, candidates, seed)."""
     import torch
 
-    from config import (
-        RETRIEVER,
-        candidate_export,
-        data_config,
-        default_config,
-        parse_flags,
-        retriever_spec,
-        retriever_training,
-    )
+    from config import RETRIEVER, candidate_export, data_config, parse_flags, retriever_spec, retriever_training
     from dataloader.candidates import load_candidates
-    from dataloader.prompts import PromptBuilder, PromptConfig
-    from dataloader.ranker_data import RankerData, build_eval_sets, build_train_set
     from dataloader.retriever_data import training_windows, window_step
     from datasets import load_split
-    from model.llm import load_tokenizer
     from model.retrievers import build_retriever
     from trainer.retriever_export import export_candidates, load_best
     from trainer.retriever_train import train
     from trainer.run_folder import prepare_run_dir, run_folder, write_run_info
     from trainer.runtime import limit_onednn_cache
-    from trainer.verbalizer import letter_token_ids
 
     argv = ["--dataset_code", "custom", "--custom_path", str(args.phases), "--data_root", str(args.data_root),
             "--experiment_root", str(args.experiment_root), "--run_name", "bench", "--max_steps", str(args.bench_steps),
@@ -113,10 +111,8 @@ def in_process_phases(args: argparse.Namespace) -> dict:
     limit_onednn_cache()  # as train_retriever.py does
     torch.set_num_threads(args.num_threads)
     torch.manual_seed(0)
-    results: dict = {}
     split = load_split(data_config(flags))
-    interactions = split.stats()["interactions"]
-    spec, training, export = retriever_spec(flags), retriever_training(flags), candidate_export(flags)
+    spec, training = retriever_spec(flags), retriever_training(flags)
     tokens, _ = training_windows(split.train, spec.max_len, window_step(training.sliding_window_size, spec.max_len))
     steps_per_epoch = math.ceil(len(tokens) / training.batch_size)
     results["shape"] = {**split.stats(), "training_windows": len(tokens), "steps_per_epoch": steps_per_epoch}
@@ -126,65 +122,80 @@ def in_process_phases(args: argparse.Namespace) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     prepare_run_dir(run_dir, "retriever", resume=False, overwrite=False)
     write_run_info(run_dir, vars(flags), flags.seed)
-    model = build_retriever(spec, split.num_items)
-    device = torch.device("cpu")
+    model, device = build_retriever(spec, split.num_items), torch.device("cpu")
     positions = args.bench_steps * training.batch_size * spec.max_len
     with phase(results, "train_steps_and_validation", positions * split.num_items, "positions x items"):
         train(model, split, training, run_dir, device)
+    steps_and_validation = record_training(results, run_dir, split, positions, steps_per_epoch, args.bench_steps)
+    load_best(model, run_dir, device)
+    parts: dict[str, float] = {}
+    with phase(results, "export", split.num_users * split.num_items, "users x items"):
+        export_candidates(model, split, spec, candidate_export(flags), run_dir, device, None, parts)
+    candidates = load_candidates(run_dir, split)
+    record_export(results, parts, run_dir, split, candidates, steps_and_validation)
+    return split, candidates, flags.seed
+
+
+def record_training(
+    results: dict, run_dir: Path, split, positions: int, steps_per_epoch: int, bench_steps: int
+) -> float:
+    """The training phase's parts from the run's training_summary.json; returns the seconds of the steps and the
+    validation (what the export is compared with)."""
     summary = json.loads((run_dir / "training_summary.json").read_text())
     validation = summary["validation_seconds"]
     steps = summary["train_seconds_incl_validation"] - validation
     session_setup = results["train_steps_and_validation"]["seconds"] - summary["train_seconds_incl_validation"]
-    pairs = split.num_users * split.num_items
-    results["train_setup"] = {"seconds": session_setup, "work": interactions, "unit": "interactions"}
-    results["train_step"] = {"seconds": steps / args.bench_steps, "work": positions / args.bench_steps * split.num_items,
-                             "unit": "positions x items"}  # fmt: skip
+    per_step = positions / bench_steps * split.num_items
+    results["train_setup"] = {"seconds": session_setup, "work": split.stats()["interactions"], "unit": "interactions"}
+    results["train_step"] = {"seconds": steps / bench_steps, "work": per_step, "unit": "positions x items"}
     results["train_epoch_projected"] = {
-        "seconds": steps / args.bench_steps * steps_per_epoch,
-        "work": steps_per_epoch * training.batch_size * spec.max_len * split.num_items,
-        "unit": "positions x items",
-    }
-    results["validation"] = {"seconds": validation, "work": pairs, "unit": "users x items"}
-    load_best(model, run_dir, device)
-    parts: dict[str, float] = {}
-    with phase(results, "export", pairs, "users x items"):
-        export_candidates(model, split, spec, export, run_dir, device, None, parts)
-    candidates = load_candidates(run_dir, split)
-    exported = len(candidates.train["users"])
+        "seconds": steps / bench_steps * steps_per_epoch, "work": steps_per_epoch * per_step, "unit": "positions x items"
+    }  # fmt: skip
+    results["validation"] = {"seconds": validation, "work": split.num_users * split.num_items, "unit": "users x items"}
+    for name in ("train_setup", "train_step", "train_epoch_projected", "validation"):
+        results[name]["peak_rss_mib"] = results["train_steps_and_validation"]["peak_rss_mib"]
+    return steps + validation
+
+
+def record_export(results: dict, parts: dict, run_dir: Path, split, candidates, steps_and_validation: float) -> None:
+    """The export's parts (export_candidates' `parts`), and its ratio to the training steps and validation."""
+    pairs, exported = split.num_users * split.num_items, len(candidates.train["users"])
     results["export_evaluation"] = {"seconds": parts["evaluation"], "work": 2 * pairs, "unit": "users x items"}
     results["export_train_prefixes"] = {"seconds": parts["train_prefixes"], "work": exported * split.num_items,
                                         "unit": "prefixes x items", "prefixes": exported,
                                         "prefixes_total": candidates.meta["train_metrics"]["prefixes_total"]}  # fmt: skip
     results["export_files"] = {"seconds": parts["files"], "work": (run_dir / "candidates.npz").stat().st_size,
                                "unit": "bytes"}  # fmt: skip
-    for name in ("train_setup", "train_step", "train_epoch_projected", "validation"):
-        results[name]["peak_rss_mib"] = results["train_steps_and_validation"]["peak_rss_mib"]
     for name in ("export_evaluation", "export_train_prefixes", "export_files"):
         results[name]["peak_rss_mib"] = results["export"]["peak_rss_mib"]
     results["after_training"] = {
         "seconds": results["export"]["seconds"],
-        "vs_train_steps_and_validation": results["export"]["seconds"] / (steps + validation),
+        "vs_train_steps_and_validation": results["export"]["seconds"] / steps_and_validation,
     }
+
+
+def ranker_prompt_phase(split, candidates, seed: int, results: dict) -> None:
+    """Validation/test prompts and both kinds of training sets, as train_ranker.py builds them (1,000 prompts read)."""
+    from config import default_config
+    from dataloader.prompts import PromptBuilder, PromptConfig
+    from dataloader.ranker_data import RankerData, build_eval_sets, build_train_set
+    from model.llm import load_tokenizer
+    from trainer.verbalizer import letter_token_ids
+
     tokenizer = load_tokenizer(str(LLAMA2_TOKENIZER))
+    data = default_config(RankerData, seed=seed)
     with phase(results, "ranker_prompts", split.num_users, "users"):
         builder = PromptBuilder(tokenizer, split.titles, default_config(PromptConfig))
         letters = list(letter_token_ids(builder, 20).values())
-        val_set, test_set = build_eval_sets(builder, split, candidates, default_config(RankerData, seed=flags.seed))
-        uniform = build_train_set(builder, split, candidates, default_config(RankerData, seed=flags.seed), letters, 2)
-        retrieved = build_train_set(
-            builder,
-            split,
-            candidates,
-            default_config(RankerData, seed=flags.seed, train_candidates="retrieved"),
-            letters,
-            2,
-        )
+        val_set, test_set = build_eval_sets(builder, split, candidates, data)
+        uniform = build_train_set(builder, split, candidates, data, letters, 2)
+        retrieved_data = dataclasses.replace(data, train_candidates="retrieved")
+        retrieved = build_train_set(builder, split, candidates, retrieved_data, letters, 2)
         for index in np.random.default_rng(0).choice(len(uniform), size=min(1000, len(uniform)), replace=False):
             uniform[int(index)]
     results["ranker_prompts"].update(
         val_prompts=len(val_set), test_prompts=len(test_set), uniform_train=len(uniform), retrieved_train=len(retrieved)
     )
-    return results
 
 
 def one_size(args: argparse.Namespace, interactions: int) -> dict:

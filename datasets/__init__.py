@@ -1,4 +1,4 @@
-"""Datasets: raw files -> 5-core leave-one-out splits (cached). Entry point: `load_split(DataConfig(...))`.
+"""Datasets: raw files -> 5-core leave-one-out splits (cached). Entry point: `load_split(config.data_config(flags))`.
 
 This package is named `datasets` (the layout our users asked for), which shadows Hugging Face's
 `datasets` package. When HF `datasets` is installed, transformers' Trainer imports `datasets`

@@ -97,12 +97,9 @@ def kept_whole_by(rows: list[tuple[str, str, int]]) -> str | None:
     return f"load it with --min_uc {min(min_user, 5)} --min_sc {min(min_item, 5)} to keep it whole"
 
 
-def convert(path: Path, out_dir: Path, titles_path: Path | None = None, placeholder_titles: bool = False) -> dict:
-    """Write out_dir/interactions.csv and out_dir/items.csv; return counts (users, items, interactions, and how many
-    items got a placeholder title). Titles: `titles_path` when given, else the pickle's 'meta'."""
-    data = read_llamarec_pickle(path)
+def interaction_rows(data: dict, raw_item: dict[int, str], path: Path) -> list[tuple[str, str, int]]:
+    """(raw user, raw item, position) of every interaction, each user's train + val + test in order."""
     raw_user = {int(uid): str(raw) for raw, uid in data["umap"].items()}
-    raw_item = {int(sid): str(raw) for raw, sid in data["smap"].items()}
     rows = []
     for uid in sorted(data["train"], key=int):
         sequence = [*data["train"][uid], *data["val"].get(uid, []), *data["test"].get(uid, [])]
@@ -114,6 +111,28 @@ def convert(path: Path, out_dir: Path, titles_path: Path | None = None, placehol
             rows.append((raw_user[int(uid)], raw_item[int(sid)], position))
     if not rows:
         raise InputError(f"{path}: 'train' holds no users")
+    return rows
+
+
+def note_repeats_and_cores(rows: list[tuple[str, str, int]], path: Path) -> None:
+    """Say when loading the converted files will not give back the pickle's split exactly."""
+    repeats = len(rows) - len({(user, item) for user, item, _ in rows})
+    if repeats:
+        print(
+            f"note: {repeats} repeated (user, item) pairs; loading keeps the first of each, so the split will differ",
+            file=sys.stderr,
+        )
+    advice = kept_whole_by(rows)
+    if advice:
+        print(f"note: {path} is not a 5-core: {advice}", file=sys.stderr)
+
+
+def convert(path: Path, out_dir: Path, titles_path: Path | None = None, placeholder_titles: bool = False) -> dict:
+    """Write out_dir/interactions.csv and out_dir/items.csv; return counts (users, items, interactions, and how many
+    items got a placeholder title). Titles: `titles_path` when given, else the pickle's 'meta'."""
+    data = read_llamarec_pickle(path)
+    raw_item = {int(sid): str(raw) for raw, sid in data["smap"].items()}
+    rows = interaction_rows(data, raw_item, path)
     used = {item for _, item, _ in rows}
     if titles_path is not None:
         titles, source = read_titles(titles_path), str(titles_path)
@@ -138,15 +157,7 @@ def convert(path: Path, out_dir: Path, titles_path: Path | None = None, placehol
             f"note: {len(untitled)} of {len(used)} items have no title in {source}: titled 'item <raw id>'",
             file=sys.stderr,
         )
-    repeats = len(rows) - len({(user, item) for user, item, _ in rows})
-    if repeats:
-        print(
-            f"note: {repeats} repeated (user, item) pairs; loading keeps the first of each, so the split will differ",
-            file=sys.stderr,
-        )
-    advice = kept_whole_by(rows)
-    if advice:
-        print(f"note: {path} is not a 5-core: {advice}", file=sys.stderr)
+    note_repeats_and_cores(rows, path)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: expected an output folder, found a file there")
     out_dir.mkdir(parents=True, exist_ok=True)

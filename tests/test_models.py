@@ -152,11 +152,11 @@ def test_narm_matches_its_definition_written_out():
 def test_sizes_a_model_cannot_take_are_input_errors():
     for name in ("sasrec", "bert4rec"):
         with pytest.raises(InputError, match=r"^--attn_heads: expected a divisor of --bert_hidden_units 10, found 4$"):
-            build_retriever(RetrieverSpec(name, 8, hidden_units=10, heads=4), 40)
+            build_retriever(default_config(RetrieverSpec, model=name, max_len=8, hidden_units=10, heads=4), 40)
     with pytest.raises(
         InputError, match=r"^--retriever_model: expected one of lru, sasrec, bert4rec, narm, found 'gru'$"
     ):
-        build_retriever(RetrieverSpec("gru"), 40)
+        build_retriever(default_config(RetrieverSpec, model="gru"), 40)
 
 
 # A retriever written the way docs/retriever.md says: one file with a NextItemModel subclass, nothing else.
@@ -193,7 +193,7 @@ def test_a_registry_line_is_all_build_retriever_needs(tmp_path, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setitem(RETRIEVERS, "bag", module.BagOfItems)  # the registry line; removed after the test
-    model = build_retriever(RetrieverSpec("bag", 8, hidden_units=12), 40)
+    model = build_retriever(default_config(RetrieverSpec, model="bag", max_len=8, hidden_units=12), 40)
     assert type(model) is module.BagOfItems and model.token.weight.shape == (41, 12)
     assert model(torch.tensor([[0, 3, 4], [1, 2, 5]])).shape == (2, 41)
 
