@@ -61,8 +61,9 @@ def test_a_retriever_trained_by_the_run_code_learns_a_planted_rule(name, num_cyc
         RetrieverSpec, model=name, max_len=LENGTH, hidden_units=32, num_blocks=1, dropout=0.0, attn_dropout=0.0
     )
     model = build_retriever(spec, split.num_items)
-    training = default_config(
+    training = default_config(  # the defaults of datasets without their own: plain cross-entropy, original windows
         RetrieverTraining,
+        "beauty",
         batch_size=16,
         lr=5e-3,
         max_steps=300,
