@@ -92,13 +92,16 @@ def _rename_into_place(tmp: Path, path: Path, keep_existing: Callable[[Path], bo
     old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
     try:
         os.replace(path, old / path.name)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            os.replace(old / path.name, path)  # put the old one back: `path` stays as it was
-            raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        old.rmdir()
+        raise
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        os.replace(old / path.name, path)  # put the old one back: `path` stays as it was
+        old.rmdir()  # (were that to fail too, the old one would stay in `old`, never deleted)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
