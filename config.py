@@ -223,7 +223,7 @@ def add_device_args(group: argparse._ArgumentGroup) -> None:
 
 def add_config_arg(group: argparse._ArgumentGroup) -> None:
     add_flag(group, "--config", type=Path, default=None, role=SETTING,
-             help="a JSON object of flag values (a run's own config.json reruns it); flags after it override it; "
+             help="a JSON object of flag values (a run's own config.json reruns it); the command line overrides it; "
                   "--resume, --overwrite, --eval_only and --print_config are taken from the command line only")  # fmt: skip
 
 
