@@ -8,8 +8,6 @@ taken at the masked positions only. Prediction of the next item: the history (it
 by the mask token, read at that last position.
 """
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
@@ -19,13 +17,9 @@ from model.layers import (
     PositionwiseFeedForward,
     SelfAttention,
     attention_mask,
-    check_heads,
     position_ids,
     truncated_normal_init_,
 )
-
-if TYPE_CHECKING:  # type hints only: model/retrievers.py imports every retriever
-    from model.retrievers import RetrieverSpec
 
 
 class BERT4RecBlock(nn.Module):
@@ -70,20 +64,6 @@ class BERT4Rec(NextItemModel):
         )
         self.bias = nn.Parameter(torch.zeros(num_items + 1))
         truncated_normal_init_(self)
-
-    @classmethod
-    def from_spec(cls, spec: "RetrieverSpec", num_items: int) -> "BERT4Rec":
-        check_heads(spec.hidden_units, spec.heads)
-        return cls(
-            num_items,
-            max_len=spec.max_len,
-            hidden_units=spec.hidden_units,
-            num_blocks=spec.num_blocks,
-            heads=spec.heads,
-            dropout=spec.dropout,
-            attn_dropout=spec.attn_dropout,
-            mask_prob=spec.mask_prob,
-        )
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         masked = tokens == self.mask_id

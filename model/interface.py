@@ -3,6 +3,8 @@
 A retriever is one file in model/ with a NextItemModel subclass and one line in model/retrievers.py's RETRIEVERS.
 """
 
+import dataclasses
+import inspect
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,16 +21,19 @@ class NextItemModel(nn.Module):
     hidden @ token^T + bias over all item ids, and the trainer's interface (encode, next_hidden, training_inputs).
 
     A subclass sets `num_items`, `token` (nn.Embedding(num_items + 1, d)) and `bias` (nn.Parameter of
-    num_items + 1 zeros) and implements `from_spec` and `encode`; `causal` and the other methods have defaults.
+    num_items + 1 zeros) and implements `encode`; `causal`, `from_spec` and the other methods have defaults.
     """
 
     causal = True  # encode()'s state at position t depends on positions <= t only
 
     @classmethod
     def from_spec(cls, spec: "RetrieverSpec", num_items: int) -> "NextItemModel":
-        """A freshly initialised model over item ids 1..num_items (0 = padding), sized by the run's spec; an
-        InputError (naming the flag) for sizes this model cannot take."""
-        raise NotImplementedError
+        """A freshly initialised model over item ids 1..num_items (0 = padding): cls(num_items, ...) with each field
+        of the run's spec that the constructor names as a parameter (hidden_units, num_blocks, max_len, dropout,
+        attn_dropout, heads, mask_prob); the constructor raises an InputError naming the flag for sizes it cannot
+        take."""
+        takes = inspect.signature(cls).parameters
+        return cls(num_items, **{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name in takes})
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, L] left-padded item ids -> [B, L, d]
         raise NotImplementedError

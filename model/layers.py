@@ -59,8 +59,8 @@ def attention_mask(tokens: torch.Tensor, causal: bool) -> torch.Tensor:
 class SelfAttention(nn.Module):
     def __init__(self, d_model: int, heads: int, dropout: float):
         super().__init__()
-        if d_model % heads:
-            raise ValueError(f"hidden size {d_model} is not divisible by {heads} heads")
+        if d_model % heads:  # equal heads; in flag terms, as the sizes come from the flags
+            raise InputError(f"--attn_heads: expected a divisor of --bert_hidden_units {d_model}, found {heads}")
         self.heads = heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
@@ -71,12 +71,6 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(batch, length, d))
-
-
-def check_heads(hidden_units: int, heads: int) -> None:
-    """SelfAttention splits the hidden size into equal heads: say so in flag terms before building one."""
-    if hidden_units % heads:
-        raise InputError(f"--attn_heads: expected a divisor of --bert_hidden_units {hidden_units}, found {heads}")
 
 
 def truncated_normal_init_(model: nn.Module, std: float = 0.02) -> None:

@@ -15,7 +15,6 @@ original keeps its input there); nothing reads the outputs at padding positions.
 """
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +22,6 @@ from torch import nn
 
 from model.interface import NextItemModel
 from model.layers import Dropout, PositionwiseFeedForward, truncated_normal_init_
-
-if TYPE_CHECKING:  # type hints only: model/retrievers.py imports every retriever
-    from model.retrievers import RetrieverSpec
 
 
 def _powers(a_re: torch.Tensor, a_im: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,16 +162,6 @@ class LRURec(NextItemModel):
         self.blocks = nn.ModuleList([LRUBlock(hidden_units, dropout, attn_dropout) for _ in range(num_blocks)])
         self.bias = nn.Parameter(torch.zeros(num_items + 1))
         truncated_normal_init_(self)
-
-    @classmethod
-    def from_spec(cls, spec: "RetrieverSpec", num_items: int) -> "LRURec":
-        return cls(
-            num_items,
-            hidden_units=spec.hidden_units,
-            num_blocks=spec.num_blocks,
-            dropout=spec.dropout,
-            attn_dropout=spec.attn_dropout,
-        )
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, L, d] for left-padded item ids [B, L] (zeros at padding positions).

@@ -6,16 +6,11 @@ h_j. [h_t ; c_local] -> dropout -> the bilinear decoder B (2d -> d) -> scores ag
 as the other retrievers. The GRU runs over each row's real items only, so left padding changes nothing.
 """
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from model.interface import NextItemModel
 from model.layers import Dropout, truncated_normal_init_
-
-if TYPE_CHECKING:  # type hints only: model/retrievers.py imports every retriever
-    from model.retrievers import RetrieverSpec
 
 
 def shift_rows(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
@@ -39,10 +34,6 @@ class NARM(NextItemModel):
         self.decoder = nn.Linear(2 * hidden_units, hidden_units, bias=False)
         self.bias = nn.Parameter(torch.zeros(num_items + 1))
         truncated_normal_init_(self)
-
-    @classmethod
-    def from_spec(cls, spec: "RetrieverSpec", num_items: int) -> "NARM":
-        return cls(num_items, hidden_units=spec.hidden_units, dropout=spec.dropout)  # one GRU layer (the paper's)
 
     def gru_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """GRU states [B, L, d] for left-padded item ids [B, L], zeros at padding positions."""

@@ -8,17 +8,13 @@ states of real positions do not depend on the left padding (as LRURec's); positi
 """
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.interface import NextItemModel
-from model.layers import Dropout, SelfAttention, attention_mask, check_heads, position_ids, truncated_normal_init_
-
-if TYPE_CHECKING:  # type hints only: model/retrievers.py imports every retriever
-    from model.retrievers import RetrieverSpec
+from model.layers import Dropout, SelfAttention, attention_mask, position_ids, truncated_normal_init_
 
 
 class SASRecBlock(nn.Module):
@@ -58,19 +54,6 @@ class SASRec(NextItemModel):
         self.layer_norm = nn.LayerNorm(hidden_units)
         self.bias = nn.Parameter(torch.zeros(num_items + 1))
         truncated_normal_init_(self)
-
-    @classmethod
-    def from_spec(cls, spec: "RetrieverSpec", num_items: int) -> "SASRec":
-        check_heads(spec.hidden_units, spec.heads)
-        return cls(
-            num_items,
-            max_len=spec.max_len,
-            hidden_units=spec.hidden_units,
-            num_blocks=spec.num_blocks,
-            heads=spec.heads,
-            dropout=spec.dropout,
-            attn_dropout=spec.attn_dropout,
-        )
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.token(tokens) * math.sqrt(self.token.embedding_dim) + self.position(position_ids(tokens))

@@ -12,6 +12,7 @@ import torch
 
 from config import default_config
 from dataloader.candidates import load_candidates
+from model.layers import Dropout, SelfAttention
 from model.retrievers import RETRIEVERS, RetrieverSpec, build_retriever
 from tests.conftest import run_dir_of, split_of
 from train_retriever import main
@@ -177,10 +178,6 @@ class BagOfItems(NextItemModel):
         self.mix = nn.Linear(hidden_units, hidden_units)
         self.bias = nn.Parameter(torch.zeros(num_items + 1))
 
-    @classmethod
-    def from_spec(cls, spec, num_items):
-        return cls(num_items, spec.hidden_units)
-
     def encode(self, tokens):
         real = (tokens > 0).unsqueeze(-1)
         return self.mix((self.token(tokens) * real).cumsum(1) / real.cumsum(1).clamp(min=1))
@@ -220,3 +217,25 @@ def test_a_new_retriever_trains_and_exports_with_one_registry_line(tmp_path, tin
     assert json.loads((run / "eval" / "test_metrics.json").read_text()) == json.loads(
         (run / "test_metrics.json").read_text()
     )
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_from_spec_gives_each_size_of_the_spec_to_the_model(name):
+    """The inherited from_spec passes the spec's fields by name: one dropped or passed to the wrong parameter fails."""
+    spec = default_config(RetrieverSpec, model=name, max_len=7, hidden_units=12, num_blocks=3, heads=3, dropout=0.25,
+                          attn_dropout=0.375, mask_prob=0.3)  # fmt: skip
+    model = build_retriever(spec, 40)
+    assert model.token.weight.shape == (41, 12)
+    probabilities = {module.p for module in model.modules() if isinstance(module, Dropout)}
+    if name == "narm":  # one GRU layer, no attention
+        assert model.gru.num_layers == 1 and probabilities == {0.25}
+        return
+    assert len(model.blocks) == 3 and 0.25 in probabilities
+    if name == "lru":
+        assert 0.375 in probabilities
+        return
+    assert model.position.num_embeddings == 8  # max_len + 1
+    attention = [module for module in model.modules() if isinstance(module, SelfAttention)]
+    assert len(attention) == 3 and {(a.heads, a.dropout) for a in attention} == {(3, 0.375)}
+    if name == "bert4rec":
+        assert model.mask_prob == 0.3
