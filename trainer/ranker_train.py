@@ -95,7 +95,7 @@ class RankerTrainer(Trainer):
         self._loss_sum = 0.0  # since the last validation
         self._loss_count = 0
         self.clock = SessionClock()  # train_adapter continues the clock of the checkpoint a --resume starts from
-        # the training loss summed over the sessions before this one, then this session's
+        # the training loss summed over the run's earlier starts (before a --resume), then over this process's steps
         self.loss_before, self.session_loss_sum, self.session_loss_count = (0.0, 0), 0.0, 0
 
     def resume_clock(self, saved: dict) -> None:
@@ -272,7 +272,7 @@ def train_adapter(trainer: RankerTrainer, run_dir: Path, resume: bool) -> dict:
         print(f"--resume: continuing from {resume_from}", flush=True)
         if is_main_process():
             truncate_history(run_dir / HISTORY, int(resume_from.name.split("-")[1]))
-    trainer.clock = SessionClock()  # this session starts now, after loading the model and data
+    trainer.clock = SessionClock()  # this start of the run is timed from here, after loading the model and data
     if resume_from and (resume_from / CLOCK).is_file():
         trainer.resume_clock(read_json_object(resume_from / CLOCK))
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

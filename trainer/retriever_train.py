@@ -195,8 +195,8 @@ def short_metrics(metrics: dict[str, float]) -> dict[str, str]:
 
 
 class Session:
-    """One training session of a run (a fresh start or a --resume): the data, optimizer and state it advances, and
-    the clock that adds this session's time to the run's total at every save."""
+    """One start of a run's training (the first, or a --resume): the data, optimizer and state it advances, and
+    the clock that adds the time since this start to the run's total at every save."""
 
     def __init__(
         self,

@@ -68,13 +68,13 @@ class SessionClock:
     def __init__(self, before: Clock | None = None) -> None:
         self.before = before or Clock()
         self.start = time.time()
-        self.validation_seconds = 0.0  # this session's
+        self.validation_seconds = 0.0  # since this process started the run (or resumed it)
 
     def add_validation(self, seconds: float) -> None:
         self.validation_seconds += seconds
 
     def elapsed(self) -> Clock:
-        """The run's clock up to now, this session included (what a checkpoint saves for the next one)."""
+        """The run's clock up to now, this start included (what a checkpoint saves for a later --resume)."""
         return Clock(
             seconds=self.before.seconds + time.time() - self.start,
             validation_seconds=self.before.validation_seconds + self.validation_seconds,
