@@ -69,6 +69,28 @@ def test_a_folder_replaces_the_old_one_whole_and_a_failed_one_keeps_it(tmp_path)
     assert (path / "both.json").read_text() == "new" and leftovers(tmp_path) == []
 
 
+def test_a_folder_whose_final_rename_fails_is_put_back_whole(tmp_path, monkeypatch):
+    """The old folder is moved aside before the new one goes in; when that last rename fails (a real failure of the
+    file system, simulated here on os.replace), the old folder is put back and nothing is left beside it."""
+    path = tmp_path / "eval"
+    with atomic_folder(path) as tmp:
+        (tmp / "result.json").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def failing_replace(src, dst):
+        calls.append((os.fspath(src), os.fspath(dst)))
+        if os.fspath(dst) == os.fspath(path) and ".tmp" in os.fspath(src) and len(calls) > 1:
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(WriteError, match="eval"):
+        with atomic_folder(path) as tmp:
+            (tmp / "result.json").write_text("new")
+    assert len(calls) == 4  # tmp -> path (not empty), path -> aside, tmp -> path (fails), aside -> path
+    assert (path / "result.json").read_text() == "old" and leftovers(tmp_path) == []
+
+
 def test_a_folder_written_first_by_another_process_is_kept_when_asked(tmp_path):
     path = tmp_path / "cache"
     with atomic_folder(path, keep_existing=lambda p: (p / "done").is_file()) as tmp:

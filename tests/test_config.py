@@ -22,6 +22,7 @@ from config import (
     add_flag,
     ask_dataset_code,
     build_parser,
+    candidate_export,
     default_config,
     flag_actions,
     llm_spec,
@@ -32,6 +33,7 @@ from config import (
     retriever_spec,
     retriever_training,
     run_cli,
+    saved_flags,
 )
 from trainer.retriever_train import RetrieverTraining
 from trainer.run_folder import flag_record
@@ -458,3 +460,17 @@ def test_ranker_and_recommend_read_config_files(tmp_path):
     path = write_json(tmp_path / "rec.json", {"retriever_run": "runs/r", "users": ["1", "2"], "topk": 5})
     recommend = parse_flags(RECOMMEND, ["--config", path, "--topk", "3"])
     assert (recommend.retriever_run, recommend.users, recommend.topk) == (Path("runs/r"), ["1", "2"], 3)
+
+
+def test_a_run_saved_before_a_flag_existed_reads_back_with_the_value_it_had(tmp_path):
+    """saved_flags: a flag missing from an older config.json takes its default, except where the run behaved
+    otherwise (BEFORE_THE_FLAG: such runs exported every training prefix, not a sample)."""
+    record = flag_record(vars(retriever_flags("--lr", "0.003")))
+    for key in ("retrieved_train_max_prefixes", "retriever_model", "attn_heads"):
+        del record[key]
+    saved = saved_flags(Path(write_json(tmp_path / "old.json", record)), RETRIEVER)
+    assert candidate_export(saved).train_max_prefixes == 0
+    assert (saved.lr, saved.retriever_model, saved.attn_heads) == (0.003, "lru", 2)
+    record["retrieved_train_max_prefixes"] = 500
+    saved = saved_flags(Path(write_json(tmp_path / "new.json", record)), RETRIEVER)
+    assert candidate_export(saved).train_max_prefixes == 500
