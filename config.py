@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from dataloader.prompts import DEFAULT_INPUT, DEFAULT_SYSTEM, PromptConfig
 from dataloader.ranker_data import RankerData
-from datasets import DATASET_CODES, DataConfig
+from datasets import DATASET_CODES, LRUREC_CODES, DataConfig
 from model.llm import LLM_CACHE_DIR, LLMSpec, LoraSettings
 from model.retrievers import RETRIEVER_MODELS, RetrieverSpec
 from trainer.retriever_export import CandidateExport
@@ -95,6 +95,26 @@ DATASET_DEFAULTS = {
     },
 }
 DATASET_DEFAULTS["ml-20m"] = DATASET_DEFAULTS["ml-1m"]
+for _code in ("ml-100k", "ml-1m", "other"):
+    DATASET_DEFAULTS[_code]["early_stopping_patience"] = 20  # the LlamaRec code's
+# The LRURec paper's own splits with its repository's recipe (config.py's set_template): max_len 200 and validation
+# every 500 steps for ML-1M, 50 / 1,000 for Beauty, Video and Sports, 50 / 2,000 for Steam; batch 128, evaluation batch
+# 256, dropout and attention dropout 0.2, patience 10 (with lr 1e-3 and weight decay 0.01, the flags' defaults).
+_LRUREC_RECIPE = {
+    **DATASET_DEFAULTS["ml-1m"],
+    "train_batch_size": 128,
+    "val_batch_size": 256,
+    "test_batch_size": 256,
+    "early_stopping_patience": 10,
+}
+for _code, (_max_len, _every) in {
+    "lrurec-ml-1m": (200, 500),
+    "lrurec-beauty": (50, 1000),
+    "lrurec-video": (50, 1000),
+    "lrurec-sports": (50, 1000),
+    "lrurec-steam": (50, 2000),
+}.items():
+    DATASET_DEFAULTS[_code] = {**_LRUREC_RECIPE, "bert_max_len": _max_len, "val_iterations": _every}
 
 
 # ---------------------------------------------------------------------------------------------- value checks
@@ -262,9 +282,12 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     add_flag(group, "--dataset_code", default=None, role=SETTING,
              help=f"{', '.join(DATASET_CODES)} (ml-100k: ml-latest-small 2018, shipped; ml-1m, ml-20m: GroupLens' "
-                  "releases, downloaded; custom: --custom_path); asked for at a terminal when missing")
+                  "releases, downloaded; custom: --custom_path; lrurec-*: the LRURec paper's published splits with its "
+                  "recipe, converted by python -m datasets.llamarec_pickle); asked for at a terminal when missing")
     add_flag(group, "--custom_path", type=Path, default=None, role=SETTING,
-             help="folder with interactions.csv (user_id,item_id,timestamp[,rating]) and items.csv (item_id,title)")
+             help="folder with interactions.csv (user_id,item_id,timestamp[,rating]) and items.csv (item_id,title); "
+                  "a folder written by python -m datasets.llamarec_pickle is used as published (lrurec-*: default "
+                  "<data_root>/<dataset_code>)")
     add_flag(group, "--data_root", type=Path, default=REPO_ROOT / "data", role=SETTING,
              help="raw files of the downloaded datasets (<root>/<dataset_code>: ml-1m, ml-20m, beauty, games) and the "
                   "preprocessed cache")
@@ -340,7 +363,7 @@ def add_retriever_args(parser: argparse.ArgumentParser) -> None:
              help="validation metric of model selection: Recall/NDCG/MRR@k, k in --metric_ks")
     add_bool_arg(group, "early_stopping", True, role=OUTCOME,
                  help="stop after --early_stopping_patience validations without gain")
-    add_flag(group, "--early_stopping_patience", type=int, default=20, check=positive, role=OUTCOME,
+    add_flag(group, "--early_stopping_patience", type=int, check=positive, role=OUTCOME,
              help="validations without gain before stop")
     add_flag(group, "--retrieved_topk", type=int, default=50, check=positive, role=SETTING,
              help="candidates kept per user in candidates.npz")
@@ -712,9 +735,9 @@ def resolve_dataset(flags: argparse.Namespace) -> None:
             setattr(flags, key, value)
     if flags.dataset_code == "custom" and flags.custom_path is None:
         raise InputError("--custom_path: required with --dataset_code custom (a folder with interactions.csv)")
-    if flags.dataset_code != "custom" and flags.custom_path is not None:
+    if flags.dataset_code not in ("custom", *LRUREC_CODES) and flags.custom_path is not None:
         raise InputError(
-            f"--custom_path: only used with --dataset_code custom, found --dataset_code {flags.dataset_code}"
+            f"--custom_path: only used with --dataset_code custom or lrurec-*, found --dataset_code {flags.dataset_code}"
         )
     if flags.dataset_code != "ml-100k" and flags.ml_100k_path is not None:
         raise InputError(f"--ml_100k_path: only used with --dataset_code ml-100k, found {flags.dataset_code}")

@@ -37,6 +37,7 @@ from dataloader.candidates import FILE_NAME
 from dataloader.histories import Request, read_requests, requests_for_users, resolve_items
 from dataloader.retriever_data import EvalData
 from datasets import load_split
+from datasets.published import check_titles
 from datasets.split import SplitData
 from model.retrievers import build_retriever
 from trainer.retriever_train import BEST
@@ -126,6 +127,7 @@ class Ranker:
         self.num_candidates = flags.llm_negative_sample_size + 1
         tokenizer = load_tokenizer(llm.tokenizer, llm.cache_dir)
         self.pad_id = tokenizer.pad_token_id
+        check_titles(split, None)
         self.builder = PromptBuilder(tokenizer, split.titles, prompt_config(flags))
         letters = letter_token_ids(self.builder, self.num_candidates)
         self.letter_ids = torch.tensor([letters[c] for c in candidate_letters(self.num_candidates)])

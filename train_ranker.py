@@ -30,7 +30,8 @@ from config import (
 )
 from dataloader.candidates import Candidates, load_candidates
 from dataloader.prompts import PromptBuilder, candidate_letters
-from datasets import load_split
+from datasets import load_split, published_folder
+from datasets.published import check_titles
 from datasets.split import SplitData
 from model.llm import LLMSpec
 from trainer.run_folder import check_resume_config, prepare_run_dir, run_folder, write_run_info
@@ -110,6 +111,7 @@ def prepare(flags: argparse.Namespace, device: torch.device) -> Setup:
     for name in (llm.base_model, llm.tokenizer):
         resolve_model_path(name)  # a missing .gguf / embedded model fails before any run folder exists
     split = load_split(data_config(flags))
+    check_titles(split, published_folder(data_config(flags)))  # before any run folder exists
     retrieved = (
         flags.llm_retrieved_path or flags.experiment_root / "retriever" / flags.dataset_name / f"seed{flags.seed}"
     )

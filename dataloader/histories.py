@@ -132,7 +132,8 @@ def requests_for_users(split: SplitData, users: list[str]) -> list[Request]:
     requests = []
     for user in users:
         u = index[user]
-        requests.append(Request(user, [split.item_raw_ids[i] for i in [*split.train[u], split.val[u], split.test[u]]]))
+        held_out = [i for i in (split.val[u], split.test[u]) if i]  # none for a published split's training-only user
+        requests.append(Request(user, [split.item_raw_ids[i] for i in [*split.train[u], *held_out]]))
     return requests
 
 

@@ -91,10 +91,12 @@ def sample_prefixes(train: list[list[int]], max_prefixes: int, seed: int) -> tup
 
 
 class EvalData:
-    """Inputs of one evaluation split: left-padded last max_len history items, labels, masked history (CSR)."""
+    """Inputs of one evaluation split: left-padded last max_len history items, labels, masked history (CSR), and the
+    dataset's user index of each row (`users`: default 0..N-1)."""
 
-    def __init__(self, histories: list[list[int]], labels: list[int], max_len: int):
+    def __init__(self, histories: list[list[int]], labels: list[int], max_len: int, users: np.ndarray | None = None):
         self.num_users = len(histories)
+        self.users = np.arange(self.num_users) if users is None else np.asarray(users, dtype=np.int64)
         lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=self.num_users)
         flat = np.fromiter(itertools.chain.from_iterable(histories), dtype=np.int64, count=int(lengths.sum()))
         offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -116,6 +118,9 @@ class EvalData:
 
 
 def eval_data(split: SplitData, mode: str, max_len: int) -> EvalData:
+    """The validation (history: train) or test (history: train + val) inputs of the users that have a held-out item."""
+    users = split.eval_users()
     if mode == "val":
-        return EvalData(split.train, split.val, max_len)
-    return EvalData([seq + [v] for seq, v in zip(split.train, split.val, strict=True)], split.test, max_len)
+        return EvalData([split.train[u] for u in users], [split.val[u] for u in users], max_len, users)
+    histories = [split.train[u] + [split.val[u]] for u in users]
+    return EvalData(histories, [split.test[u] for u in users], max_len, users)

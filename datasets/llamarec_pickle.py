@@ -8,11 +8,11 @@ format.
 The original code's preprocessing (raw files -> 5-core -> leave-one-out) writes a pickle with train/val/test item
 lists per user, the item titles (`meta`) and the raw-id maps (`umap`, `smap`); LRURec's pickles have no `meta`, so
 their titles come from a file (`--titles`: GroupLens' movies.dat, or a CSV item_id,title keyed by the raw ids of
-`smap`). Its tie order among same-day interactions depends on Python's set order, so only that file pins the paper's
-exact splits. This writes interactions.csv (user_id,item_id,timestamp; timestamp = the item's position in the user's
-sequence, so sorting by it gives the paper's order) and items.csv (item_id,title); `--dataset_code custom
---custom_path out/beauty` then reproduces the pickle's splits exactly (a 5-core of a 5-core keeps everything; a
-pickle that is not one is reported with the --min_uc/--min_sc that keep it whole).
+`smap`) or are left out (stage 1 needs none). Its tie order among same-day interactions depends on Python's set
+order, so only that file pins the paper's exact splits. This writes a published-split folder (datasets/published.py:
+interactions.csv with each row's split, items.csv, published_split.json with the pickle's sha256);
+`--dataset_code custom --custom_path OUT` (or an `lrurec-*` code) then uses the pickle's split exactly as published,
+training-only users and repeated items included, with no filter applied again.
 
 The pickle is read by an unpickler that builds only dicts, lists, tuples, strings and numbers: any other object in
 the file (the way a malicious pickle runs code) is refused.
@@ -24,12 +24,12 @@ import importlib
 import numbers
 import pickle
 import sys
-from collections import Counter
 from pathlib import Path
 
+from datasets.published import MARKER, marker_record
 from datasets.sources import read_movielens_titles, read_titles_csv
 from utils.errors import InputError, WriteError
-from utils.files import atomic_output
+from utils.files import atomic_output, sha256_file
 
 # numpy integers appear when a list was built from a pandas column; nothing else is ever constructed.
 ALLOWED_GLOBALS = {
@@ -86,95 +86,102 @@ def read_titles(path: Path) -> dict[str, str]:
     return read_movielens_titles(path) if path.suffix == ".dat" else read_titles_csv(path)
 
 
-def kept_whole_by(rows: list[tuple[str, str, int]]) -> str | None:
-    """None when the default 5-core keeps every row; else the --min_uc/--min_sc that do (or why none can)."""
-    users, items = Counter(user for user, _, _ in rows), Counter(item for _, item, _ in rows)
-    min_user, min_item = min(users.values()), min(items.values())
-    if min_user >= 5 and min_item >= 5:
-        return None
-    if min_user < 3:
-        return f"{sum(n < 3 for n in users.values())} users have fewer than 3 items and cannot be kept (--min_uc >= 3)"
-    return f"load it with --min_uc {min(min_user, 5)} --min_sc {min(min_item, 5)} to keep it whole"
-
-
-def interaction_rows(data: dict, raw_item: dict[int, str], path: Path) -> list[tuple[str, str, int]]:
-    """(raw user, raw item, position) of every interaction, each user's train + val + test in order."""
+def interaction_rows(data: dict, raw_item: dict[int, str], path: Path) -> list[tuple[str, str, int, str]]:
+    """(raw user, raw item, position, split) of every interaction, each user's train + val + test in order."""
     raw_user = {int(uid): str(raw) for raw, uid in data["umap"].items()}
     rows = []
     for uid in sorted(data["train"], key=int):
-        sequence = [*data["train"][uid], *data["val"].get(uid, []), *data["test"].get(uid, [])]
+        parts = [(part, sid) for part in ("train", "val", "test") for sid in data[part].get(uid, [])]
         if int(uid) not in raw_user:
             raise InputError(f"{path}: user {uid} of 'train' is missing from 'umap'")
-        for position, sid in enumerate(sequence):
+        for position, (part, sid) in enumerate(parts):
             if int(sid) not in raw_item:
                 raise InputError(f"{path}: item {sid} of user {uid} is missing from 'smap'")
-            rows.append((raw_user[int(uid)], raw_item[int(sid)], position))
+            rows.append((raw_user[int(uid)], raw_item[int(sid)], position, part))
     if not rows:
         raise InputError(f"{path}: 'train' holds no users")
     return rows
 
 
-def note_repeats_and_cores(rows: list[tuple[str, str, int]], path: Path) -> None:
-    """Say when loading the converted files will not give back the pickle's split exactly."""
-    repeats = len(rows) - len({(user, item) for user, item, _ in rows})
-    if repeats:
-        print(
-            f"note: {repeats} repeated (user, item) pairs; loading keeps the first of each, so the split will differ",
-            file=sys.stderr,
-        )
-    advice = kept_whole_by(rows)
-    if advice:
-        print(f"note: {path} is not a 5-core: {advice}", file=sys.stderr)
+def pickle_titles(data: dict, raw_item: dict[int, str]) -> dict[str, str]:
+    return {
+        raw_item[int(sid)]: title.strip()
+        for sid, title in data["meta"].items()
+        if int(sid) in raw_item and title.strip()
+    }
 
 
-def convert(path: Path, out_dir: Path, titles_path: Path | None = None, placeholder_titles: bool = False) -> dict:
-    """Write out_dir/interactions.csv and out_dir/items.csv; return counts (users, items, interactions, and how many
-    items got a placeholder title). Titles: `titles_path` when given, else the pickle's 'meta'."""
+def guess_dataset(path: Path) -> str | None:
+    """'video' from .../video_min_rating0-min_uc5-min_sc5-leave_one_out/dataset.pkl (the original folders' names)."""
+    folder = Path(path).resolve().parent.name
+    return folder.split("_min_rating")[0] if "_min_rating" in folder else None
+
+
+def convert(
+    path: Path,
+    out_dir: Path,
+    titles_path: Path | None = None,
+    placeholder_titles: bool = False,
+    dataset: str | None = None,
+) -> dict:
+    """Write out_dir/interactions.csv (with each row's split), out_dir/items.csv (when there are titles) and
+    out_dir/published_split.json; return the split's counts. Titles: `titles_path` when given, else the pickle's
+    'meta', else none (the retriever trains without them; the ranker refuses)."""
     data = read_llamarec_pickle(path)
     raw_item = {int(sid): str(raw) for raw, sid in data["smap"].items()}
     rows = interaction_rows(data, raw_item, path)
-    used = {item for _, item, _ in rows}
+    used = sorted({item for _, item, _, _ in rows})
     if titles_path is not None:
         titles, source = read_titles(titles_path), str(titles_path)
     elif "meta" in data:
-        titles = {
-            raw_item[int(sid)]: title.strip()
-            for sid, title in data["meta"].items()
-            if int(sid) in raw_item and title.strip()
-        }
-        source = f"{path}'s 'meta'"
+        titles, source = pickle_titles(data, raw_item), f"{path}'s 'meta'"
     else:
-        raise InputError(f"{path}: has no 'meta' (titles); pass --titles FILE (movies.dat, or a CSV item_id,title)")
-    untitled = sorted(used - titles.keys())
-    if untitled and not placeholder_titles:
+        titles, source = {}, None
+    untitled = [item for item in used if item not in titles]
+    if source is not None and untitled and not placeholder_titles:
         raise InputError(
             f"{source}: no title for {len(untitled)} of the {len(used)} items (first: {untitled[:3]}); the ranker "
             "shows titles, so fix the file, or pass --placeholder_titles to title them 'item <raw id>'"
         )
-    titles |= {item: f"item {item}" for item in untitled}
-    if untitled:
+    if placeholder_titles:
+        titles = {**titles, **{item: f"item {item}" for item in untitled}}
+        print(f"note: {len(untitled)} of {len(used)} items titled 'item <raw id>'", file=sys.stderr)
+    elif source is None:
         print(
-            f"note: {len(untitled)} of {len(used)} items have no title in {source}: titled 'item <raw id>'",
+            f"note: {path} has no titles ('meta') and no --titles was given: no items.csv; the retriever trains on "
+            "this split, the ranker needs titles (--titles FILE or --placeholder_titles)",
             file=sys.stderr,
         )
-    note_repeats_and_cores(rows, path)
+    evaluated = sum(1 for uid in data["train"] if data["val"].get(uid))
+    stats = {
+        "users": len(data["train"]),
+        "evaluated_users": evaluated,
+        "items": len(used),
+        "interactions": len(rows),
+        "placeholder_titles": len(untitled) if placeholder_titles else 0,
+    }
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: expected an output folder, found a file there")
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).unlink(missing_ok=True)  # until the new one is written, the folder is no published split
     with atomic_output(out_dir / "interactions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["user_id", "item_id", "timestamp"])
+        writer.writerow(["user_id", "item_id", "timestamp", "split"])
         writer.writerows(rows)
-    with atomic_output(out_dir / "items.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["item_id", "title"])
-        writer.writerows(sorted((item, titles[item]) for item in used))
-    return {
-        "users": len(data["train"]),
-        "items": len(used),
-        "interactions": len(rows),
-        "placeholder_titles": len(untitled),
-    }
+    if titles:
+        with atomic_output(out_dir / "items.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["item_id", "title"])
+            writer.writerows((item, titles[item]) for item in used if item in titles)
+    elif (out_dir / "items.csv").exists():
+        (out_dir / "items.csv").unlink()  # an earlier conversion's titles are not this split's
+    # the marker last: a folder with it is complete
+    marker = marker_record(
+        Path(path).name, sha256_file(path), dataset or guess_dataset(path), stats, source and Path(source).name
+    )
+    with atomic_output(out_dir / MARKER) as tmp:
+        tmp.write_text(marker, encoding="utf-8")
+    return stats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         "a CSV with the header item_id,title; needed for a pickle without 'meta' (LRURec's)",
     )
     parser.add_argument(
+        "--dataset",
+        default=None,
+        help="the dataset's name recorded in published_split.json (default: from the pickle's folder name, e.g. "
+        "'video' for video_min_rating0-min_uc5-min_sc5-leave_one_out/)",
+    )
+    parser.add_argument(
         "--placeholder_titles",
         action="store_true",
         help="title items without one 'item <raw id>' instead of refusing (keeps the split whole; "
@@ -198,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        print(convert(args.pickle, args.out_dir, args.titles, args.placeholder_titles))
+        print(convert(args.pickle, args.out_dir, args.titles, args.placeholder_titles, args.dataset))
     except (InputError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, InputError) else 1

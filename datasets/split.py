@@ -11,16 +11,20 @@ from utils.errors import InputError
 
 @dataclass
 class SplitData:
-    """Users are 0..num_users-1; items are 1..num_items (0 is padding everywhere)."""
+    """Users are 0..num_users-1; items are 1..num_items (0 is padding everywhere).
+
+    A published split (datasets/published.py) may hold training-only users: val[u] == test[u] == 0, trained on and
+    never evaluated. Splits made here evaluate every user."""
 
     name: str
     train: list[list[int]]  # train[u]: item ids in chronological order
-    val: list[int]  # val[u]: the second-to-last item
-    test: list[int]  # test[u]: the last item
-    titles: list[str]  # titles[i] for item i; titles[0] == ""
+    val: list[int]  # val[u]: the second-to-last item (0: a training-only user)
+    test: list[int]  # test[u]: the last item (0: a training-only user)
+    titles: list[str]  # titles[i] for item i; titles[0] == ""; "" for an item without a title (published splits)
     user_raw_ids: list[str]
     item_raw_ids: list[str]  # item_raw_ids[0] == ""
     fingerprint: str
+    published: dict | None = None  # a published split's record (published_split.json): source file, sha256
 
     @property
     def num_users(self) -> int:
@@ -30,15 +34,24 @@ class SplitData:
     def num_items(self) -> int:
         return len(self.item_raw_ids) - 1
 
+    def eval_users(self) -> np.ndarray:
+        """The users with a validation and a test item (every user, except a published split's training-only ones)."""
+        return np.flatnonzero(np.asarray(self.val, dtype=np.int64) != 0)
+
     def stats(self) -> dict:
-        interactions = sum(len(seq) for seq in self.train) + 2 * self.num_users
-        return {
+        evaluated = len(self.eval_users())
+        interactions = sum(len(seq) for seq in self.train) + 2 * evaluated
+        stats = {
             "dataset": self.name,
             "users": self.num_users,
+            "evaluated_users": evaluated,
             "items": self.num_items,
             "interactions": interactions,
             "avg_length": round(interactions / self.num_users, 2),
         }
+        if self.published is not None:
+            stats["published"] = {k: self.published[k] for k in ("source", "sha256") if k in self.published}
+        return stats
 
 
 def k_core(df: pd.DataFrame, min_uc: int, min_sc: int) -> pd.DataFrame:

@@ -43,7 +43,7 @@ def evaluate(
                 top_scores.append(values.cpu())
             bar.update(end - start)
     ranks = torch.cat(ranks)
-    arrays = {"labels": data.labels.numpy(), "label_ranks": ranks.numpy(), "users": np.arange(data.num_users)}
+    arrays = {"labels": data.labels.numpy(), "label_ranks": ranks.numpy(), "users": data.users}
     if topk:
         arrays["items"] = torch.cat(top_items).numpy()
         arrays["scores"] = torch.cat(top_scores).numpy()
@@ -167,8 +167,8 @@ def masked_prefix_top_k(
     device: torch.device,
 ) -> dict[str, np.ndarray]:
     """Score every prefix's state over all items, mask the prefix's own items and padding; keep the top-k."""
-    # first_position[u][i] = index of item i in train[u] (repeats are dropped by preprocessing): item i is in
-    # prefix L iff its index is < L. Built per chunk of users, so memory stays O(chunk x items).
+    # first_position[u][i] = index of item i's first occurrence in train[u] (a published split may repeat items):
+    # item i is in prefix L iff that index is < L. Built per chunk of users, so memory stays O(chunk x items).
     top_items, labels, ranks = [], [], []
     num_columns = model.token.num_embeddings
     chunk = max(1, chunk)
@@ -178,7 +178,9 @@ def masked_prefix_top_k(
         present = torch.unique(chunk_users)
         first_position = torch.full((len(present), num_columns), torch.iinfo(torch.long).max, dtype=torch.long)
         for k, user in enumerate(present.tolist()):
-            first_position[k, torch.tensor(train[user])] = torch.arange(len(train[user]))
+            first_position[k].scatter_reduce_(
+                0, torch.tensor(train[user], dtype=torch.long), torch.arange(len(train[user])), reduce="amin"
+            )
         local = torch.searchsorted(present, chunk_users)
         scores = model.score(hidden[rows].to(device)).cpu()
         scores[first_position[local] < chunk_lengths[:, None]] = -math.inf

@@ -15,7 +15,7 @@ from dataloader.retriever_data import eval_data, sample_prefixes
 from datasets.split import SplitData
 from model.interface import NextItemModel
 from model.retrievers import RetrieverSpec, build_retriever
-from trainer.metrics import PAPER_BATCH_SIZE, batch_averaged_metrics, metrics_from_ranks
+from trainer.metrics import PAPER_BATCH_SIZE, batch_averaged_metrics, metrics_from_ranks, per_user_metric
 from trainer.retriever_eval import evaluate, train_prefix_candidates
 from trainer.retriever_train import BEST, LAST, RetrieverTraining, train
 from utils.files import atomic_write_json, load_checkpoint
@@ -150,7 +150,7 @@ def export_candidates(
         train=train_arrays,
         train_metrics=train_metrics,
     )
-    write_test_metrics(out_dir, test_metrics, test_arrays["label_ranks"], export.metric_ks)
+    write_test_metrics(out_dir, test_metrics, test_arrays["label_ranks"], export.metric_ks, split)
     seconds["files"] = time.time() - start - seconds["evaluation"] - seconds["train_prefixes"]
     return val_metrics, test_metrics
 
@@ -197,9 +197,29 @@ def prefix_candidates(
     return train_arrays, train_metrics
 
 
-def write_test_metrics(out_dir: Path, test_metrics: dict, test_ranks: np.ndarray, ks: tuple[int, ...]) -> None:
+def write_test_metrics(
+    out_dir: Path, test_metrics: dict, test_ranks: np.ndarray, ks: tuple[int, ...], split: SplitData
+) -> None:
     """test_metrics_batch16.json (the test metrics averaged over batches as the paper did, for comparing with the
-    paper only: nothing selects on it), then test_metrics.json, written last: a folder with it is complete."""
-    paper_way = batch_averaged_metrics(torch.from_numpy(np.asarray(test_ranks)), list(ks))
+    paper only: nothing selects on it), then test_metrics.json, written last: a folder with it is complete. Beside the
+    metrics (means over users), test_metrics.json holds each one's standard error over users (sample sd / sqrt(n)),
+    the number of test users and the data's record (statistics, fingerprint, a published split's source sha256)."""
+    ranks = torch.from_numpy(np.asarray(test_ranks))
+    paper_way = batch_averaged_metrics(ranks, list(ks))
     atomic_write_json(out_dir / f"test_metrics_batch{PAPER_BATCH_SIZE}.json", paper_way)
-    atomic_write_json(out_dir / "test_metrics.json", test_metrics)
+    atomic_write_json(
+        out_dir / "test_metrics.json",
+        {
+            **test_metrics,
+            "standard_errors": standard_errors(ranks, [name for name in test_metrics if "@" in name]),
+            "users": len(ranks),
+            "data": {**split.stats(), "fingerprint": split.fingerprint},
+        },
+    )
+
+
+def standard_errors(ranks: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """Each metric's standard error over users: the sample sd of the per-user values / sqrt(users)."""
+    if len(ranks) < 2:
+        return {name: math.nan for name in names}
+    return {name: (per_user_metric(ranks, name).std() / math.sqrt(len(ranks))).item() for name in names}
