@@ -100,7 +100,7 @@ def evaluate_saved(flags: argparse.Namespace, split, run_dir: Path, device) -> d
             val_metrics, test_metrics = export_candidates(model, split, spec, export, out_dir, device, fold_training)
         else:
             val_metrics, _, test_metrics, test_arrays = evaluate_splits(model, split, spec.max_len, export, device)
-            write_test_metrics(out_dir, test_metrics, test_arrays["label_ranks"], export.metric_ks, split)
+            write_test_metrics(out_dir, test_metrics, test_arrays, export, split)
         atomic_write_json(out_dir / "val_metrics.json", val_metrics)
     result = {
         "checkpoint": str(checkpoint),

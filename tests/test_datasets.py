@@ -37,6 +37,7 @@ def test_ml100k_matches_paper_table2(ml100k_split):
     assert ml100k_split.stats() == {
         "dataset": "ml-100k",
         "users": 610,
+        "evaluated_users": 610,
         "items": 3650,
         "interactions": 90274,
         "avg_length": 147.99,
@@ -67,11 +68,14 @@ def test_llamarec_pickle_converts_to_the_same_split(tiny_split, tmp_path):
     with open(tmp_path / "dataset.pkl", "wb") as f:
         pickle.dump(data, f)
     counts = convert_llamarec_pickle(tmp_path / "dataset.pkl", tmp_path / "csv")
-    assert counts == {"users": 12, "items": tiny_split.num_items, "interactions": 12 * 9, "placeholder_titles": 0}
-    # --min_sc 1 as the tiny split was made with (the paper's files are 5-core already, so 5 keeps them whole)
-    split = load_split(
-        default_config(DataConfig, code="custom", custom_path=tmp_path / "csv", data_root=tmp_path, min_sc=1)
-    )
+    assert counts == {
+        "users": 12,
+        "evaluated_users": 12,
+        "items": tiny_split.num_items,
+        "interactions": 12 * 9,
+        "placeholder_titles": 0,
+    }
+    split = load_split(default_config(DataConfig, code="custom", custom_path=tmp_path / "csv", data_root=tmp_path))
 
     def raw_sequences(s):
         return {

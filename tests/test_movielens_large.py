@@ -18,6 +18,7 @@ import pytest
 from config import RANKER, RETRIEVER, default_config, parse_flags
 from datasets import DataConfig, load_split
 from datasets.llamarec_pickle import convert, main
+from datasets.published import check_titles
 from datasets.sources import MOVIELENS, read_movielens
 from tests.test_datasets import prepare
 from utils.errors import InputError
@@ -238,29 +239,23 @@ def test_lrurec_pickle_with_a_titles_file_keeps_the_authors_split(tmp_path, titl
         assert title_of["10"] == "Film 10"
 
 
-def test_lrurec_pickle_without_titles_is_refused_unless_placeholders_are_asked_for(tmp_path, capsys):
+def test_lrurec_pickle_without_titles_trains_stage_1_and_refuses_the_ranker(tmp_path, capsys):
+    """A pickle without 'meta' converts without titles (the retriever needs none); a titles file that misses an
+    item is refused unless placeholders are asked for."""
     lrurec_pickle(tmp_path / "dataset.pkl")
-    with pytest.raises(InputError, match="has no 'meta' \\(titles\\); pass --titles FILE"):
-        convert(tmp_path / "dataset.pkl", tmp_path / "csv")
+    counts = convert(tmp_path / "dataset.pkl", tmp_path / "csv")
+    assert counts == {"users": 8, "evaluated_users": 8, "items": 12, "interactions": 72, "placeholder_titles": 0}
+    assert not (tmp_path / "csv" / "items.csv").exists() and "no items.csv" in capsys.readouterr().err
+    split = load_split(default_config(DataConfig, code="custom", custom_path=tmp_path / "csv", data_root=tmp_path))
+    assert split.num_items == 12 and set(split.titles) == {""}
+    with pytest.raises(InputError, match=r"12 of 12 items have no title in .*csv/items.csv; the ranker shows titles"):
+        check_titles(split, tmp_path / "csv")
     titles = write_titles(tmp_path / "movies.dat", [10 * (i + 1) for i in range(11)])  # item 120 has none
     with pytest.raises(InputError, match=r"movies.dat: no title for 1 of the 12 items \(first: \['120'\]\)"):
         convert(tmp_path / "dataset.pkl", tmp_path / "csv", titles)
-    assert not (tmp_path / "csv" / "items.csv").exists()
     counts = convert(tmp_path / "dataset.pkl", tmp_path / "csv", titles, placeholder_titles=True)
-    assert counts == {"users": 8, "items": 12, "interactions": 72, "placeholder_titles": 1}
+    assert counts["placeholder_titles"] == 1
     assert "120,item 120\n" in (tmp_path / "csv" / "items.csv").read_text()
-    assert "1 of 12 items have no title" in capsys.readouterr().err
     split = load_split(default_config(DataConfig, code="custom", custom_path=tmp_path / "csv", data_root=tmp_path))
-    assert split.num_items == 12  # the placeholder keeps item 120, so the split stays whole
-
-
-def test_a_pickle_that_is_not_a_5_core_says_which_flags_keep_it_whole(tmp_path, capsys):
-    data = lrurec_pickle(tmp_path / "dataset.pkl")
-    uid = next(iter(data["train"]))
-    data["train"][uid] = data["train"][uid][:2]  # 4 items: below --min_uc 5
-    with open(tmp_path / "dataset.pkl", "wb") as f:
-        pickle.dump(data, f)
-    titles = write_titles(tmp_path / "titles.csv", [10 * (i + 1) for i in range(12)])
-    convert(tmp_path / "dataset.pkl", tmp_path / "csv", titles)
-    err = capsys.readouterr().err
-    assert "is not a 5-core: load it with --min_uc 4 --min_sc" in err
+    check_titles(split, tmp_path / "csv")  # every item titled now
+    assert split.num_items == 12

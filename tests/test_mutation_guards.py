@@ -30,7 +30,7 @@ from train_retriever import main
 from trainer.metrics import paired_bootstrap
 from trainer.ranker_eval import _ci_text, build_test_report, ranking_records
 from trainer.retriever_eval import evaluate
-from trainer.retriever_export import fold_users, write_test_metrics
+from trainer.retriever_export import CandidateExport, fold_users, write_test_metrics
 from utils.files import load_checkpoint
 
 CPU = torch.device("cpu")
@@ -288,14 +288,27 @@ def test_candidates_round_trip_keeps_large_ranks_and_lengths(tmp_path):
 # trainer/retriever_export.py
 
 
-def test_batch16_file_averages_batch_means(tmp_path):
-    """Catches test_metrics_batch16.json holding the per-user mean instead of the paper's batch-averaged figure."""
+def test_test_files_average_batches_the_papers_way_and_give_standard_errors(tmp_path):
+    """Catches test_metrics_batch16.json / test_metrics_original.json holding the per-user mean instead of the
+    papers' batch-averaged figures, the original file masking the whole history, and a wrong standard error."""
     ranks = np.array([0] * 16 + [100] * 4)  # batch 1: 16 hits at rank 0; batch 2: 4 misses
-    write_test_metrics(tmp_path, {"Recall@1": 0.8}, ranks, (1, 10))
+    window_ranks = np.array([0] * 16 + [1] * 4)  # with only the input window masked: 4 users rank 2nd
+    split = SplitData("s", [[1]] * 20, [2] * 20, [3] * 20, ["", "a", "b", "c"], [str(u) for u in range(20)],
+                      ["", "1", "2", "3"], "f")  # fmt: skip
+    export = default_config(CandidateExport, metric_ks=(1, 10), batch_size=16)
+    arrays = {"label_ranks": ranks, "window_label_ranks": window_ranks}
+    write_test_metrics(tmp_path, {"Recall@1": 0.8}, arrays, export, split)
     paper_way = json.loads((tmp_path / "test_metrics_batch16.json").read_text())
     assert paper_way["Recall@1"] == pytest.approx((1.0 + 0.0) / 2)
     assert paper_way["NDCG@10"] == pytest.approx(0.5) and paper_way["MRR@10"] == pytest.approx(0.5)
-    assert json.loads((tmp_path / "test_metrics.json").read_text()) == {"Recall@1": 0.8}
+    original = json.loads((tmp_path / "test_metrics_original.json").read_text())
+    assert original["Recall@1"] == pytest.approx((1.0 + 0.0) / 2)  # batches of 16: 16/16, then 0/4
+    assert original["MRR@10"] == pytest.approx((1.0 + 0.5) / 2)
+    assert original["per_user_mean"]["MRR@10"] == pytest.approx((16 + 4 * 0.5) / 20)
+    saved = json.loads((tmp_path / "test_metrics.json").read_text())
+    assert saved["Recall@1"] == 0.8 and saved["users"] == 20 and saved["data"]["fingerprint"] == "f"
+    # 16 ones and 4 zeros: sample sd sqrt(0.8 * 0.2 * 20 / 19), over sqrt(20)
+    assert saved["standard_errors"]["Recall@1"] == pytest.approx((0.16 * 20 / 19) ** 0.5 / 20**0.5)
 
 
 def test_fold_models_train_and_validate_on_the_other_folds_users_only(tmp_path, tiny_args):  # noqa: F811

@@ -1,6 +1,7 @@
-"""Scoring with a retriever: full-ranking evaluation of validation/test users (history and padding masked, at
-validation and at test alike: the original masked only at test, so its model selection optimised another metric
-than the one it reported), and the masked top-k of every training prefix."""
+"""Scoring with a retriever: full-ranking evaluation of validation/test users (the whole history and padding masked,
+at validation and at test alike: the LlamaRec code masked only at test, so its model selection optimised another
+metric than the one it reported; the LRURec code masks only the input window's items), and the masked top-k of every
+training prefix."""
 
 import math
 
@@ -22,21 +23,30 @@ def evaluate(
     device: torch.device,
     topk: int = 0,
     desc: str = "evaluate",
+    window_ranks: bool = False,
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Full-ranking metrics (means over users) and, with topk > 0, each user's top-k items and scores.
+    """Full-ranking metrics (means over users) and, with topk > 0, each user's top-k items and scores. With
+    window_ranks, arrays["window_label_ranks"] also holds each label's rank when only the items of the model's input
+    window (the last max_len history items) and padding are masked: the LRURec and LlamaRec code's way, where older
+    history items stay rankable (for comparing with their papers only).
 
     Scores exist for one batch of users at a time: memory is O(batch x items + users x topk).
     """
     model.eval()
-    ranks, top_items, top_scores = [], [], []
+    ranks, top_items, top_scores, windowed = [], [], [], []
     with progress(data.num_users, desc, unit="user") as bar:
         for start in range(0, data.num_users, batch_size):
             end = min(start + batch_size, data.num_users)
-            scores = model(data.tokens[start:end].to(device))
+            tokens = data.tokens[start:end].to(device)
+            scores = model(tokens)
+            labels = data.labels[start:end].to(device)
+            if window_ranks:
+                window_masked = scores.scatter(1, tokens, -math.inf)  # column 0 (padding) included
+                windowed.append(label_ranks(window_masked, labels).cpu())
             rows, items = data.history_mask_index(start, end)
             scores[rows.to(device), items.to(device)] = -math.inf
             scores[:, 0] = -math.inf  # padding id
-            ranks.append(label_ranks(scores, data.labels[start:end].to(device)).cpu())
+            ranks.append(label_ranks(scores, labels).cpu())
             if topk:
                 values, indices = scores.topk(topk, dim=1)
                 top_items.append(indices.cpu())
@@ -44,6 +54,8 @@ def evaluate(
             bar.update(end - start)
     ranks = torch.cat(ranks)
     arrays = {"labels": data.labels.numpy(), "label_ranks": ranks.numpy(), "users": data.users}
+    if window_ranks:
+        arrays["window_label_ranks"] = torch.cat(windowed).numpy()
     if topk:
         arrays["items"] = torch.cat(top_items).numpy()
         arrays["scores"] = torch.cat(top_scores).numpy()

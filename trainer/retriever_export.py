@@ -108,7 +108,7 @@ def evaluate_splits(
         model, eval_data(split, "val", max_len), export.batch_size, ks, device, topk, desc="validation users"
     )
     test_metrics, test_arrays = evaluate(
-        model, eval_data(split, "test", max_len), export.batch_size, ks, device, topk, desc="test users"
+        model, eval_data(split, "test", max_len), export.batch_size, ks, device, topk, "test users", window_ranks=True
     )
     return val_metrics, val_arrays, test_metrics, test_arrays
 
@@ -123,7 +123,7 @@ def export_candidates(
     fold_training: tuple[RetrieverTraining, Path] | None = None,
     seconds: dict[str, float] | None = None,
 ) -> tuple[dict, dict]:
-    """With `model` as it is: val/test metrics, test_metrics.json, test_metrics_batch16.json and candidates.npz.
+    """With `model` as it is: val/test metrics, the test files (write_test_metrics) and candidates.npz.
     fold_training = (the run's training, the folds' folder) when export.train_folds > 1. `seconds`, if given, gets
     the time of each part: evaluation (val + test), train_prefixes, files."""
     seconds = {} if seconds is None else seconds
@@ -150,7 +150,7 @@ def export_candidates(
         train=train_arrays,
         train_metrics=train_metrics,
     )
-    write_test_metrics(out_dir, test_metrics, test_arrays["label_ranks"], export.metric_ks, split)
+    write_test_metrics(out_dir, test_metrics, test_arrays, export, split)
     seconds["files"] = time.time() - start - seconds["evaluation"] - seconds["train_prefixes"]
     return val_metrics, test_metrics
 
@@ -198,15 +198,27 @@ def prefix_candidates(
 
 
 def write_test_metrics(
-    out_dir: Path, test_metrics: dict, test_ranks: np.ndarray, ks: tuple[int, ...], split: SplitData
+    out_dir: Path, test_metrics: dict, test_arrays: dict, export: CandidateExport, split: SplitData
 ) -> None:
-    """test_metrics_batch16.json (the test metrics averaged over batches as the paper did, for comparing with the
-    paper only: nothing selects on it), then test_metrics.json, written last: a folder with it is complete. Beside the
-    metrics (means over users), test_metrics.json holds each one's standard error over users (sample sd / sqrt(n)),
-    the number of test users and the data's record (statistics, fingerprint, a published split's source sha256)."""
-    ranks = torch.from_numpy(np.asarray(test_ranks))
-    paper_way = batch_averaged_metrics(ranks, list(ks))
-    atomic_write_json(out_dir / f"test_metrics_batch{PAPER_BATCH_SIZE}.json", paper_way)
+    """The test files, test_metrics.json last (a folder with it is complete):
+    - test_metrics_batch16.json: the ranks averaged over batches of 16 users as the LlamaRec paper's code did;
+    - test_metrics_original.json: the LRURec/LlamaRec code's evaluation (only the input window's items masked, the
+      mean of per-batch means over batches of --test_batch_size);
+    - test_metrics.json: the metrics (means over users), each one's standard error over users (sample sd /
+      sqrt(n)), the number of test users and the data's record (statistics, fingerprint, a published split's sha256).
+    The first two are for comparing with the papers only: nothing selects on them."""
+    ks = list(export.metric_ks)
+    ranks = torch.from_numpy(np.asarray(test_arrays["label_ranks"]))
+    atomic_write_json(out_dir / f"test_metrics_batch{PAPER_BATCH_SIZE}.json", batch_averaged_metrics(ranks, ks))
+    if "window_label_ranks" in test_arrays:
+        window = torch.from_numpy(np.asarray(test_arrays["window_label_ranks"]))
+        original = {
+            "masking": "the input window's items (the last --bert_max_len history items) and padding",
+            "averaging": f"the mean of per-batch means over batches of {export.batch_size} users (--test_batch_size)",
+            **batch_averaged_metrics(window, ks, export.batch_size),
+            "per_user_mean": metrics_from_ranks(window, ks),
+        }
+        atomic_write_json(out_dir / "test_metrics_original.json", original)
     atomic_write_json(
         out_dir / "test_metrics.json",
         {
