@@ -20,9 +20,14 @@ import math
 import re
 import statistics
 import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from config import RANKER, RETRIEVER, experiment_keys
+from trainer.metrics import paired_bootstrap, per_user_metric
 from trainer.run_folder import STAGES, Run, describe_unfinished, find_runs
 from utils.errors import FIXES, InputError, WriteError, describe_os_error
 from utils.files import atomic_output, atomic_write_text
@@ -34,6 +39,7 @@ RETRIEVER_METRICS = {
     "Recall@10": ("Recall@10",),
     "NDCG@10": ("NDCG@10",),
     "Recall@20": ("Recall@20",),
+    "NDCG@20": ("NDCG@20",),
 }
 # "subset": the test users whose target is among the retriever's candidates (the only ones the ranker can help)
 RANKER_METRICS = {
@@ -49,7 +55,7 @@ RANKER_METRICS = {
 STAGE_METRICS = {"retriever": RETRIEVER_METRICS, "ranker": RANKER_METRICS}
 # the columns the paper reports a number for
 PAPER_COLUMNS = {
-    "retriever": ("Recall@10", "NDCG@10"),
+    "retriever": ("Recall@10", "NDCG@10", "Recall@20", "NDCG@20"),
     "ranker": tuple(c for c in RANKER_METRICS if "fused" not in c),
 }
 
@@ -79,6 +85,42 @@ PAPER_TABLE3 = {
 }
 # Our dataset names -> the paper's (custom-beauty / custom-games are the paper's splits loaded as custom CSV).
 PAPER_DATASETS = {"ml-100k": "ml-100k", "custom-beauty": "beauty", "custom-games": "games"}
+
+# The LRURec paper (Yue et al., WSDM 2024), Table 3, on its own published splits (the lrurec-* dataset codes):
+# NDCG@10, NDCG@20, Recall@10, Recall@20 per model (GRU4Rec has no implementation here).
+LRUREC_TABLE3 = {
+    "lrurec-ml-1m": {
+        "narm": (0.16649, 0.19337, 0.28644, 0.39293),
+        "sasrec": (0.19021, 0.21860, 0.31810, 0.43050),
+        "bert4rec": (0.16377, 0.19118, 0.30894, 0.41738),
+        "lru": (0.19298, 0.21990, 0.32636, 0.43313),
+    },
+    "lrurec-beauty": {
+        "narm": (0.01887, 0.02239, 0.03312, 0.04708),
+        "sasrec": (0.02917, 0.03403, 0.05043, 0.06965),
+        "bert4rec": (0.02422, 0.02937, 0.04679, 0.06727),
+        "lru": (0.03088, 0.03560, 0.05284, 0.07161),
+    },
+    "lrurec-video": {
+        "narm": (0.05329, 0.06512, 0.09777, 0.14488),
+        "sasrec": (0.05829, 0.07111, 0.10910, 0.15989),
+        "bert4rec": (0.05600, 0.06958, 0.11252, 0.16640),
+        "lru": (0.06198, 0.07547, 0.11337, 0.16705),
+    },
+    "lrurec-sports": {
+        "narm": (0.01117, 0.01414, 0.02087, 0.03265),
+        "sasrec": (0.01236, 0.01520, 0.02294, 0.03428),
+        "bert4rec": (0.01457, 0.01813, 0.02879, 0.04295),
+        "lru": (0.01815, 0.02149, 0.03148, 0.04477),
+    },
+    "lrurec-steam": {
+        "narm": (0.06480, 0.07996, 0.12166, 0.18199),
+        "sasrec": (0.06759, 0.08298, 0.12597, 0.18716),
+        "bert4rec": (0.06433, 0.08117, 0.12188, 0.18245),
+        "lru": (0.06934, 0.08508, 0.12831, 0.19082),
+    },
+}
+MODEL_NAMES = {"lru": "LRURec", "sasrec": "SASRec", "bert4rec": "BERT4Rec", "narm": "NARM"}
 
 
 def _flag_text(config: dict, key: str) -> str:
@@ -131,8 +173,21 @@ def mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), sd
 
 
-def paper_numbers(stage: str, dataset: str) -> dict | None:
-    """The paper's numbers in this stage's columns, with their source; None for datasets the paper lacks."""
+def paper_numbers(stage: str, dataset: str, config: dict | None = None) -> dict | None:
+    """The paper's numbers in this stage's columns, with their source; None for datasets the paper lacks. On the
+    LRURec paper's splits, the row of the run's retriever model (`config`'s retriever_model) in that paper's Table 3."""
+    if stage == "retriever" and dataset in LRUREC_TABLE3:
+        model = (config or {}).get("retriever_model", "lru")
+        if model not in LRUREC_TABLE3[dataset]:
+            return None
+        ndcg10, ndcg20, recall10, recall20 = LRUREC_TABLE3[dataset][model]
+        return {
+            "source": f"LRURec paper Table 3, {MODEL_NAMES[model]}",
+            "Recall@10": recall10,
+            "NDCG@10": ndcg10,
+            "Recall@20": recall20,
+            "NDCG@20": ndcg20,
+        }
     name = PAPER_DATASETS.get(dataset)
     if name is None:
         return None
@@ -164,8 +219,8 @@ def build_rows(runs: list[Run]) -> list[dict]:
         groups: dict[str, list[Run]] = {}
         for run in table_runs:
             groups.setdefault(group_label(run.config, flags), []).append(run)
-        paper = paper_numbers(stage, dataset) or {}
         for label, group in sorted(groups.items()):
+            paper = paper_numbers(stage, dataset, group[0].config) or {}
             row = {
                 "stage": stage,
                 "dataset": printable(dataset),
@@ -175,11 +230,89 @@ def build_rows(runs: list[Run]) -> list[dict]:
             }
             for column, path in STAGE_METRICS[stage].items():
                 row[f"{column} mean"], row[f"{column} sd"] = mean_sd([_lookup(r.test, path) for r in group])
+                if stage == "retriever":  # each run's standard error over its test users, averaged over the runs
+                    row[f"{column} se"] = mean_sd([_lookup(r.test, ("standard_errors", *path)) for r in group])[0]
             for column in PAPER_COLUMNS[stage]:
                 row[f"paper {column}"] = paper.get(column)
             row["paper source"] = paper.get("source")
             rows.append(row)
     return rows
+
+
+# ------------------------------------------------------------------------------------------ model comparisons
+
+COMPARED_METRICS = ("NDCG@10", "Recall@10")
+
+
+def per_user_test_values(run: Run, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(users, per-user metric) of a finished retriever run's test users, from its candidates.npz; None without."""
+    path = run.path / "candidates.npz"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            users, ranks = data["test_users"], data["test_label_ranks"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    return users, per_user_metric(torch.from_numpy(ranks), metric).numpy()
+
+
+def group_values(runs: list[Run], metric: str) -> np.ndarray | None:
+    """Each test user's metric averaged over the runs (seeds); None unless every run has the same test users."""
+    values = [per_user_test_values(run, metric) for run in runs]
+    if any(v is None for v in values) or any(not np.array_equal(v[0], values[0][0]) for v in values):
+        return None
+    return np.mean([v[1] for v in values], axis=0)
+
+
+def model_comparisons(runs: list[Run]) -> list[dict]:
+    """LRURec minus every other retriever model on each dataset where both ran with otherwise equal experiment flags:
+    the paired difference of per-user test metrics (each user's mean over a model's seeds) with a 95% bootstrap
+    interval over users."""
+    finished = [r for r in runs if r.stage == "retriever" and r.test is not None and r.config]
+    found = []
+    for dataset in sorted({r.dataset for r in finished}):
+        models: dict[str, list[Run]] = {}
+        for run in (r for r in finished if r.dataset == dataset):
+            models.setdefault(run.config.get("retriever_model", "lru"), []).append(run)
+        for model, other in sorted(models.items()):
+            lru = models.get("lru")
+            if model == "lru" or lru is None:
+                continue
+            if differing_flags("retriever", [r.config for r in lru + other]) != ["retriever_model"]:
+                continue  # other flags differ too (or a model's seeds disagree): not one comparison
+            row = {"dataset": printable(dataset), "model": model, "lru_runs": len(lru), "other_runs": len(other)}
+            for metric in COMPARED_METRICS:
+                ours, theirs = group_values(lru, metric), group_values(other, metric)
+                if ours is None or theirs is None or len(ours) != len(theirs):
+                    break
+                result = paired_bootstrap(torch.from_numpy(ours), torch.from_numpy(theirs))
+                row[metric] = {**result, "relative": result["diff"] / float(theirs.mean()) if theirs.mean() else None}
+            else:
+                found.append(row)
+    return found
+
+
+def comparison_lines(comparisons: list[dict]) -> list[str]:
+    lines = []
+    for c in comparisons:
+        parts = []
+        for metric in COMPARED_METRICS:
+            r = c[metric]
+            low, high = r["ci95"]
+            word = "LRURec higher" if low > 0 else "LRURec lower" if high < 0 else "no clear difference"
+            relative = "" if r["relative"] is None else f" ({100 * r['relative']:+.2f}%)"
+            parts.append(f"{metric} {r['diff']:+.4f}{relative} [{low:+.4f}, {high:+.4f}] {word}")
+        lines.append(
+            f"{c['dataset']}: LRURec ({c['lru_runs']} runs) minus {MODEL_NAMES.get(c['model'], c['model'])} "
+            f"({c['other_runs']} runs), {c[COMPARED_METRICS[0]]['users']} test users: " + "; ".join(parts)
+        )
+    return lines
+
+
+COMPARISON_NOTE = (
+    "Per-user test metrics of each model (the mean over its runs), paired by user; 95% percentile bootstrap "
+    "interval of the mean difference over users (2,000 resamples). Seeds enter only through each user's mean, so "
+    "the interval is over users, not over trainings."
+)
 
 
 # ---------------------------------------------------------------------------------------------- output formats
@@ -189,8 +322,10 @@ def _md_value(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _md_mean_sd(mean: float | None, sd: float | None) -> str:
-    return "-" if mean is None else f"{mean:.4f} ± {_md_value(sd)}"
+def _md_mean_sd(mean: float | None, sd: float | None, se: float | None = None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.4f} ± {_md_value(sd)}" + ("" if se is None else f" (se {se:.4f})")
 
 
 def _md_cell(text: str) -> str:
@@ -212,15 +347,24 @@ def _md_table(stage: str, rows: list[dict]) -> list[str]:
     columns = table_columns(stage, rows)
     lines = ["| group | n | runs | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
     for row in rows:
-        cells = [_md_mean_sd(row[f"{c} mean"], row[f"{c} sd"]) for c in columns]
+        cells = [_md_mean_sd(row[f"{c} mean"], row[f"{c} sd"], row.get(f"{c} se")) for c in columns]
         lines.append(
             f"| {_md_cell(row['group'])} | {row['n']} | {_md_cell(_md_runs(row['runs']))} | {' | '.join(cells)} |"
         )
-    paper = rows[0]
-    if paper["paper source"] is not None:
+    for paper in paper_rows(rows):
         cells = [_md_value(paper.get(f"paper {c}")) for c in columns]
         lines.append(f"| paper ({paper['paper source']}) |  |  | {' | '.join(cells)} |")
     return lines
+
+
+def paper_rows(rows: list[dict]) -> list[dict]:
+    """The rows whose paper numbers differ (one per model on the LRURec paper's splits), each once."""
+    seen, kept = set(), []
+    for row in rows:
+        if row["paper source"] is not None and row["paper source"] not in seen:
+            seen.add(row["paper source"])
+            kept.append(row)
+    return kept
 
 
 REPORT_INTRO = (
@@ -229,7 +373,8 @@ REPORT_INTRO = (
     "reports the metric)."
 )
 TABLE_NOTES = {
-    "retriever": "Test metrics over all test users.",
+    "retriever": "Test metrics over all test users; (se x): the standard error over test users (sample sd / "
+    "sqrt(users), the mean of the runs' own).",
     "ranker": "Test metrics on the subset of test users whose target is among the retriever's candidates; "
     "`llm-retriever` is the ranker's gain over the retriever's own order on those users; `overall` covers "
     "all test users.",
@@ -244,10 +389,13 @@ def tables_of(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return tables
 
 
-def render_md(rows: list[dict], unfinished: list[Run], root: Path) -> str:
+def render_md(rows: list[dict], unfinished: list[Run], root: Path, comparisons: list[dict] | None = None) -> str:
     lines = ["# Results report", "", f"Runs under `{printable(str(root))}`. {REPORT_INTRO}"]
     for (stage, dataset), table_rows in tables_of(rows).items():
         lines += ["", f"## {stage} / {dataset}", "", TABLE_NOTES[stage], "", *_md_table(stage, table_rows)]
+    if comparisons:
+        lines += ["", "## Retriever models compared per user", "", COMPARISON_NOTE, ""]
+        lines += [f"- {line}" for line in comparison_lines(comparisons)]
     if unfinished:
         lines += ["", "## Unfinished runs (no test_metrics.json)", ""]
         lines += [f"- {printable(describe_unfinished(run))}" for run in unfinished]
@@ -256,8 +404,9 @@ def render_md(rows: list[dict], unfinished: list[Run], root: Path) -> str:
 
 def csv_columns() -> list[str]:
     columns = ["stage", "dataset", "group", "n", "runs"]
-    for metrics in STAGE_METRICS.values():
-        columns += [f"{c} {part}" for c in metrics for part in ("mean", "sd")]
+    for stage, metrics in STAGE_METRICS.items():
+        parts = ("mean", "sd", "se") if stage == "retriever" else ("mean", "sd")
+        columns += [f"{c} {part}" for c in metrics for part in parts]
     for paper_columns in PAPER_COLUMNS.values():
         columns += [f"paper {c}" for c in paper_columns if f"paper {c}" not in columns]
     return [*columns, "paper source"]
@@ -436,11 +585,12 @@ def _html_table(stage: str, rows: list[dict]) -> list[str]:
     head = "".join(f"<th>{_h(c)}</th>" for c in ("group", "n", "runs", *columns))
     lines = ['<table class="results">', f"<tr>{head}</tr>"]
     for row in rows:
-        cells = "".join(f'<td class="num">{_md_mean_sd(row[f"{c} mean"], row[f"{c} sd"])}</td>' for c in columns)
+        cells = "".join(
+            f'<td class="num">{_md_mean_sd(row[f"{c} mean"], row[f"{c} sd"], row.get(f"{c} se"))}</td>' for c in columns
+        )
         runs = f'<td title="{_h(", ".join(row["runs"]))}">{_h(_md_runs(row["runs"]))}</td>'
         lines.append(f'<tr><td>{_h(row["group"])}</td><td class="num">{row["n"]}</td>{runs}{cells}</tr>')
-    paper = rows[0]
-    if paper["paper source"] is not None:
+    for paper in paper_rows(rows):
         cells = "".join(f'<td class="num">{_md_value(paper.get(f"paper {c}"))}</td>' for c in columns)
         lines.append(f'<tr class="paper"><td>paper ({_h(paper["paper source"])})</td><td></td><td></td>{cells}</tr>')
     return [*lines, "</table>"]
@@ -588,6 +738,11 @@ def render_html(rows: list[dict], runs: list[Run], root: Path, plt) -> str:
         if stage == "ranker":
             body += _html_intervals(in_table)
         body += _html_curves(plt, in_table)
+    comparisons = model_comparisons(runs)
+    if comparisons:
+        body += ["<h2>Retriever models compared per user</h2>", f"<p>{_h(COMPARISON_NOTE)}</p>", "<ul>"]
+        body += [f"<li>{_h(line)}</li>" for line in comparison_lines(comparisons)]
+        body.append("</ul>")
     unfinished = [run for run in runs if run.test is None]
     if unfinished:
         body += ["<h2>Unfinished runs (no test_metrics.json)</h2>", '<ul class="unfinished">']
@@ -634,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         unfinished = [run for run in runs if run.test is None]
         rows = build_rows(runs)
         if args.format == "md":
-            text = render_md(rows, unfinished, args.root)
+            text = render_md(rows, unfinished, args.root, model_comparisons(runs))
         elif args.format == "html":
             if plt is None:
                 no_curves = "note: matplotlib is not installed, so the html report has no validation curves"

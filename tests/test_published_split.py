@@ -173,3 +173,44 @@ def test_prefix_masking_counts_a_repeated_item_from_its_first_occurrence():
         kept = [i for i in out["items"][row].tolist() if i]
         assert not set(kept) & set(train[0][:length]) and len(kept) == 5 - len(set(train[0][:length]))
     assert np.all(out["labels"] == np.array([2, 1, 3]))
+
+
+def test_report_sets_the_lrurec_papers_rows_beside_runs_and_compares_models_per_user(published, tmp_path):
+    import report
+
+    base = [
+        "--dataset_code", "lrurec-video", "--custom_path", str(published), "--data_root", str(tmp_path / "data"),
+        "--experiment_root", str(tmp_path / "exp"), "--bert_max_len", "4", "--bert_hidden_units", "8",
+        "--train_batch_size", "2", "--val_iterations", "2", "--max_steps", "2", "--retrieved_topk", "3",
+        "--retrieved_train_topk", "0", "--num_threads", "1",
+    ]  # fmt: skip
+    for model, seed in (("lru", 1), ("lru", 2), ("sasrec", 1)):
+        assert (
+            train_retriever.main(
+                [*base, "--retriever_model", model, "--seed", str(seed), "--run_name", f"{model}{seed}"]
+            )
+            == 0
+        )
+    runs = report.find_runs(tmp_path / "exp")
+    rows = report.build_rows(runs)
+    by_model = {row["group"]: row for row in rows}
+    assert by_model["retriever_model=lru"]["paper NDCG@10"] == 0.06198
+    assert by_model["retriever_model=sasrec"]["paper Recall@20"] == 0.15989
+    assert by_model["retriever_model=lru"]["NDCG@10 se"] is not None
+    md = report.render_md(rows, [], tmp_path / "exp", report.model_comparisons(runs))
+    assert "| paper (LRURec paper Table 3, LRURec) |" in md and "| paper (LRURec paper Table 3, SASRec) |" in md
+    # the comparison: each user's NDCG@10 averaged over the two LRURec seeds, minus SASRec's, averaged over users
+    (comparison,) = report.model_comparisons(runs)
+    run = tmp_path / "exp" / "retriever" / "lrurec-video"
+
+    def ndcg10(name):
+        with np.load(run / name / "candidates.npz") as data:
+            ranks = data["test_label_ranks"]
+        return np.where(ranks < 10, 1 / np.log2(ranks + 2.0), 0.0)
+
+    expected = ((ndcg10("lru1") + ndcg10("lru2")) / 2 - ndcg10("sasrec1")).mean()
+    assert expected != 0  # so that the sign and the pairing are checked
+    assert comparison["model"] == "sasrec" and comparison["NDCG@10"]["diff"] == pytest.approx(expected)
+    assert comparison["lru_runs"] == 2 and comparison["NDCG@10"]["users"] == 4
+    assert "lrurec-video: LRURec (2 runs) minus SASRec (1 runs), 4 test users: NDCG@10" in md
+    assert "paper NDCG@20" in report.render_csv(rows).splitlines()[0]

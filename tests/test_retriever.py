@@ -123,8 +123,11 @@ def test_end_to_end_run_folder_and_candidates_round_trip(tmp_path, tiny_args):
     # 12 windows / batch 4 = 3 steps per epoch, 4 epochs, validation every 2 steps
     history = [json.loads(line) for line in (run / "val_history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [2, 4, 6, 8, 10, 12]
-    test_metrics = json.loads((run / "test_metrics.json").read_text())
-    assert set(test_metrics) == {f"{m}@{k}" for m in ("Recall", "NDCG", "MRR") for k in (1, 5, 10, 20, 50)}
+    saved = json.loads((run / "test_metrics.json").read_text())
+    names = {f"{m}@{k}" for m in ("Recall", "NDCG", "MRR") for k in (1, 5, 10, 20, 50)}
+    assert set(saved) == names | {"standard_errors", "users", "data"} and set(saved["standard_errors"]) == names
+    assert saved["users"] == 12 and saved["data"]["fingerprint"] == split_of(tiny_args).fingerprint
+    test_metrics = {name: saved[name] for name in names}
     for path in run.glob("*.pt"):
         torch.load(path, weights_only=True)
 
@@ -158,7 +161,7 @@ def test_end_to_end_run_folder_and_candidates_round_trip(tmp_path, tiny_args):
     # training run's files untouched
     before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
     assert main(tiny_args + ["--eval_only", "--eval_export_candidates"]) == 0
-    assert json.loads((run / "eval" / "test_metrics.json").read_text()) == test_metrics
+    assert json.loads((run / "eval" / "test_metrics.json").read_text()) == saved
     again = load_candidates(run / "eval", split)
     for name in ("val", "test", "train"):
         for key, value in getattr(cands, name).items():
@@ -233,7 +236,8 @@ def test_a_run_killed_after_training_keeps_its_summary_and_eval_is_replaced_whol
     assert (run / "eval" / "candidates.npz").is_file()
     assert main(tiny_args + ["--eval_only"]) == 0
     assert sorted(p.name for p in (run / "eval").iterdir()) == [
-        "config.json", "environment.json", "test_metrics.json", "test_metrics_batch16.json", "val_metrics.json",
+        "config.json", "environment.json", "test_metrics.json", "test_metrics_batch16.json",
+        "test_metrics_original.json", "val_metrics.json",
     ]  # fmt: skip
     assert not list(run.glob(".eval.*"))  # no temporary folder left
 
@@ -291,7 +295,7 @@ def test_resume_refuses_other_flags_and_unreadable_checkpoints(tmp_path, tiny_ar
 
 def test_metric_ks_without_10_works_with_a_matching_best_metric(tmp_path, tiny_args, capsys):
     assert main(tiny_args + ["--metric_ks", "1", "5", "--best_metric", "NDCG@5", "--max_steps", "4"]) == 0
-    assert set(json.loads((run_dir_of(tmp_path) / "test_metrics.json").read_text())) == {
+    assert set(json.loads((run_dir_of(tmp_path) / "test_metrics.json").read_text())["standard_errors"]) == {
         f"{m}@{k}" for m in ("Recall", "NDCG", "MRR") for k in (1, 5)
     }
     assert main(tiny_args + ["--metric_ks", "1", "5", "--run_name", "other"]) == 2  # Recall@10 is not computed

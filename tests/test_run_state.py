@@ -16,6 +16,7 @@ from trainer.run_state import (
     SessionClock,
     append_validation,
     clock_summary,
+    peak_rss_mib,
     read_history,
     read_summary,
     truncate_history,
@@ -75,11 +76,19 @@ def test_the_summary_has_the_clocks_time_and_sessions_and_is_kept(tmp_path):
 def test_retriever_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     state = RetrieverState(step=7, epoch=2, batch=1, best_value=0.25, best_step=6, patience=1, loss_sum=3.5,
                            loss_count=1, train_loss=2.0, train_seconds=9.5, validation_seconds=1.25, sessions=2)  # fmt: skip
-    assert list(state.to_dict()) == OLD_STATE_KEYS  # the keys (and order) of checkpoints written before
+    assert list(state.to_dict()) == [*OLD_STATE_KEYS, "peak_rss_mib"]  # older checkpoints' keys come first, in order
     torch.save({"state": state.to_dict()}, tmp_path / "last.pt")
     loaded = torch.load(tmp_path / "last.pt", weights_only=True)["state"]
     assert RetrieverState.from_dict(loaded) == state
     assert RetrieverState().best_value == -math.inf and RetrieverState().best_step is None
+
+
+def test_peak_memory_is_this_process_high_water_mark_in_mib():
+    before = peak_rss_mib()
+    block = bytearray(300 * 2**20)  # touched: resident
+    block[::4096] = b"x" * len(block[::4096])
+    assert peak_rss_mib() >= before and peak_rss_mib() >= 300
+    del block
 
 
 def test_a_checkpoint_state_from_before_the_summary_fields_loads_with_their_defaults():
@@ -127,7 +136,7 @@ def test_a_run_checkpointed_before_the_summary_fields_existed_resumes_to_the_sam
     assert main(tiny_args + ["--run_name", "cut", "--max_steps", "5"]) == 0
     cut = run_dir_of(tmp_path, "cut")
     checkpoint = torch.load(cut / "checkpoint_last.pt", weights_only=True)
-    assert list(checkpoint["state"]) == OLD_STATE_KEYS
+    assert list(checkpoint["state"]) == [*OLD_STATE_KEYS, "peak_rss_mib"]
     checkpoint["state"] = {key: checkpoint["state"][key] for key in OLD_STATE_KEYS[:9]}
     torch.save(checkpoint, cut / "checkpoint_last.pt")
     assert main(tiny_args + ["--run_name", "cut", "--resume"]) == 0

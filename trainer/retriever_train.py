@@ -20,6 +20,7 @@ from trainer.run_state import (
     SessionClock,
     append_validation,
     clock_summary,
+    peak_rss_mib,
     truncate_history,
     write_summary,
 )
@@ -128,6 +129,7 @@ class RetrieverState:
     train_seconds: float = 0.0  # the run's clock up to the last save: training incl. validation
     validation_seconds: float = 0.0
     sessions: int = 0
+    peak_rss_mib: float | None = None  # the highest peak resident memory of the run's processes (None: not recorded)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -235,6 +237,7 @@ class Session:
 
     def save(self) -> None:
         self.state.set_clock(self.clock.elapsed())
+        self.state.peak_rss_mib = max(self.state.peak_rss_mib or 0.0, peak_rss_mib())
         save_last_checkpoint(self.run_dir / LAST, self.model, self.optimizer, self.scheduler, self.state)
 
     def validate(self) -> dict[str, float]:
@@ -349,4 +352,5 @@ def training_summary(state: RetrieverState, training: RetrieverTraining, steps_p
         "best_is_last_model": state.best_step is None,
         "train_loss": state.train_loss,
         **clock_summary(state.clock()),
+        "peak_rss_mib": state.peak_rss_mib,
     }

@@ -9,6 +9,8 @@ with --resume ends with the files of a run that never stopped:
 
 import json
 import math
+import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +82,12 @@ class SessionClock:
             validation_seconds=self.before.validation_seconds + self.validation_seconds,
             sessions=self.before.sessions + 1,
         )
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB (getrusage: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def clock_summary(clock: Clock) -> dict:
