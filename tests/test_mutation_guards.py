@@ -31,7 +31,8 @@ from trainer.metrics import paired_bootstrap
 from trainer.ranker_eval import _ci_text, build_test_report, ranking_records
 from trainer.retriever_eval import evaluate
 from trainer.retriever_export import fold_users, write_test_metrics
-from trainer.retriever_train import RetrieverTraining, Session
+from trainer.retriever_train import RetrieverTraining, Session, train
+from trainer.run_state import HISTORY, read_history, read_summary
 from utils.files import load_checkpoint
 
 CPU = torch.device("cpu")
@@ -355,6 +356,22 @@ def test_no_retriever_s_layer_norm_is_weight_decayed(tmp_path, name):
     }
     assert (name == "narm" or norms) and norms <= groups[0.0]
     assert matrices and matrices <= groups[0.01]
+
+
+def test_retriever_stops_after_exactly_patience_validations_without_a_better_one(tmp_path):
+    """Catches an off-by-one in early stopping (`>` for `>=`: one validation too many), or a summary that does not say
+    early stopping ended the run."""
+    spec = default_config(RetrieverSpec, model="lru", max_len=5, hidden_units=8, num_blocks=1)
+    # lr 1e-12 moves no float32 weight: every validation equals the first (the best; equal is not better)
+    training = default_config(
+        RetrieverTraining, max_len=5, batch_size=2, lr=1e-12, val_iterations=1, early_stopping_patience=2, num_epochs=5
+    )
+    train(build_retriever(spec, 12), split_with(8), training, tmp_path, CPU)
+    history = read_history(tmp_path / HISTORY)
+    assert [(row["step"], row["best"]) for row in history] == [(1, True), (2, False), (3, False)]
+    assert len({row["Recall@10"] for row in history}) == 1
+    summary = read_summary(tmp_path)
+    assert (summary["steps"], summary["best_step"], summary["stopped_by"]) == (3, 1, "early stopping")
 
 
 # trainer/retriever_export.py
