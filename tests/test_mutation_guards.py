@@ -31,6 +31,8 @@ from trainer.metrics import paired_bootstrap
 from trainer.ranker_eval import _ci_text, build_test_report, ranking_records
 from trainer.retriever_eval import evaluate
 from trainer.retriever_export import CandidateExport, fold_users, write_test_metrics
+from trainer.retriever_train import RetrieverTraining, Session, train
+from trainer.run_state import HISTORY, read_history, read_summary
 from utils.files import load_checkpoint
 
 CPU = torch.device("cpu")
@@ -283,6 +285,93 @@ def test_candidates_round_trip_keeps_large_ranks_and_lengths(tmp_path):
     assert loaded.test["label_ranks"].tolist() == [0, 100_000]
     assert loaded.train["lengths"].tolist() == [1, 300]
     assert loaded.train["label_ranks"].tolist() == [70_000, 1]
+
+
+# trainer/retriever_train.py
+
+
+def decay_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[float, set[str]]:
+    """The optimizer's parameters by name, keyed by their group's weight decay."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups: dict[float, set[str]] = {}
+    for group in optimizer.param_groups:
+        groups.setdefault(group["weight_decay"], set()).update(names[id(p)] for p in group["params"])
+    return groups
+
+
+def training_session(model, tmp_path) -> Session:
+    """A training run's Session as train() starts it (weight decay 0.01, lr 0.1), on a 4-user split."""
+    training = default_config(RetrieverTraining, max_len=5, lr=0.1, weight_decay=0.01)
+    return Session(model, split_with(4), training, tmp_path, CPU, resume=False, wandb_run=None)
+
+
+def test_the_retriever_s_optimizer_decays_weight_matrices_but_not_layer_norms_or_biases(tmp_path):
+    """Catches LayerNorm gains and shifts (or biases) put in the weight-decay group: the original and the paper decay
+    only the weight matrices (and the LRU's params_log)."""
+    spec = default_config(RetrieverSpec, model="lru", max_len=5, hidden_units=8, num_blocks=1)
+    model = build_retriever(spec, 12)
+    session = training_session(model, tmp_path)
+    block = "blocks.0."
+    assert decay_groups(model, session.optimizer) == {
+        0.01: {"token.weight"}
+        | {block + name for name in ("lru_layer.params_log", "lru_layer.in_proj.weight", "lru_layer.out_proj.weight")}
+        | {block + f"feed_forward.{w}.weight" for w in ("w_1", "w_2")},
+        0.0: {"bias", "layer_norm.weight", "layer_norm.bias"}
+        | {block + f"lru_layer.{layer}.bias" for layer in ("in_proj", "out_proj")}
+        | {block + f"feed_forward.{w}.bias" for w in ("w_1", "w_2")}
+        | {
+            block + f"{norm}.{part}"
+            for norm in ("lru_layer.layer_norm", "feed_forward.layer_norm")
+            for part in ("weight", "bias")
+        },
+    }
+    # What the groups do: a step with zero gradients moves nothing but the decay, which shrinks a weight matrix
+    # by lr x weight_decay and leaves a LayerNorm gain at exactly 1.
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    session.optimizer.step()
+    gain = before["layer_norm.weight"]
+    assert bool((gain == 1).all()) and torch.equal(model.layer_norm.weight, gain)
+    assert torch.allclose(model.token.weight, before["token.weight"] * (1 - 0.1 * 0.01))
+
+
+@pytest.mark.parametrize("name", ["lru", "sasrec", "bert4rec", "narm"])
+def test_no_retriever_s_layer_norm_is_weight_decayed(tmp_path, name):
+    """Catches LayerNorms in the decay group for every retriever, and a model whose LayerNorm would escape the rule
+    (which goes by parameter name): here LayerNorms and weight matrices are found by module type instead."""
+    spec = default_config(RetrieverSpec, model=name, max_len=5, hidden_units=8, num_blocks=2, heads=2)
+    model = build_retriever(spec, 12)
+    groups = decay_groups(model, training_session(model, tmp_path).optimizer)
+    norms = {
+        f"{module_name}.{part}"
+        for module_name, module in model.named_modules()
+        if isinstance(module, torch.nn.LayerNorm)
+        for part in ("weight", "bias")
+    }
+    matrices = {
+        f"{module_name}.weight"
+        for module_name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear | torch.nn.Embedding)
+    }
+    assert (name == "narm" or norms) and norms <= groups[0.0]
+    assert matrices and matrices <= groups[0.01]
+
+
+def test_retriever_stops_after_exactly_patience_validations_without_a_better_one(tmp_path):
+    """Catches an off-by-one in early stopping (`>` for `>=`: one validation too many), or a summary that does not say
+    early stopping ended the run."""
+    spec = default_config(RetrieverSpec, model="lru", max_len=5, hidden_units=8, num_blocks=1)
+    # lr 1e-12 moves no float32 weight: every validation equals the first (the best; equal is not better)
+    training = default_config(
+        RetrieverTraining, max_len=5, batch_size=2, lr=1e-12, val_iterations=1, early_stopping_patience=2, num_epochs=5
+    )
+    train(build_retriever(spec, 12), split_with(8), training, tmp_path, CPU)
+    history = read_history(tmp_path / HISTORY)
+    assert [(row["step"], row["best"]) for row in history] == [(1, True), (2, False), (3, False)]
+    assert len({row["Recall@10"] for row in history}) == 1
+    summary = read_summary(tmp_path)
+    assert (summary["steps"], summary["best_step"], summary["stopped_by"]) == (3, 1, "early stopping")
 
 
 # trainer/retriever_export.py

@@ -127,6 +127,62 @@ def test_training_steps_lower_the_loss(tokenizer, tmp_path):
     assert losses[-1] < losses[0] - 0.15 and losses[-1] == min(losses), losses
 
 
+def test_the_ranker_keeps_the_adapter_with_the_highest_validation_ndcg(tokenizer, tmp_path):
+    """Catches greater_is_better=False, or selection on another metric than NDCG@10: the HF Trainer would keep (and
+    early stopping would wait for) the adapter with the lowest validation NDCG@10; or load_best_model_at_end off,
+    which saves the last adapter instead of the kept one."""
+    from transformers import EarlyStoppingCallback
+
+    from trainer import ranker_train
+
+    dataset, _, _ = answer_batch(tokenizer)
+    training = default_config(ranker_train.RankerTraining, early_stopping_patience=2, val_iterations=2)
+    trainer = ranker_train.ranker_trainer(
+        tiny_llama(), training, dataset, [], torch.tensor([29909]), tokenizer, 1, torch.device("cpu"), tmp_path
+    )
+    assert any(isinstance(c, EarlyStoppingCallback) for c in trainer.callback_handler.callbacks)
+    kept = []
+    # Validations as RankerTrainer.evaluate reports them (Recall@10 falling as NDCG@10 rises), through the HF Trainer's
+    # own steps: early stopping hears the metrics first, then the trainer records a new best, the checkpoint that
+    # load_best_model_at_end loads (_determine_best_metric: private, transformers is pinned).
+    for step, ndcg in ((2, 0.2), (4, 0.5), (6, 0.3), (8, 0.4)):
+        assert not trainer.control.should_training_stop, step
+        trainer.state.global_step = step
+        metrics = {"eval_NDCG@10": ndcg, "eval_Recall@10": 1.0 - ndcg}
+        trainer.control = trainer.callback_handler.on_evaluate(trainer.args, trainer.state, trainer.control, metrics)
+        if trainer._determine_best_metric(metrics, trial=None):
+            kept.append(step)
+    assert kept == [2, 4] and (trainer.state.best_metric, trainer.state.best_global_step) == (0.5, 4)
+    assert trainer.control.should_training_stop  # two validations (0.3, 0.4) without beating 0.5: patience 2
+    assert trainer.args.load_best_model_at_end  # so the adapter saved at the end is the kept one, not the last
+
+
+def test_the_ranker_trains_only_the_lora_matrices_without_weight_decay(tokenizer, tmp_path):
+    """Catches weight decay added to the ranker's optimizer (the original trains LoRA with plain AdamW), or a base
+    weight (embeddings, norms, LM head) left trainable: the optimizer the run's HF Trainer builds holds exactly the
+    LoRA A and B matrices of q_proj and v_proj in every layer, none of them decayed."""
+    from model.llm import LoraSettings, add_lora
+    from trainer import ranker_train
+
+    model = add_lora(tiny_llama(), default_config(LoraSettings), quantized=False)
+    dataset, _, _ = answer_batch(tokenizer)
+    training = default_config(ranker_train.RankerTraining)
+    trainer = ranker_train.ranker_trainer(
+        model, training, dataset, [], torch.tensor([29909]), tokenizer, 1, torch.device("cpu"), tmp_path
+    )
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups: dict[float, set[str]] = {}
+    for group in trainer.create_optimizer().param_groups:
+        groups.setdefault(group["weight_decay"], set()).update(names[id(p)] for p in group["params"])
+    lora = {
+        f"base_model.model.model.layers.{layer}.self_attn.{proj}.lora_{part}.default.weight"
+        for layer in range(2)
+        for proj in ("q_proj", "v_proj")
+        for part in ("A", "B")
+    }
+    assert groups == {0.0: lora}
+
+
 def test_test_report_overall_formula():
     split = type("S", (), {"user_raw_ids": ["a", "b", "c", "d"], "item_raw_ids": [""] + [str(i) for i in range(30)]})
     examples = [

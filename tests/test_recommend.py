@@ -86,6 +86,29 @@ def test_retriever_recommendations(runs, tmp_path, capsys):
     assert "--retriever_run" in capsys.readouterr().err
 
 
+def test_a_csv_history_is_read_in_timestamp_order(runs, tmp_path, capsys):
+    """Catches a CSV read newest first (the timestamp sort reversed) or its timestamps compared as text: the model
+    would be given the history backwards or shuffled. Rows out of order in the file, timestamps whose text order
+    is not their numeric order: the recommendations must be those of the same history given in order as JSONL."""
+    _, retriever_run, _, split = runs
+    history = [split.item_raw_ids[i] for i in split.train[0][:6]]
+    timestamps = [5, 40, 300, 1000, 2000, 9999]  # as text: 1000 < 2000 < 300 < 40 < 5 < 9999
+    rows = [f"a,{item},{time}\n" for item, time in zip(history, timestamps, strict=True)]
+    (tmp_path / "h.csv").write_text("user_id,item_id,timestamp\n" + "".join(rows[k] for k in (3, 0, 5, 1, 4, 2)))
+    base = ["--retriever_run", str(retriever_run), "--topk", "10"]
+
+    def recommendations(path) -> list[dict]:
+        assert recommend.main(base + ["--input", str(path)]) == 0
+        return json.loads(capsys.readouterr().out)["recommendations"]
+
+    write_histories(tmp_path / "h.jsonl", [{"user": "a", "history": history}])
+    in_order = recommendations(tmp_path / "h.jsonl")
+    assert recommendations(tmp_path / "h.csv") == in_order
+    # the guard has teeth: this model's recommendations do depend on the order it reads the history in
+    write_histories(tmp_path / "backwards.jsonl", [{"user": "a", "history": history[::-1]}])
+    assert recommendations(tmp_path / "backwards.jsonl") != in_order
+
+
 def test_ranker_recommendations_follow_the_verbalizer(runs, capsys):
     """With a ranker run: the retriever's top candidates, ordered by the fused score the run chose, whose LLM part
     is the verbalizer's letter logits of the prompt."""

@@ -109,6 +109,18 @@ def test_seeds_pool_into_one_row_and_a_different_lora_lr_into_another(root, caps
     assert rows[("retriever", "defaults")]["paper Recall@10"] == 0.1426
 
 
+def test_rows_come_in_stage_dataset_and_group_order(root, capsys):
+    """Catches the groups' sort reversed or dropped (rows would then follow the run folders' names): a table lists
+    the retriever before the ranker, then datasets, then groups by their label."""
+    code, out, _ = run_report(capsys, root, "--format", "json")
+    assert code == 0
+    assert [(row["stage"], row["group"]) for row in json.loads(out)] == [
+        ("retriever", "defaults"),
+        ("ranker", "lora_lr=0.0001"),  # b_slow: its folder name sorts after the a_seed runs of lora_lr=0.001
+        ("ranker", "lora_lr=0.001"),
+    ]
+
+
 def test_unfinished_run_is_listed_apart(root, capsys):
     code, out, _ = run_report(capsys, root)
     assert code == 0
@@ -161,6 +173,36 @@ def test_plots_writes_one_png_per_run(root, tmp_path, capsys):
     assert {path.name for path in plot_dir.iterdir()} == expected
     for path in plot_dir.iterdir():
         assert path.read_bytes().startswith(PNG_MAGIC) and path.stat().st_size > 1000
+
+
+def best_marker_label(run_dir: Path, stage: str) -> str:
+    """The legend text of the best-step marker on the run's validation curve (what --plots and html draw)."""
+    from report import curve_figure, load_pyplot
+    from trainer.run_folder import load_run
+
+    plt = load_pyplot()
+    fig = curve_figure(plt, load_run(stage, run_dir))
+    try:
+        labels = fig.axes[0].get_legend_handles_labels()[1]
+    finally:
+        plt.close(fig)
+    return next(label for label in labels if label.startswith("best: "))
+
+
+def test_the_curve_marks_the_model_each_stage_kept(tmp_path):
+    """Catches the best-step marker put on the lowest validation value (min for max), or on the retriever's first
+    marked validation instead of its last (the model in checkpoint_best.pt)."""
+    # ranker: the highest NDCG@10, the first of a tie (HF keeps a model only for a strictly better value)
+    write_run(tmp_path, "ranker", "ml-100k", "r", {"seed": 1}, None, ranker_history([0.31, 0.35, 0.35, 0.20]))
+    assert best_marker_label(tmp_path / "ranker" / "ml-100k" / "r", "ranker") == "best: step 32, 0.3500"
+    # retriever: its last validation marked best (each mark was a new best when written)
+    history = [
+        {"step": 50, "NDCG@10": 0.02, "best": True},
+        {"step": 100, "NDCG@10": 0.03, "best": True},
+        {"step": 150, "NDCG@10": 0.01, "best": False},
+    ]
+    write_run(tmp_path, "retriever", "ml-100k", "s", {"seed": 1, "best_metric": "NDCG@10"}, None, history)
+    assert best_marker_label(tmp_path / "retriever" / "ml-100k" / "s", "retriever") == "best: step 100, 0.0300"
 
 
 def test_malformed_json_skips_the_run_with_a_warning(root, capsys):

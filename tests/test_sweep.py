@@ -231,6 +231,22 @@ def sweep_flags(args):
     return parse_flags(SWEEP, args[: args.index("--")])
 
 
+def test_the_sweep_s_study_maximises_the_validation_metric(tmp_path):
+    """Catches the study created with direction="minimize": Optuna's best trial, the median pruner (and TPE's good
+    trials) would then favour the worst validation Recall@10."""
+    args = ["train_retriever.py", "--study", "d", "--space", "bert_dropout=float:0:0.5", "--pruner", "median",
+            "--pruner_startup_trials", "2", "--"]  # fmt: skip
+    study = sweep.open_study(sweep_flags(args), "train_retriever.py", ["--dataset_code", "ml-100k"], tmp_path)
+    for value in (0.2, 0.5, 0.1):  # complete trials; each validated once, at step 10, at its final value
+        study.add_trial(optuna.trial.create_trial(value=value, intermediate_values={10: value}))
+    assert study.best_trial.number == 1 == chosen_trial(study).number
+    # the median at step 10 is 0.2: a running trial above it goes on, one below it is pruned
+    ahead, behind = study.ask(), study.ask()
+    ahead.report(0.4, 10)
+    behind.report(0.15, 10)
+    assert not ahead.should_prune() and behind.should_prune()
+
+
 def test_float_values_are_passed_as_recorded():
     study = optuna.create_study()
     dimension = parse_dimension("lr=float:1e-4:1e-2:log")
