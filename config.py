@@ -217,6 +217,9 @@ def dataset_defaults_text(dest: str) -> str:
     for code, defaults in DATASET_DEFAULTS.items():
         if code != "other" and json.dumps(defaults[dest]) != otherwise:
             by_value.setdefault(json.dumps(defaults[dest]), []).append(code)
+    for codes in by_value.values():  # the LRURec splits, when all of them share a value, as one name
+        if set(LRUREC_CODES) <= set(codes):
+            codes[:] = [c for c in codes if c not in LRUREC_CODES] + ["lrurec-*"]
     named = [f"{value} {', '.join(codes[:-1])} and {codes[-1]}" if len(codes) > 1 else f"{value} {codes[0]}"
              for value, codes in by_value.items()]  # fmt: skip
     return ", ".join([*named, f"else {otherwise}"])

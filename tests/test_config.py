@@ -387,8 +387,9 @@ def test_each_dataset_default_is_declared_once_and_stated_in_the_help():
     for dest in keys:
         script = RANKER if dest.startswith("lora_") else RETRIEVER
         assert {action.dest: action.default for action in flag_actions(script)}[dest] is None, dest
-    assert "(default: 16 ml-100k, 128 ml-1m and ml-20m, else 64)" in text  # --train_batch_size
-    assert "(default: 200 ml-100k, ml-1m and ml-20m, else 50)" in text  # --bert_max_len
+    assert "(default: 16 ml-100k, 128 ml-1m, ml-20m and lrurec-*, else 64)" in text  # --train_batch_size
+    assert "(default: 10 lrurec-*, else 20)" in text  # --early_stopping_patience
+    assert "(default: 200 ml-100k, ml-1m, ml-20m and lrurec-ml-1m, else 50)" in text  # --bert_max_len
     assert "(default: 0.1 ml-100k, else 0.0)" in text  # --label_smoothing
     with pytest.raises(ValueError, match="DATASET_DEFAULTS"):
         add_flag(argparse.ArgumentParser(), "--bert_max_len", type=int, default=7, role="training", help="x")
