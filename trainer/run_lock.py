@@ -101,9 +101,10 @@ def check_same_machine(run_dir: Path, state: str, holder: Holder) -> str:
             f"{run_dir}: another process is writing this run folder ({holder.text()}); nothing was touched: "
             f"wait for it to end, or stop it (kill {holder.pid}), then rerun"
         )
+    # the lock was free, so its holder is gone even if its pid now names another process (a reboot, say)
+    gone = f"pid {holder.pid} is not running" if not pid_alive(holder.pid) else "the system released its lock"
     return (
-        f"note: {run_dir}: its last writer ({holder.text()}) ended without a clean exit (pid {holder.pid} is not "
-        "running); taking the run over"
+        f"note: {run_dir}: its last writer ({holder.text()}) ended without a clean exit ({gone}); taking the run over"
     )
 
 
