@@ -247,7 +247,8 @@ def add_device_args(group: argparse._ArgumentGroup) -> None:
 def add_config_arg(group: argparse._ArgumentGroup) -> None:
     add_flag(group, "--config", type=Path, default=None, role=SETTING,
              help="a JSON object of flag values (a run's own config.json reruns it); the command line overrides it; "
-                  "--resume, --overwrite, --eval_only and --print_config are taken from the command line only")  # fmt: skip
+                  "--resume, --overwrite, --take_over, --eval_only and --print_config are taken from the command line "
+                  "only")  # fmt: skip
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -264,6 +265,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
              help="continue the run in the existing run folder")
     add_flag(group, "--overwrite", action="store_true", role=SETTING,
              help="delete an existing run folder and start anew")
+    add_flag(group, "--take_over", action="store_true", role=SETTING,
+             help="write a run folder whose lock names a process on another machine that cannot be checked from "
+                  "here (it stopped without a clean exit); one on this machine is checked, never taken over")
     add_flag(group, "--eval_only", action="store_true", role=SETTING,
              help="no training: evaluate the finished run's saved model into <run folder>/eval/ (the run's own files "
                   "stay untouched)")
@@ -662,8 +666,8 @@ def parse_flags(
     return flags
 
 
-# Actions, not settings: a --config file never makes a run resume, delete, only evaluate or only print.
-COMMAND_LINE_ONLY = ("resume", "overwrite", "eval_only", "print_config")
+# Actions, not settings: a --config file never makes a run resume, delete, take over, only evaluate or print.
+COMMAND_LINE_ONLY = ("resume", "overwrite", "take_over", "eval_only", "print_config")
 
 
 def expand_config_file(script: str, parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:

@@ -12,6 +12,8 @@ zero-shot (--lora_max_steps 0), and --eval_only. Under torchrun every process ru
 import argparse
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,17 +37,20 @@ from datasets.published import check_titles
 from datasets.split import SplitData
 from model.llm import LLMSpec
 from trainer.run_folder import check_resume_config, prepare_run_dir, run_folder, write_run_info
+from trainer.run_lock import run_lock
 from trainer.run_state import SUMMARY, read_summary
 from trainer.runtime import (
     init_distributed,
     is_main_process,
+    leave_process_group,
     on_main_process,
     process_rank,
     resolve_device,
     set_seed,
     set_threads,
+    share_from_main,
 )
-from utils.errors import InputError
+from utils.errors import InputError, WriteError
 from utils.files import atomic_folder, sha256_file
 
 
@@ -80,6 +85,12 @@ def run(flags: argparse.Namespace) -> dict:
     set_seed(flags.seed)
     set_threads(flags.num_threads)
     run_dir = run_folder(flags.experiment_root, "ranker", flags.dataset_name, flags.run_name)
+    with main_process_lock(run_dir, flags.take_over):  # one writer per run folder, until this process ends
+        return run_in_folder(flags, device, run_dir)
+
+
+def run_in_folder(flags: argparse.Namespace, device: torch.device, run_dir: Path) -> dict:
+    """The mode the flags ask for, in the run folder this launch holds the lock of."""
     if flags.eval_only:
         adapter = saved_adapter(flags, run_dir)  # checked before the slow preparation
         return evaluate_saved(flags, prepare(flags, device), run_dir, adapter)
@@ -98,6 +109,25 @@ def run(flags: argparse.Namespace) -> dict:
     on_main_process(lambda: write_test_files(run_dir, result, rankings))
     say(f"results: {run_dir / 'test_metrics.json'}")
     return result
+
+
+@contextmanager
+def main_process_lock(run_dir: Path, take_over: bool) -> Iterator[None]:
+    """Rank 0 holds the run folder's lock: it alone writes the folder, and the other processes of its launch would be
+    refused by its lock. Every process learns whether rank 0 got it, so a refusal ends them all with its error line
+    instead of leaving them waiting at the next barrier."""
+    with ExitStack() as held:
+        refused = None
+        if is_main_process():
+            try:
+                held.enter_context(run_lock(run_dir, take_over))
+            except (InputError, WriteError) as e:
+                refused = e
+        refused = share_from_main(refused)
+        if refused is not None:
+            leave_process_group()
+            raise refused
+        yield
 
 
 def prepare(flags: argparse.Namespace, device: torch.device) -> Setup:

@@ -16,6 +16,7 @@ from model.retrievers import build_retriever
 from trainer.retriever_export import evaluate_splits, export_candidates, load_best, write_test_metrics
 from trainer.retriever_train import BEST, train
 from trainer.run_folder import check_resume_config, prepare_run_dir, run_folder, start_wandb, write_run_info
+from trainer.run_lock import run_lock
 from trainer.runtime import limit_onednn_cache, resolve_device, set_seed, set_threads
 from utils.errors import InputError, one_line
 from utils.files import atomic_folder, atomic_write_json, load_checkpoint
@@ -33,12 +34,13 @@ def run(flags: argparse.Namespace) -> dict:
     set_seed(flags.seed)
     device = resolve_device(flags.device)
     run_dir = run_folder(flags.experiment_root, "retriever", flags.dataset_name, flags.run_name)
-    if not flags.eval_only:  # refused before the preprocessing, which takes minutes on large data
-        prepare_run_dir(run_dir, "retriever", flags.resume, flags.overwrite, create=False)
-    split = load_split(data_config(flags))
-    if flags.eval_only:
-        return evaluate_saved(flags, split, run_dir, device)
-    return train_and_export(flags, split, run_dir, device)
+    with run_lock(run_dir, flags.take_over):  # one writer per run folder, until this process ends
+        if not flags.eval_only:  # refused before the preprocessing, which takes minutes on large data
+            prepare_run_dir(run_dir, "retriever", flags.resume, flags.overwrite, create=False)
+        split = load_split(data_config(flags))
+        if flags.eval_only:
+            return evaluate_saved(flags, split, run_dir, device)
+        return train_and_export(flags, split, run_dir, device)
 
 
 def train_and_export(flags: argparse.Namespace, split, run_dir: Path, device) -> dict:

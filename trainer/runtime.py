@@ -122,6 +122,22 @@ def on_main_process(write: Callable[[], object]) -> None:
     barrier()
 
 
+def share_from_main(value: object) -> object:
+    """Rank 0's `value`, on every process (a decision only rank 0 can make, e.g. whether it got the run's lock)."""
+    if process_rank()[1] == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def leave_process_group() -> None:
+    """Close the launch's process group before an early exit: a process that exits holding it can be aborted
+    (SIGABRT, "terminate called without an active exception") while its peers close theirs."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def shard(count: int, rank: int, processes: int) -> list[int]:
     """The indices of `count` items that process `rank` of `processes` handles: every index exactly once."""
     return list(range(rank, count, processes))
