@@ -24,8 +24,9 @@ install-dev: $(VENV)/.dev
 # as the ranker with CPU caps (128 training prompts, 32 optimizer steps, validation on 64 users; the
 # test ranks every test user whose true item was retrieved) and the CPU recipe chosen on validation:
 # retrieved training candidates, learning rate 1e-3, score fusion. Two threads, pinned: training with 1
-# and 2 threads gives different weights, so the table is repeatable only at a fixed thread count.
-# Its expected table and timings: docs/results.md, "The demo".
+# and 2 threads gives different weights in bf16, so the table is repeatable only at a fixed thread count.
+# The ranker runs bf16 where the CPU computes it natively (AMX, AVX512_BF16), else fp32 (--llm_dtype auto).
+# Its expected tables (one per dtype) and timings: docs/results.md, "The demo".
 DEMO_RANKER_CAPS := --llm_max_train_samples 128 --lora_micro_batch_size 1 --lora_gradient_accumulation_steps 4 \
 	--lora_max_steps 32 --lora_val_iterations 16 --lora_warmup_steps 3 --llm_max_eval_users 64
 DEMO_RANKER_RECIPE := --llm_train_candidates retrieved --lora_lr 1e-3 --llm_fusion linear --num_threads 2

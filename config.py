@@ -16,10 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from dataloader.prompts import DEFAULT_INPUT, DEFAULT_SYSTEM, PromptConfig
 from dataloader.ranker_data import RankerData
 from datasets import DATASET_CODES, LRUREC_CODES, DataConfig
-from model.llm import LLM_CACHE_DIR, LLMSpec, LoraSettings
+from model.llm import LLM_CACHE_DIR, LLMSpec, LoraSettings, resolve_llm_dtype
 from model.retrievers import RETRIEVER_MODELS, RetrieverSpec
 from trainer.retriever_export import CandidateExport
 from trainer.retriever_train import RetrieverTraining
@@ -416,7 +418,10 @@ def add_ranker_args(parser: argparse.ArgumentParser) -> None:
     add_flag(group, "--llm_input_template", default=DEFAULT_INPUT, role=TRAINING,
              help="input text of the prompt; the two {} take the history and the candidates")
     add_bool_arg(group, "llm_load_in_4bit", None, role=TRAINING,
-                 help="NF4 4-bit base model, double quant, bf16 compute (default: on iff CUDA)")
+                 help="NF4 4-bit base model, double quant, computing in --llm_dtype (default: on iff CUDA)")
+    add_flag(group, "--llm_dtype", choices=("auto", "bf16", "fp32"), default="auto", role=TRAINING,
+             help="the LLM's weights and NF4's compute dtype; auto: bf16 on a CUDA GPU that supports it and on a CPU "
+                  "with native bf16 (AMX or AVX512_BF16), else fp32 (config.json and --print_config hold the choice)")
     add_flag(group, "--llm_max_train_samples", type=int, default=None, check=positive, role=TRAINING,
              help="cap on training prompts: a seeded random subset (default: all prefixes of all users)")
     add_flag(group, "--llm_max_eval_users", type=int, default=None, check=positive, role=TRAINING,
@@ -830,6 +835,14 @@ def check_ranker_flags(flags: argparse.Namespace, parser: argparse.ArgumentParse
         )
     if passed(flags, parser, "eval_adapter") and not flags.eval_only:
         raise InputError("--eval_adapter: only used with --eval_only")
+
+
+@group_check("llm_dtype", "device")
+def resolve_llm_dtype_flag(flags: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--llm_dtype auto becomes what it picks on this machine, so config.json records the dtype that ran: it changes
+    the ranker's digits, so --resume refuses another and the report never pools runs that differ in it."""
+    device_type = "cpu" if flags.device == "cpu" or not torch.cuda.is_available() else "cuda"
+    flags.llm_dtype = resolve_llm_dtype(flags.llm_dtype, device_type)
 
 
 @group_check("study", "space")

@@ -131,7 +131,8 @@ class Ranker:
         self.builder = PromptBuilder(tokenizer, split.titles, prompt_config(flags))
         letters = letter_token_ids(self.builder, self.num_candidates)
         self.letter_ids = torch.tensor([letters[c] for c in candidate_letters(self.num_candidates)])
-        model = load_model(llm.base_model, device, llm.quantized_on(device), llm.cache_dir)
+        # the run's own dtype (config.json), so its scores are the run's
+        model = load_model(llm.base_model, device, llm.quantized_on(device), llm.cache_dir, llm.dtype_on(device))
         self.model = load_adapter(model, adapter) if metrics.get("trained", True) else model
         if not metrics.get("trained", True):
             print(f"note: --ranker_run {run_dir} is a zero-shot run: the base model ranks", file=sys.stderr)

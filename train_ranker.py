@@ -84,6 +84,8 @@ def run(flags: argparse.Namespace) -> dict:
     flags.processes = process_rank()[1]
     set_seed(flags.seed)
     set_threads(flags.num_threads)
+    record = llm_dtype_record(flags.llm_dtype, device)
+    say(f"LLM dtype: {record['dtype']} (--llm_dtype auto picks {record['auto_picks']} here: {record['why']})")
     run_dir = run_folder(flags.experiment_root, "ranker", flags.dataset_name, flags.run_name)
     with main_process_lock(run_dir, flags.take_over):  # one writer per run folder, until this process ends
         return run_in_folder(flags, device, run_dir)
@@ -176,12 +178,21 @@ def check_run_folder(flags: argparse.Namespace, run_dir: Path) -> None:
         check_resume_config(run_dir, vars(flags), resume_keys(RANKER))
 
 
+def llm_dtype_record(dtype: str, device: torch.device) -> dict:
+    """The dtype that runs, and what --llm_dtype auto picks on this machine and why (the CPU's flags, the GPU, or a
+    timed product): environment.json's `llm_dtype`, printed at the start."""
+    from model.llm import auto_dtype
+
+    picked, why = auto_dtype(device.type)
+    return {"dtype": dtype, "auto_picks": picked, "why": why}
+
+
 def write_shared_files(folder: Path, flags: argparse.Namespace, setup: Setup) -> None:
     """config.json, environment.json, verbalizer.json and prompts_sample.jsonl (a run folder's and eval/'s)."""
     from trainer.ranker_eval import write_prompts_sample
     from trainer.verbalizer import save_verbalizer
 
-    write_run_info(folder, vars(flags), flags.seed)
+    write_run_info(folder, vars(flags), flags.seed, {"llm_dtype": llm_dtype_record(flags.llm_dtype, setup.device)})
     save_verbalizer(folder / "verbalizer.json", setup.letters, setup.tokenizer.eos_token_id, setup.llm.tokenizer)
     write_prompts_sample(folder / "prompts_sample.jsonl", setup.test_set, setup.builder, setup.split)
 
@@ -190,8 +201,10 @@ def load_base(setup: Setup):
     from model.llm import load_model
 
     quantized = setup.llm.quantized_on(setup.device)
-    model = load_model(setup.llm.base_model, setup.device, quantized, setup.llm.cache_dir)
-    precision = "NF4 4-bit" if quantized else model.dtype
+    model = load_model(
+        setup.llm.base_model, setup.device, quantized, setup.llm.cache_dir, setup.llm.dtype_on(setup.device)
+    )
+    precision = f"NF4 4-bit, computing in {setup.llm.dtype}" if quantized else model.dtype
     say(f"model: {setup.llm.base_model} ({type(model).__name__}, {precision}) on {setup.device}")
     return model
 
@@ -285,6 +298,7 @@ def test(flags: argparse.Namespace, setup: Setup, model, trained: bool, summary:
         "dataset": setup.split.name,
         "llm": setup.llm.base_model,
         "load_in_4bit": setup.llm.quantized_on(setup.device),
+        "llm_dtype": setup.llm.dtype,
         "trained": trained,
         "num_candidates": len(setup.letter_ids),
         "candidates_file": str(setup.candidates.path),

@@ -24,11 +24,12 @@ import torch
 
 from config import SETTING, add_bool_arg, default_config
 from model.llm import (
+    TORCH_DTYPES,
     LoraSettings,
     add_lora,
-    bf16_supported,
     fp32_lm_head,
     load_model,
+    resolve_llm_dtype,
     training_memory_bytes,
     use_gradient_checkpointing,
 )
@@ -54,13 +55,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def random_model(shape: str, device: torch.device, load_in_4bit: bool):
-    """A randomly initialised Llama of the named shapes: built on the device (bf16 where supported), or, for 4-bit,
-    saved and reloaded through the ranker's own loading path so it is quantized exactly as a real checkpoint."""
+def llm_dtype(asked: str, device: torch.device) -> torch.dtype:
+    """--llm_dtype as train_ranker.py resolves it (auto: bf16 where the GPU or CPU computes it natively)."""
+    return TORCH_DTYPES[resolve_llm_dtype(asked, device.type)]
+
+
+def random_model(shape: str, device: torch.device, load_in_4bit: bool, dtype: torch.dtype):
+    """A randomly initialised Llama of the named shapes in `dtype`: built on the device, or, for 4-bit, saved and
+    reloaded through the ranker's own loading path so it is quantized exactly as a real checkpoint."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **SHAPES[shape])
-    dtype = torch.bfloat16 if bf16_supported(device) else torch.float32
     if not load_in_4bit:
         with torch.device(device):
             model = LlamaForCausalLM(config).to(dtype)
@@ -69,7 +74,7 @@ def random_model(shape: str, device: torch.device, load_in_4bit: bool):
         return model
     with tempfile.TemporaryDirectory() as folder:
         LlamaForCausalLM(config).to(dtype).save_pretrained(folder)
-        return load_model(folder, device, True)
+        return load_model(folder, device, True, dtype=dtype)
 
 
 def timed(fn, warmup: int, steps: int, device: torch.device) -> list[float]:
@@ -91,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random_init", choices=sorted(SHAPES), default=None, help="instead of --llm_base_model")
     add_bool_arg(parser, "load_in_4bit", None, "NF4 4-bit base model (default: on iff CUDA)", role=SETTING)
     parser.add_argument("--gradient_checkpointing", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--llm_dtype", choices=("auto", "bf16", "fp32"), default="auto", help="as train_ranker.py's")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--micro_batch_size", type=int, default=16)
     parser.add_argument("--eval_batch_sizes", type=int, nargs="+", default=[16, 32])
@@ -122,15 +128,16 @@ def bench(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     load_in_4bit = args.load_in_4bit if args.load_in_4bit is not None else cuda
+    dtype = llm_dtype(args.llm_dtype, device)
     start = time.perf_counter()
     if args.random_init:
-        model = random_model(args.random_init, device, load_in_4bit)
+        model = random_model(args.random_init, device, load_in_4bit, dtype)
     else:
-        model = load_model(args.llm_base_model, device, load_in_4bit)
+        model = load_model(args.llm_base_model, device, load_in_4bit, dtype=dtype)
     result = {
         "model": f"random {args.random_init}" if args.random_init else args.llm_base_model,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "weights": "NF4 4-bit" if load_in_4bit else str(next(model.parameters()).dtype),
+        "weights": f"NF4 4-bit, computing in {dtype}" if load_in_4bit else str(dtype),
         "load_seconds": round(time.perf_counter() - start, 1),
         "prompt_tokens": args.prompt_tokens,
         "micro_batch_size": args.micro_batch_size,
@@ -146,7 +153,7 @@ def bench(args: argparse.Namespace) -> dict:
     )
     model = add_lora(model, default_config(LoraSettings), quantized=load_in_4bit, gradient_checkpointing=checkpointing)
     generator = torch.Generator().manual_seed(0)
-    result.update(time_training(model, args, device, generator))
+    result.update(time_training(model, args, device, generator, dtype))
     result.update(time_evaluation(model, args, device, generator))
     result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     result["epoch_prompts"] = args.epoch_prompts
@@ -155,8 +162,11 @@ def bench(args: argparse.Namespace) -> dict:
     return result
 
 
-def time_training(model, args: argparse.Namespace, device: torch.device, generator: torch.Generator) -> dict:
-    """Seconds per training sample of the ranker's step (LoRA on q/v, loss on letter and EOS, AdamW)."""
+def time_training(
+    model, args: argparse.Namespace, device: torch.device, generator: torch.Generator, dtype: torch.dtype
+) -> dict:
+    """Seconds per training sample of the ranker's step (LoRA on q/v, loss on letter and EOS, AdamW; bf16 autocast on
+    a GPU with bf16 weights or compute, as the ranker's Trainer)."""
     cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.config.vocab_size
@@ -165,7 +175,7 @@ def time_training(model, args: argparse.Namespace, device: torch.device, generat
 
     def train_step() -> None:
         model.train()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and bf16_supported(device)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and dtype == torch.bfloat16):
             logits = model(input_ids=batch, logits_to_keep=2).logits.float()
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
         loss.backward()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_capacity import LETTERS, random_model, synchronize
+from bench.bench_capacity import LETTERS, llm_dtype, random_model, synchronize
 from config import SETTING, add_bool_arg
 from model.llm import load_model
 from trainer.runtime import resolve_device
@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--random_init", default=None, help="shapes of bench_capacity.py's SHAPES instead")
     add_bool_arg(parser, "load_in_4bit", None, "NF4 4-bit base model (default: on iff CUDA)", role=SETTING)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--llm_dtype", choices=("auto", "bf16", "fp32"), default="auto", help="as train_ranker.py's")
     parser.add_argument("--title_lengths", type=int, nargs="+", default=[5, 10, 20, 40])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per shape (generation: 1 is plenty)")
     parser.add_argument("--generation_repeats", type=int, default=1)
@@ -97,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.num_threads)
     device = resolve_device(args.device)
     load_in_4bit = args.load_in_4bit if args.load_in_4bit is not None else device.type == "cuda"
+    dtype = llm_dtype(args.llm_dtype, device)
     if args.random_init:
-        model = random_model(args.random_init, device, load_in_4bit)
+        model = random_model(args.random_init, device, load_in_4bit, dtype)
     else:
-        model = load_model(args.llm_base_model, device, load_in_4bit)
+        model = load_model(args.llm_base_model, device, load_in_4bit, dtype=dtype)
     model.eval()
     generator = torch.Generator().manual_seed(0)
     rows = []

@@ -3,15 +3,17 @@ with a LoRA adapter attached, as the test runs) and LoRA training seconds per sa
 ml-100k prompts; on a CPU, each beside its FLOPs, achieved GFLOP/s and share of the machine's own matmul rate in the
 model's precision (bench/roofline.py). Useful FLOPs only: padding of a batch counts as time, not as work. The first
 row times the model's linear projections alone at the mean prompt length: the share a forward would reach if its
-attention and elementwise work cost nothing.
+attention and elementwise work cost nothing. Every row is timed for both precisions --llm_dtype can pick, bf16 and
+fp32, one after the other in this process, with how many times faster fp32 ran, and what auto picks here and why.
 
-    python -m bench.bench_ranker [--llm_base_model smollm2-135m] [--num_threads 1] [--train_batch_size 1]
+    python -m bench.bench_ranker [--llm_base_model smollm2-135m] [--num_threads 1] [--llm_dtypes bf16 fp32]
 
 Prompts are the paper's (20 history items, 20 candidates = the most popular unseen items, as a
 retriever stand-in; only the prompt lengths matter for speed). Writes experiments/bench/ranker.json.
 """
 
 import argparse
+import os
 import resource
 import statistics
 import sys
@@ -133,16 +135,22 @@ def bench_train(model, builder, split, letter_ids, steps: int, batch_size: int, 
     return sum(times[first:]) / samples, lengths, flops / samples
 
 
-def add_roofline(result: dict, rows: list[dict], device: torch.device, matmul_seconds: float) -> dict | None:
-    """On a CPU: the machine's matmul rates, and each row's achieved GFLOP/s and share of the rate at the LLM's
-    projection shape in the model's precision (bf16 or fp32; NF4 computes in bf16)."""
+def machine_roofline(device: torch.device, matmul_seconds: float) -> dict | None:
+    """On a CPU: the CPU's features and its matmul rates in both precisions (the yardsticks of the shares)."""
     if device.type != "cpu":
         return None
     rates = machine_rates({"2048^3": SQUARE, "LLM projection": LLM_PROJECTION}, matmul_seconds)
-    result["machine"], result["matmul_gflops_per_s"] = cpu_features(), rates
-    precision = "fp32" if result["dtype"] == "torch.float32" else "bf16"
+    return {"machine": cpu_features(), "matmul_gflops_per_s": rates}
+
+
+def add_shares(run: dict, roofline: dict | None) -> dict | None:
+    """Each of the run's rows with its achieved GFLOP/s and share of the machine's rate at the LLM's projection shape
+    in the precision the model computes in (its --llm_dtype: NF4 computes in it too); the rate used."""
+    if roofline is None:
+        return None
+    rates, precision = roofline["matmul_gflops_per_s"], run["llm_dtype"]
     rate = rates["LLM projection"][precision]
-    for row in rows:
+    for row in run["rows"]:
         row.update(share(row.pop("flops"), row.pop("seconds"), rate))
         row["share_of_2048"] = round(row["gflops_per_s"] / rates["2048^3"][precision], 3)
     return {"name": f"{precision} matmul at {'x'.join(map(str, LLM_PROJECTION))}", "gflops_per_s": rate}
@@ -164,13 +172,35 @@ def print_table(rows: list[dict], rate: dict | None, dtype: str) -> None:
         print(f"share: of {rate['name']} ({rate['gflops_per_s']:.0f} GFLOP/s, {dtype} like the model)")
 
 
+def row_seconds(row: dict) -> float:
+    """A row's time per unit of work (a prompt, a user, a training sample): lower is faster."""
+    if "ms_per_prompt" in row:
+        return row["ms_per_prompt"] / 1e3
+    return 1 / row["users_per_s"] if "users_per_s" in row else row["s_per_sample"]
+
+
+def speedups(runs: list[dict]) -> list[dict]:
+    """Per measurement, how many times faster fp32 ran than bf16 (below 1: bf16 was faster), where both dtypes ran."""
+    by_dtype = {run["llm_dtype"]: {row["what"]: row for row in run["rows"]} for run in runs}
+    if set(by_dtype) != {"bf16", "fp32"}:
+        return []
+    return [
+        {"what": what, "fp32_speedup": round(row_seconds(row) / row_seconds(by_dtype["fp32"][what]), 2)}
+        for what, row in by_dtype["bf16"].items()
+        if what in by_dtype["fp32"]
+    ]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llm_base_model", default="smollm2-135m")
+    parser.add_argument("--llm_dtypes", nargs="+", choices=("bf16", "fp32"), default=["bf16", "fp32"],
+                        help="the precisions timed, one after the other in this process")  # fmt: skip
     parser.add_argument("--eval_users", type=int, default=24)
     parser.add_argument("--eval_batch_sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--train_steps", type=int, default=5)
     parser.add_argument("--train_batch_size", type=int, default=1)
+    parser.add_argument("--no_merged", action="store_true", help="skip the rows of the adapter merged into the weights")
     parser.add_argument("--load_in_4bit", action="store_true", help="NF4 base model (slower on CPU)")
     parser.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--matmul_seconds", type=float, default=1.0, help="time spent measuring each matmul rate")
@@ -178,22 +208,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from model.llm import add_lora, load_model, load_tokenizer
-    from trainer.verbalizer import letter_token_ids
+def bench_dtype(args: argparse.Namespace, dtype: str, device: torch.device, split, builder, letter_ids) -> dict:
+    """Every row for the model loaded in `dtype` (bf16 or fp32; NF4 computing in it with --load_in_4bit)."""
+    from model.llm import TORCH_DTYPES, add_lora, load_model
 
     set_seed(0)
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-    split = load_split(default_config(DataConfig, code="ml-100k"))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.time()
-    tokenizer = load_tokenizer(args.llm_base_model, LLM_CACHE_DIR)
-    model = load_model(args.llm_base_model, device, args.load_in_4bit, LLM_CACHE_DIR)
+    model = load_model(args.llm_base_model, device, args.load_in_4bit, LLM_CACHE_DIR, TORCH_DTYPES[dtype])
     load_seconds = time.time() - start
-    builder = PromptBuilder(tokenizer, split.titles, default_config(PromptConfig))
-    letter_ids = torch.tensor(list(letter_token_ids(builder, 20).values()))
+    print(f"--- {dtype}: loaded in {load_seconds:.1f} s", flush=True)
     rows, lengths = bench_eval(model, builder, split, letter_ids, args.eval_users, args.eval_batch_sizes, device)
     rows.insert(0, bench_projections(model, round(float(np.mean(lengths))), device))
     model = add_lora(model, default_config(LoraSettings, dropout=0.05), quantized=args.load_in_4bit)
@@ -205,29 +228,62 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows.append({"what": f"train batch {args.train_batch_size}", "s_per_sample": s_per_sample,
                  "flops": train_flops, "seconds": s_per_sample})  # fmt: skip
-    if not args.load_in_4bit:  # the adapter merged into the weights: no LoRA matmuls, no casts to its fp32
+    if not (args.load_in_4bit or args.no_merged):  # the adapter merged into the weights: no LoRA matmuls
         rows += bench_eval(
             model.merge_and_unload(), builder, split, letter_ids, args.eval_users, args.eval_batch_sizes, device,
             "eval+LoRA merged",
         )[0]  # fmt: skip
-    result = {
-        "model": args.llm_base_model,
-        "device": str(device),
-        "dtype": "nf4" if args.load_in_4bit else str(next(model.parameters()).dtype),
-        "torch_threads": torch.get_num_threads(),
+    return {
+        "llm_dtype": dtype,
+        "weights": "nf4" if args.load_in_4bit else dtype,
         "load_seconds": round(load_seconds, 2),
         "eval_users": len(lengths),
         "eval_prompt_tokens_mean": float(np.mean(lengths)),
         "train_prompt_tokens_mean": float(np.mean(train_lengths)),
         "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from model.llm import auto_dtype, load_tokenizer
+    from trainer.verbalizer import letter_token_ids
+
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    split = load_split(default_config(DataConfig, code="ml-100k"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    auto, why = auto_dtype(device.type)
+    print(f"--llm_dtype auto picks {auto} here: {why}", flush=True)
+    tokenizer = load_tokenizer(args.llm_base_model, LLM_CACHE_DIR)
+    builder = PromptBuilder(tokenizer, split.titles, default_config(PromptConfig))
+    letter_ids = torch.tensor(list(letter_token_ids(builder, 20).values()))
+    runs = [bench_dtype(args, dtype, device, split, builder, letter_ids) for dtype in args.llm_dtypes]
+    roofline = machine_roofline(device, args.matmul_seconds)
+    rates = [add_shares(run, roofline) for run in runs]
+    result = {
+        "model": args.llm_base_model,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "auto": {"llm_dtype": auto, "why": why},
+        "runs": runs,
+        "fp32_speedup": speedups(runs),
+        **(roofline or {}),
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
         "original_reference": ORIGINAL,
     }
-    rate = add_roofline(result, rows, device, args.matmul_seconds)
     atomic_write_json(args.out, result)
-    print_table(rows, rate, result["dtype"])
-    print(f"peak RSS {result['peak_rss_mib']} MiB; mean prompt {result['eval_prompt_tokens_mean']:.0f} tokens")
+    for run, rate in zip(runs, rates, strict=True):
+        print(
+            f"\n{run['llm_dtype']} ({run['weights']} weights), mean prompt {run['eval_prompt_tokens_mean']:.0f} tokens"
+        )
+        print_table(run["rows"], rate, run["llm_dtype"])
+    for row in result["fp32_speedup"]:
+        print(f"fp32 against bf16, {row['what']}: {row['fp32_speedup']:.2f}x as fast")
+    print(f"--llm_dtype auto picks {auto} here: {why}")
+    print(f"peak RSS {result['peak_rss_mib']} MiB (the process, both dtypes)")
     print(f"written: {args.out}")
     return 0
 

@@ -6,10 +6,13 @@ lines of Llama modeling code for that).
 """
 
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +44,16 @@ class LLMSpec:
     tokenizer: str  # --llm_base_tokenizer, else the base model's
     load_in_4bit: bool | None = flag_field("llm_load_in_4bit")  # None: on iff CUDA
     cache_dir: Path = flag_field("llm_cache_dir")  # GGUF models converted to transformers folders
+    # bf16 or fp32: auto is resolved when the flags are parsed (a run saved before the flag reads back as auto)
+    dtype: str = flag_field("llm_dtype")
 
     def quantized_on(self, device: torch.device) -> bool:
         """NF4 4-bit weights: as asked, else on CUDA only (bitsandbytes' CPU 4-bit path is slower than fp32)."""
         return self.load_in_4bit if self.load_in_4bit is not None else device.type == "cuda"
+
+    def dtype_on(self, device: torch.device) -> torch.dtype:
+        """The weights' dtype (and NF4's compute dtype) on `device`."""
+        return TORCH_DTYPES[resolve_llm_dtype(self.dtype, device.type)]
 
 
 @dataclass(frozen=True)
@@ -82,13 +91,86 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """bf16 weights pay off on CUDA (Ampere+) and on CPUs with native bf16 (AVX-512 BF16 / AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+# CPU flags (/proc/cpuinfo) of the instructions that compute bf16 products natively. Without them oneDNN still takes
+# bf16 (torch.ops.mkldnn._is_mkldnn_bf16_supported() answers True on any AVX-512 CPU) but emulates it with fp32
+# instructions and conversions: slower than fp32 itself (docs/performance.md, "bf16 or fp32").
+NATIVE_BF16_FLAGS = {"amx_bf16": "AMX", "avx512_bf16": "AVX512_BF16"}
+
+
+def choose_cpu_dtype(flags: set[str]) -> tuple[str, str]:
+    """bf16 where the CPU computes bf16 products natively (AMX or AVX512_BF16), fp32 elsewhere; and why."""
+    native = [name for flag, name in NATIVE_BF16_FLAGS.items() if flag in flags]
+    if native:
+        return "bf16", f"the CPU has {' and '.join(native)} (native bf16 products)"
+    widest = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "neither AVX-512 nor AVX2"
+    return "fp32", f"the CPU has {widest} but neither AMX nor AVX512_BF16 (bf16 would be emulated)"
+
+
+def choose_cuda_dtype(bf16_supported: bool) -> tuple[str, str]:
+    """bf16 on a GPU that supports it (Ampere and later), fp32 elsewhere; and why."""
+    if bf16_supported:
+        return "bf16", "the GPU supports bf16"
+    return "fp32", "the GPU does not support bf16"
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's instruction-set flags from /proc/cpuinfo (Linux on x86); None where there are none to read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+PROBE_SHAPE = (615, 576, 1536)  # SmolLM2-135M's MLP up-projection of a 615-token prompt (bench/roofline.py)
+
+
+def timed_cpu_dtype(repeats: int = 5) -> tuple[str, str]:
+    """bf16 where a product at the LLM's projection shape is at least as fast in bf16 as in fp32, for CPUs whose flags
+    cannot be read: the fastest of `repeats` of each after a warm-up (~0.1-0.3 s in all), the two dtypes alternating so
+    that another job's load slows both alike."""
+    m, k, n = PROBE_SHAPE
+    operands = {
+        name: (torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for name, dtype in TORCH_DTYPES.items()
+    }
+    fastest = dict.fromkeys(TORCH_DTYPES, math.inf)
+    for repeat in range(repeats + 1):
+        for name, (a, b) in operands.items():
+            start = time.perf_counter()
+            torch.mm(a, b)
+            if repeat:  # the first round is the warm-up
+                fastest[name] = min(fastest[name], time.perf_counter() - start)
+    dtype = "bf16" if fastest["bf16"] <= fastest["fp32"] else "fp32"
+    timing = f"bf16 {fastest['bf16'] * 1e3:.1f} ms, fp32 {fastest['fp32'] * 1e3:.1f} ms"
+    return dtype, f"a {m}x{k}x{n} product took {timing} ({torch.get_num_threads()} threads)"
+
+
+@functools.cache
+def auto_dtype(device_type: str) -> tuple[str, str]:
+    """What --llm_dtype auto picks on this machine for a `device_type` ("cpu", "cuda") device, and why: by the CPU's
+    flags, or, where they cannot be read or ONEDNN_MAX_CPU_ISA restricts what oneDNN runs, by a timed product (once
+    per process: the choice must not change within a run)."""
+    if device_type == "cuda":
+        return choose_cuda_dtype(torch.cuda.is_bf16_supported())
+    if device_type != "cpu":
+        return "fp32", f"{device_type}: bf16 is chosen only on CPUs and CUDA GPUs"
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        dtype, reason = timed_cpu_dtype()
+        return dtype, f"ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}: {reason}"
+    flags = cpu_flags()
+    if flags is None:
+        dtype, reason = timed_cpu_dtype()
+        return dtype, f"no CPU flags to read: {reason}"
+    return choose_cpu_dtype(flags)
+
+
+def resolve_llm_dtype(asked: str, device_type: str) -> str:
+    """--llm_dtype as bf16 or fp32: as passed, or auto's choice for this machine."""
+    return auto_dtype(device_type)[0] if asked == "auto" else asked
 
 
 def _gguf_cache_folder(gguf_path: Path, cache_dir: Path) -> Path:
@@ -183,19 +265,21 @@ def load_model(
     device: torch.device,
     load_in_4bit: bool,
     cache_dir: Path | str = LLM_CACHE_DIR,
+    dtype: torch.dtype | None = None,
 ) -> "PreTrainedModel":
-    """The base causal LM: NF4 4-bit (double quant, bf16 compute) or bf16/fp32 weights on `device`."""
+    """The base causal LM on `device`: `dtype` weights, or NF4 4-bit (double quant) computing in `dtype`; None: what
+    --llm_dtype auto picks for the device."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = _local_or_hub(name, Path(cache_dir))
-    dtype = torch.bfloat16 if bf16_supported(device) else torch.float32
+    dtype = dtype or TORCH_DTYPES[resolve_llm_dtype("auto", device.type)]
     kwargs: dict = {"dtype": dtype}
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if bf16_supported(device) else torch.float32,
+            bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     try:
@@ -213,24 +297,25 @@ def load_model(
 
 
 def fp32_lm_head(model: "PreTrainedModel") -> None:
-    """Compute the LM head in fp32 even when the weights are bf16.
+    """Compute the LM head in fp32, as one 2-D product, whatever the weights' dtype.
 
     bf16 logits near 25 are spaced 0.125 apart, so candidates' verbalizer scores tie often (measured: the
     true item tied with another candidate for 40 of 111 ml-100k test users), and ties count pessimistically.
     The head's own forward is replaced (so the bf16 product is not computed and thrown away), and the fp32 copy
-    of a frozen weight is kept until the weight changes: casting a [vocab x hidden] matrix on every call, and the
-    batched product a strided 3-D input falls into, cost more than the rest of the head (docs/performance.md).
+    of a frozen bf16 weight is kept until the weight changes: casting a [vocab x hidden] matrix on every call, and the
+    batched product a strided 3-D input falls into, cost more than the rest of the head (docs/performance.md). fp32
+    weights need no copy, but the strided input slows their product as much, so their head is replaced too.
     Only the few kept positions pass through the head (logits_to_keep); a model's soft-capping or logit scaling
     after its head still runs.
     """
     head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or head.weight.dtype == torch.float32:
-        return  # quantized or already fp32 heads are left alone
+    if type(head) is not torch.nn.Linear:
+        return  # quantized heads are left alone
     cached: dict = {}
 
     def fp32_weight(weight: torch.Tensor) -> torch.Tensor:
-        if weight.requires_grad:  # a trained head: its gradient must flow through the cast
-            return weight.float()
+        if weight.requires_grad or weight.dtype == torch.float32:  # no copy of fp32; a trained head's gradient
+            return weight.float()  # must flow through the cast
         key = (weight.data_ptr(), weight.device, weight._version)
         if cached.get("key") != key:
             cached["key"], cached["weight"] = key, weight.detach().float()

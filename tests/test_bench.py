@@ -116,20 +116,39 @@ def test_sweep_bench_estimates_what_pruning_saved(tmp_path):
     assert saving["saved_share"] == round(1 - 380 / 600, 3)
 
 
-@pytest.mark.parametrize("dtype, precision", [("torch.bfloat16", "bf16"), ("nf4", "bf16"), ("torch.float32", "fp32")])
-def test_ranker_bench_shares_are_of_the_model_s_own_precision(dtype, precision):
-    """Each row's share is of the matmul rate in the precision the model computes in (NF4 computes in bf16)."""
+@pytest.mark.parametrize("llm_dtype, weights", [("bf16", "bf16"), ("bf16", "nf4"), ("fp32", "fp32"), ("fp32", "nf4")])
+def test_ranker_bench_shares_are_of_the_model_s_own_precision(llm_dtype, weights):
+    """Each row's share is of the matmul rate in the precision the model computes in (NF4 computes in its dtype)."""
     import torch
 
-    from bench.bench_ranker import add_roofline
+    from bench.bench_ranker import add_shares, machine_roofline
 
-    result = {"dtype": dtype}
-    rows = [{"what": "eval batch 1", "users_per_s": 2.0, "flops": 4e9, "seconds": 2.0}]
-    rate = add_roofline(result, rows, torch.device("cpu"), matmul_seconds=0.01)
-    expected_rate = result["matmul_gflops_per_s"]["LLM projection"][precision]
+    roofline = machine_roofline(torch.device("cpu"), matmul_seconds=0.01)
+    run = {"llm_dtype": llm_dtype, "weights": weights}
+    run["rows"] = [{"what": "eval batch 1", "users_per_s": 2.0, "flops": 4e9, "seconds": 2.0}]
+    rate = add_shares(run, roofline)
+    expected_rate = roofline["matmul_gflops_per_s"]["LLM projection"][llm_dtype]
+    row = run["rows"][0]
     assert rate["gflops_per_s"] == expected_rate
-    assert rows[0]["gflops_per_s"] == 2.0 and rows[0]["share"] == round(2.0 / expected_rate, 3)
-    assert rows[0]["share_of_2048"] == round(2.0 / result["matmul_gflops_per_s"]["2048^3"][precision], 3)
+    assert row["gflops_per_s"] == 2.0 and row["share"] == round(2.0 / expected_rate, 3)
+    assert row["share_of_2048"] == round(2.0 / roofline["matmul_gflops_per_s"]["2048^3"][llm_dtype], 3)
+
+
+def test_ranker_bench_compares_the_two_dtypes_row_by_row():
+    from bench.bench_ranker import speedups
+
+    bf16 = {"llm_dtype": "bf16", "rows": [{"what": "eval batch 1", "users_per_s": 1.0},
+                                          {"what": "train batch 1", "s_per_sample": 3.0},
+                                          {"what": "projections alone", "ms_per_prompt": 100.0}]}  # fmt: skip
+    fp32 = {"llm_dtype": "fp32", "rows": [{"what": "eval batch 1", "users_per_s": 2.5},
+                                          {"what": "train batch 1", "s_per_sample": 1.5},
+                                          {"what": "projections alone", "ms_per_prompt": 200.0}]}  # fmt: skip
+    assert speedups([bf16, fp32]) == [
+        {"what": "eval batch 1", "fp32_speedup": 2.5},
+        {"what": "train batch 1", "fp32_speedup": 2.0},
+        {"what": "projections alone", "fp32_speedup": 0.5},
+    ]
+    assert speedups([bf16]) == []  # one dtype timed: nothing to compare
 
 
 def test_ranker_bench_projections_row_counts_every_projection_but_the_head():

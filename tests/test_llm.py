@@ -1,4 +1,5 @@
-"""Model loading: any causal LM folder, NF4 4-bit on CPU (QLoRA path), LoRA, logits_to_keep, SmolLM2 GGUF."""
+"""Model loading: any causal LM folder, NF4 4-bit on CPU (QLoRA path), LoRA, logits_to_keep, SmolLM2 GGUF, and the
+choice of the LLM's dtype."""
 
 import pytest
 import torch
@@ -6,7 +7,18 @@ import torch
 from config import default_config
 from dataloader.prompts import PromptBuilder, PromptConfig
 from model.layers import Dropout
-from model.llm import LoraSettings, add_lora, load_model, load_tokenizer, resolve_model_path
+from model.llm import (
+    LoraSettings,
+    add_lora,
+    auto_dtype,
+    choose_cpu_dtype,
+    choose_cuda_dtype,
+    load_model,
+    load_tokenizer,
+    resolve_llm_dtype,
+    resolve_model_path,
+    timed_cpu_dtype,
+)
 from tests.conftest import tiny_llama
 from trainer.verbalizer import letter_token_ids
 from utils.errors import InputError
@@ -122,6 +134,19 @@ def test_fp32_head_equals_an_fp32_product_and_follows_weight_changes(tiny_llama_
     assert torch.allclose(biased, quadrupled + model.lm_head.bias.float(), rtol=1e-6, atol=1e-5)
 
 
+def test_fp32_weights_head_is_one_2d_product_of_the_model_s_own_weight(tiny_llama_dir):
+    # a strided [batch, kept, hidden] input made the default head's product 2.4x slower in fp32 too
+    model = load_model(str(tiny_llama_dir), torch.device("cpu"), load_in_4bit=False, dtype=torch.float32)
+    ids = torch.randint(3, 32000, (3, 12))
+    with torch.no_grad():
+        out = model(ids, logits_to_keep=2, output_hidden_states=True)
+        expected = out.hidden_states[-1][:, -2:] @ model.lm_head.weight.t()
+        model.lm_head.weight.mul_(2)  # no stale copy: the head multiplies the weight itself
+        doubled = model(ids, logits_to_keep=2).logits
+    assert out.logits.dtype == torch.float32 and torch.allclose(out.logits, expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(doubled, 2 * out.logits, rtol=1e-5, atol=1e-5)
+
+
 def test_fp32_head_passes_gradients_to_a_trained_head_and_its_input(tiny_llama_dir):
     model = load_model(str(tiny_llama_dir), torch.device("cpu"), load_in_4bit=False).to(torch.bfloat16)
     ids = torch.randint(3, 32000, (1, 8))
@@ -211,3 +236,71 @@ def test_no_bitsandbytes_kernel_notice_on_a_ranker_import():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "gemm_4bit_forward" not in result.stderr and "kernels-community" not in result.stderr
+
+
+# /proc/cpuinfo flags of four CPU kinds (the bf16-relevant part; real lines hold ~100 more)
+AVX2_ONLY = {"sse4_2", "avx", "avx2", "fma", "f16c"}
+AVX512_ONLY = AVX2_ONLY | {
+    "avx512f",
+    "avx512bw",
+    "avx512dq",
+    "avx512vl",
+    "avx512_vnni",
+}  # e.g. a Xeon before Cooper Lake
+AVX512_BF16 = AVX512_ONLY | {"avx512_bf16"}  # e.g. AMD EPYC Zen 4 / 5
+AMX = AVX512_BF16 | {"amx_bf16", "amx_tile", "amx_int8"}  # e.g. a Xeon Sapphire Rapids
+
+
+@pytest.mark.parametrize(
+    "flags, dtype, named",
+    [
+        (AMX, "bf16", "AMX and AVX512_BF16"),
+        (AMX - {"avx512_bf16"}, "bf16", "AMX"),
+        (AVX512_BF16, "bf16", "AVX512_BF16"),
+        (AVX512_ONLY, "fp32", "AVX-512 but neither AMX nor AVX512_BF16"),
+        (AVX2_ONLY, "fp32", "AVX2 but neither AMX nor AVX512_BF16"),
+        (set(), "fp32", "neither AVX-512 nor AVX2"),
+    ],
+)
+def test_cpu_dtype_is_bf16_only_where_the_cpu_computes_it_natively(flags, dtype, named):
+    """oneDNN accepts bf16 on any AVX-512 CPU but emulates it without AMX or AVX512_BF16 (slower than fp32)."""
+    chosen, why = choose_cpu_dtype(flags)
+    assert chosen == dtype and named in why
+
+
+def test_cuda_dtype_is_bf16_where_the_gpu_supports_it():
+    assert choose_cuda_dtype(True) == ("bf16", "the GPU supports bf16")
+    assert choose_cuda_dtype(False) == ("fp32", "the GPU does not support bf16")
+
+
+def test_llm_dtype_flag_resolves_auto_and_keeps_a_passed_dtype():
+    """--llm_dtype auto is replaced by what it picks here (what config.json and --print_config then hold)."""
+    from config import RANKER, parse_flags
+
+    picked, why = auto_dtype("cpu")
+    assert picked in ("bf16", "fp32") and why
+    assert resolve_llm_dtype("auto", "cpu") == picked
+    assert resolve_llm_dtype("fp32", "cpu") == "fp32" and resolve_llm_dtype("bf16", "cuda") == "bf16"
+    parse = lambda *argv: parse_flags(RANKER, ["--dataset_code", "ml-100k", "--device", "cpu", *argv])  # noqa: E731
+    assert parse().llm_dtype == picked
+    assert parse("--llm_dtype", "fp32").llm_dtype == "fp32" and parse("--llm_dtype", "bf16").llm_dtype == "bf16"
+
+
+def test_timed_choice_names_both_times():
+    """The fallback where no CPU flags can be read (no timing asserted: only that it decides and says why)."""
+    dtype, why = timed_cpu_dtype(repeats=1)
+    assert dtype in ("bf16", "fp32") and "bf16" in why and "fp32" in why and "threads" in why
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_and_nf4_compute_take_the_chosen_dtype(tiny_llama_dir, dtype):
+    import bitsandbytes as bnb
+
+    model = load_model(str(tiny_llama_dir), torch.device("cpu"), load_in_4bit=False, dtype=dtype)
+    assert {p.dtype for n, p in model.named_parameters()} == {dtype}
+    with torch.no_grad():
+        logits = model(torch.randint(3, 32000, (1, 6)), logits_to_keep=1).logits
+    assert logits.dtype == torch.float32  # the LM head's own fp32 product, or the fp32 weights'
+    quantized = load_model(str(tiny_llama_dir), torch.device("cpu"), load_in_4bit=True, dtype=dtype)
+    layers = [m for m in quantized.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and {m.compute_dtype for m in layers} == {dtype}

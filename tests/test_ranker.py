@@ -379,6 +379,30 @@ def test_ranker_run_end_to_end(tmp_path, tokenizer, capsys, restore_threads):
     assert "--lora_r 8 -> 4" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("dtype, other", [("fp32", "bf16"), ("bf16", "fp32")])
+def test_ranker_trains_and_tests_in_each_llm_dtype_and_records_it(tmp_path, tokenizer, capsys, restore_threads, dtype,
+                                                                   other):  # fmt: skip
+    """--llm_dtype sets the weights the run trains and tests in; the run records it (config.json, environment.json with
+    what auto picks here and why, test_metrics.json), and a --resume in the other dtype is refused: it changes the
+    ranker's digits, so it is another experiment."""
+    flags = write_tiny_project(tmp_path, tokenizer)
+    caps = ["--lora_max_steps", "2", "--lora_val_iterations", "2", "--lora_micro_batch_size", "2", "--num_threads", "1"]
+    caps += ["--llm_max_history", "5", "--llm_max_eval_users", "4", "--llm_max_train_samples", "4"]
+    assert train_ranker.main(flags + caps + ["--llm_dtype", dtype]) == 0
+    out = capsys.readouterr().out
+    torch_dtype = {"bf16": "torch.bfloat16", "fp32": "torch.float32"}[dtype]
+    assert f"LLM dtype: {dtype} (--llm_dtype auto picks " in out and f"(LlamaForCausalLM, {torch_dtype})" in out
+    run = tmp_path / "experiments" / "ranker" / "custom-data" / "seed42"
+    assert json.loads((run / "config.json").read_text())["llm_dtype"] == dtype
+    environment = json.loads((run / "environment.json").read_text())["llm_dtype"]
+    assert environment["dtype"] == dtype and environment["auto_picks"] in ("bf16", "fp32") and environment["why"]
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert metrics["llm_dtype"] == dtype and metrics["trained"] and metrics["timing"]["train_steps"] == 2
+    check_rankings_and_metrics(run, flags, metrics)
+    assert train_ranker.main(flags + caps + ["--llm_dtype", other, "--resume"]) == 2
+    assert f"--llm_dtype {dtype!r} -> {other!r}" in capsys.readouterr().err
+
+
 def test_ranker_refuses_a_mismatched_candidates_file(tmp_path, tokenizer, capsys):
     flags = write_tiny_project(tmp_path, tokenizer)
     other = tmp_path / "other"

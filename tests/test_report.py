@@ -121,6 +121,20 @@ def test_rows_come_in_stage_dataset_and_group_order(root, capsys):
     ]
 
 
+def test_runs_that_differ_in_llm_dtype_are_not_pooled(root, capsys):
+    """The LLM's dtype changes the ranker's digits: two seeds run in bf16 and fp32 are two experiments."""
+    ranker = {"lora_lr": 0.01, "lora_r": 8, "llm_train_candidates": "retrieved", "num_threads": 1}
+    for seed, dtype in ((1, "bf16"), (2, "fp32")):
+        config = {**ranker, "seed": seed, "llm_dtype": dtype}
+        write_run(root, "ranker", "ml-100k", f"d_{dtype}", config, ranker_test_metrics(0.3, 0.6), ranker_history([0.3]))
+    code, out, _ = run_report(capsys, root, "--format", "json")
+    assert code == 0
+    groups = {row["group"]: row["runs"] for row in json.loads(out) if row["stage"] == "ranker"}
+    bf16 = next(runs for group, runs in groups.items() if "llm_dtype=bf16" in group)
+    fp32 = next(runs for group, runs in groups.items() if "llm_dtype=fp32" in group)
+    assert bf16 == ["d_bf16"] and fp32 == ["d_fp32"]
+
+
 def test_unfinished_run_is_listed_apart(root, capsys):
     code, out, _ = run_report(capsys, root)
     assert code == 0

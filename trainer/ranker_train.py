@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
 from dataloader.ranker_data import EvalExample, TrainCollator, TrainPrompts
-from model.llm import bf16_supported
 from trainer.ranker_eval import rank_examples, subset_metrics
 from trainer.run_state import (
     HISTORY,
@@ -50,6 +49,7 @@ class RankerTraining:
     early_stopping_patience: int = flag_field("lora_early_stopping_patience")
     num_workers: int
     metric_ks: tuple[int, ...]
+    llm_dtype: str  # bf16 or fp32: on CUDA, bf16 autocast goes with bf16 weights and NF4's bf16 compute
     wandb_project: str | None  # --wandb_project with --use_wandb, else None (no wandb)
 
 
@@ -205,7 +205,7 @@ def training_arguments(
         lr_scheduler_type="linear",
         # paged AdamW is a CUDA memory feature; on CPU plain AdamW (fused kernels need no GPU either)
         optim="paged_adamw_32bit" if cuda else "adamw_torch",
-        bf16=cuda and bf16_supported(device),  # autocast for 4-bit on GPU; CPU runs bf16 weights directly
+        bf16=cuda and training.llm_dtype == "bf16",  # autocast for 4-bit on GPU; a CPU runs its weights' dtype directly
         logging_steps=max(1, min(10, training.val_iterations)),
         eval_strategy="steps",
         eval_steps=training.val_iterations,

@@ -136,7 +136,7 @@ def _git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
-def environment_info(seed: int) -> dict:
+def environment_info(seed: int, extra: dict | None = None) -> dict:
     packages = {}
     for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "numpy", "pandas", "gguf"):
         try:
@@ -153,13 +153,15 @@ def environment_info(seed: int) -> dict:
         "torch_threads": torch.get_num_threads(),
         "seed": seed,
         "argv": sys.argv,
+        **(extra or {}),
     }
 
 
-def write_run_info(run_dir: Path, flags: dict, seed: int) -> None:
-    """config.json (the resolved flags) and environment.json (versions, commit, device, seed) in run_dir."""
+def write_run_info(run_dir: Path, flags: dict, seed: int, environment: dict | None = None) -> None:
+    """config.json (the resolved flags) and environment.json (versions, commit, device, seed, and the stage's own
+    `environment` facts) in run_dir."""
     atomic_write_json(Path(run_dir) / "config.json", flag_record(flags))
-    atomic_write_json(Path(run_dir) / "environment.json", environment_info(seed))
+    atomic_write_json(Path(run_dir) / "environment.json", environment_info(seed, environment))
 
 
 def start_wandb(project: str, run_dir: Path, flags: dict):
