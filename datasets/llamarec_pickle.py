@@ -185,17 +185,25 @@ def convert(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="LlamaRec/LRURec dataset.pkl -> interactions.csv + items.csv")
+    parser = argparse.ArgumentParser(
+        description="LlamaRec/LRURec dataset.pkl -> a published-split folder (interactions.csv with each row's split, "
+        "items.csv when there are titles, published_split.json), used exactly as published"
+    )
     parser.add_argument(
         "pickle", type=Path, help="dataset.pkl written by the original LlamaRec or LRURec preprocessing"
     )
-    parser.add_argument("out_dir", type=Path, help="folder for interactions.csv and items.csv (--custom_path)")
+    parser.add_argument(
+        "out_dir",
+        type=Path,
+        help="the folder to write (--custom_path, or data/lrurec-<name>/ for --dataset_code lrurec-<name>)",
+    )
     parser.add_argument(
         "--titles",
         type=Path,
         default=None,
         help="titles by the raw item ids of 'smap': GroupLens' movies.dat (latin-1, '::'-separated) or "
-        "a CSV with the header item_id,title; needed for a pickle without 'meta' (LRURec's)",
+        "a CSV with the header item_id,title; without it and without 'meta' (LRURec's pickles) no items.csv is "
+        "written: the retriever trains, the ranker refuses",
     )
     parser.add_argument(
         "--dataset",
