@@ -862,6 +862,13 @@ def check_recommend_flags(flags: argparse.Namespace, parser: argparse.ArgumentPa
         raise InputError("--input / --users: pass exactly one (a histories file or -, or existing user ids)")
 
 
+def print_error_line(message: str) -> None:
+    """One `error:` line in a single write: print() writes the text and its newline separately, so on an unbuffered
+    stderr shared by several processes (the ranks of a torchrun launch) two errors could interleave mid-line."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
 def run_cli(script: str, run: Callable[[argparse.Namespace], object], argv: list[str] | None = None) -> int:
     """Every script's `main`: parse, --print_config, run; bad input -> one `error:` line, exit 2; a file that cannot
     be read or written (disk full, permission denied) -> one `error:` line, exit 1; Ctrl-C -> one line, exit 130
@@ -873,13 +880,13 @@ def run_cli(script: str, run: Callable[[argparse.Namespace], object], argv: list
             return 0
         run(flags)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error_line(str(e))
         return 2
     except WriteError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error_line(str(e))
         return 1
     except OSError as e:  # one not met at a write of ours (those are WriteErrors): a read, a folder, a library's file
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        print_error_line(describe_os_error(e))
         return 1
     except KeyboardInterrupt:
         print(

@@ -303,6 +303,24 @@ def test_ctrl_c_ends_with_one_line_and_exit_130(capsys):
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
 
 
+def test_an_error_line_is_one_write_so_ranks_sharing_stderr_cannot_interleave_it(monkeypatch):
+    """print() writes the text and the newline in two calls; on an unbuffered stderr shared by a torchrun launch's
+    ranks, one rank's line then ran into the other's ("...then rerunerror: ...")."""
+    writes = []
+
+    class RecordingStream(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return super().write(text)
+
+    def refused(flags):
+        raise InputError("experiments/x: another process is writing this run folder")
+
+    monkeypatch.setattr(sys, "stderr", RecordingStream())
+    assert run_cli(RETRIEVER, refused, ["--dataset_code", "ml-100k"]) == 2
+    assert writes == ["error: experiments/x: another process is writing this run folder\n"]
+
+
 # ---------------------------------------------------------------------------------------------- one declaration
 
 
