@@ -3,6 +3,7 @@ dataset defaults that never override the user, value checks, the missing dataset
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import io
 import json
@@ -37,7 +38,7 @@ from config import (
 )
 from trainer.retriever_train import RetrieverTraining
 from trainer.run_folder import flag_record
-from utils.errors import InputError
+from utils.errors import FIXES, InputError, WriteError
 from utils.files import REPO_ROOT
 from utils.settings import flag_name
 
@@ -303,9 +304,30 @@ def test_ctrl_c_ends_with_one_line_and_exit_130(capsys):
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
 
 
-def test_an_error_line_is_one_write_so_ranks_sharing_stderr_cannot_interleave_it(monkeypatch):
+@pytest.mark.parametrize(
+    "error, code, line",
+    [
+        (
+            InputError("experiments/x: another process is writing this run folder"),
+            2,
+            "error: experiments/x: another process is writing this run folder\n",
+        ),
+        (
+            WriteError("experiments/x/config.json: disk full; nothing was left half written"),
+            1,
+            "error: experiments/x/config.json: disk full; nothing was left half written\n",
+        ),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "data/x.csv"),
+            1,
+            "error: data/x.csv: Permission denied; " + FIXES[errno.EACCES] + "\n",
+        ),
+    ],
+    ids=["bad input", "a write of ours", "another OSError"],
+)
+def test_an_error_line_is_one_write_so_ranks_sharing_stderr_cannot_interleave_it(monkeypatch, error, code, line):
     """print() writes the text and the newline in two calls; on an unbuffered stderr shared by a torchrun launch's
-    ranks, one rank's line then ran into the other's ("...then rerunerror: ...")."""
+    ranks, one rank's line then ran into the other's ("...then rerunerror: ..."). Each of run_cli's error branches."""
     writes = []
 
     class RecordingStream(io.StringIO):
@@ -314,11 +336,11 @@ def test_an_error_line_is_one_write_so_ranks_sharing_stderr_cannot_interleave_it
             return super().write(text)
 
     def refused(flags):
-        raise InputError("experiments/x: another process is writing this run folder")
+        raise error
 
     monkeypatch.setattr(sys, "stderr", RecordingStream())
-    assert run_cli(RETRIEVER, refused, ["--dataset_code", "ml-100k"]) == 2
-    assert writes == ["error: experiments/x: another process is writing this run folder\n"]
+    assert run_cli(RETRIEVER, refused, ["--dataset_code", "ml-100k"]) == code
+    assert writes == [line]
 
 
 # ---------------------------------------------------------------------------------------------- one declaration
