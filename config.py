@@ -522,8 +522,9 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     add_flag(group, "--storage", default=None, role=SETTING,
              help="an Optuna storage URL (e.g. postgresql://user:password@host/db, shared by machines that join the "
                   "study); default: sqlite:///<study folder>/study.db")
-    add_flag(group, "--sampler", default="tpe", choices=("tpe", "random"), role=SETTING,
-             help="how trials pick their flags")
+    add_flag(group, "--sampler", default="tpe", choices=("tpe", "random", "grid"), role=SETTING,
+             help="how trials pick their flags; grid: every combination of the --space choices once (--trials "
+                  "becomes the grid's size)")
     add_flag(group, "--sampler_seed", type=int, default=0, role=SETTING,
              help="the sampler's seed")
     add_flag(group, "--pruner", default="none", choices=("none", "median"), role=SETTING,

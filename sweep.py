@@ -14,6 +14,7 @@ Files: README, "Hyper-parameter search"; details: docs/sweeps.md.
 """
 
 import argparse
+import itertools
 import os
 import re
 import sys
@@ -85,6 +86,25 @@ def check_distinct(flag: str, values: list, shown: list[str] | None = None) -> N
             f"{flag}: {', '.join(map(str, repeated))} given more than once ({' '.join(map(str, shown or values))}); "
             "expected each once"
         )
+
+
+def grid_points(space: list[Dimension]) -> list[dict[str, str]]:
+    """--sampler grid: every combination of the --space choices, in the order given."""
+    ranged = [dim.name for dim in space if dim.kind != "choice"]
+    if ranged:
+        raise InputError(
+            f"--sampler grid: --space {', '.join(ranged)} is a range; expected only name=choice:a,b,c entries"
+        )
+    names = [dim.name for dim in space]
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*(dim.choices for dim in space))]
+
+
+def grid_trials(asked: int, default: int, points: int) -> int:
+    """A grid runs each point once: --trials is its size (left at its default, or passed as that size)."""
+    if asked not in (default, points):
+        raise InputError(f"--trials {asked}: --sampler grid runs each of its {points} points once; pass --trials "
+                         f"{points} or leave it out")  # fmt: skip
+    return points
 
 
 def check_trial_flags(script: str, fixed: list[str], space: list[Dimension]) -> object:
@@ -168,11 +188,15 @@ def open_storage(url: str, heartbeat: int, max_restarts: int) -> optuna.storages
         ) from None
 
 
-def open_study(flags: argparse.Namespace, script: str, fixed: list[str], folder: Path) -> optuna.Study:
-    """Create or join the study; joining checks that it searches the same script, fixed flags and space."""
+def open_study(
+    flags: argparse.Namespace, script: str, fixed: list[str], folder: Path, grid: list[dict[str, str]] | None = None
+) -> optuna.Study:
+    """Create or join the study; joining checks that it searches the same script, fixed flags and space. `grid`: the
+    points --sampler grid enqueues, each once."""
     if flags.storage is None:
         folder.mkdir(parents=True, exist_ok=True)
     url = flags.storage or f"sqlite:///{folder / 'study.db'}"
+    # A grid's points are enqueued trials; the sampler then draws nothing (its params are fixed).
     sampler_class = optuna.samplers.TPESampler if flags.sampler == "tpe" else optuna.samplers.RandomSampler
     pruner = (
         optuna.pruners.MedianPruner(
@@ -202,6 +226,8 @@ def open_study(flags: argparse.Namespace, script: str, fixed: list[str], folder:
     # anew (its folder deleted, another --storage) gets another, so the old study's run folders are never its own.
     if "uuid" not in study.user_attrs:
         study.set_user_attr("uuid", uuid.uuid4().hex)
+    for point in grid or []:  # skip_if_exists: a restarted grid sweep enqueues no point twice
+        study.enqueue_trial(point, skip_if_exists=True)
     return study
 
 
@@ -308,16 +334,19 @@ def run(flags: argparse.Namespace, fixed: list[str]) -> dict:
     check_distinct("--space", [spec.partition("=")[0] for spec in flags.space], flags.space)
     check_distinct("--seeds", flags.seeds or [])
     space = [check_dimension(spec, script) for spec in flags.space]
+    grid = grid_points(space) if flags.sampler == "grid" else None
+    default_trials = build_parser(SWEEP).get_default("trials")
+    trials = flags.trials if grid is None else grid_trials(flags.trials, default_trials, len(grid))
     trial_flags = check_trial_flags(script, fixed, space)
     experiment_root = Path(trial_flags.experiment_root)
     folder = experiment_root / "sweeps" / flags.study
     with storage_errors(flags.storage or f"sqlite:///{folder / 'study.db'}"):  # also a database lost mid-sweep
-        study = open_study(flags, script, fixed, folder)
+        study = open_study(flags, script, fixed, folder, grid)
         sweep = Sweep(
             script=Path(__file__).parent / script, stage=STAGES[script], study=study, fixed=fixed, space=space,
             run_root=run_folder(experiment_root, STAGES[script], trial_flags.dataset_name, ""),
             folder=folder, metric=trial_flags.best_metric if script == RETRIEVER else SELECTION_METRIC,
-            trials=flags.trials, threads=flags.threads_per_worker or max(1, (os.cpu_count() or 1) // flags.workers),
+            trials=trials, threads=flags.threads_per_worker or max(1, (os.cpu_count() or 1) // flags.workers),
             pruning=flags.pruner != "none", max_restarts=flags.max_restarts, heartbeat=flags.heartbeat_seconds,
             lock=threading.Lock(), stopping=threading.Event(), study_uuid=study.user_attrs["uuid"],
         )  # fmt: skip
@@ -325,7 +354,7 @@ def run(flags: argparse.Namespace, fixed: list[str]) -> dict:
         if foreign:
             raise not_made_here(sweep, foreign)
         done = ended_count(study.get_trials(deepcopy=False))
-        say(f"study {flags.study}: {done}/{flags.trials} trials ended; {flags.workers} workers x {sweep.threads} "
+        say(f"study {flags.study}: {done}/{trials} trials ended; {flags.workers} workers x {sweep.threads} "
             f"threads; trial output in {folder / 'logs'}")  # fmt: skip
         run_workers(sweep, flags.workers)
         summary = summarize(sweep, folder / "summary.json")

@@ -93,6 +93,28 @@ def test_retriever_sweep_chooses_on_validation_and_reads_test_once(tmp_path, cap
     assert f"s_trial{best.number}, s_chosen_seed1" in row and "| 2 |" in row
 
 
+def test_grid_sampler_runs_every_combination_once_and_a_rerun_adds_none(tmp_path, capsys):
+    """--sampler grid: the product of the --space choices, each point one trial (two workers must not take the same
+    point), --trials its size; the same command again (a restarted sweep) enqueues and runs nothing more."""
+    args = retriever_sweep_args(tmp_path, "g", trials=20, workers=2, max_steps=10)
+    space = args.index("--space")
+    args[space + 1 : space + 3] = ["bert_dropout=choice:0.1,0.3", "label_smoothing=choice:0,0.1"]
+    args[args.index("--") : args.index("--")] = ["--sampler", "grid"]
+    assert sweep.main(args) == 0
+    assert "0/4 trials ended" in capsys.readouterr().out
+    trials = load_study(tmp_path, "g").get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    points = sorted((t.params["bert_dropout"], t.params["label_smoothing"]) for t in trials)
+    assert points == [("0.1", "0"), ("0.1", "0.1"), ("0.3", "0"), ("0.3", "0.1")]
+    runs = tmp_path / "exp" / "retriever" / "ml-100k"
+    assert sorted((config_of(runs, t)["bert_dropout"], config_of(runs, t)["label_smoothing"]) for t in trials) == [
+        (0.1, 0.0), (0.1, 0.1), (0.3, 0.0), (0.3, 0.1)
+    ]  # fmt: skip
+    assert sweep.main(args) == 0
+    assert "4/4 trials ended" in capsys.readouterr().out
+    assert len(load_study(tmp_path, "g").get_trials()) == 4 and len(list(runs.iterdir())) == 4
+
+
 def test_killed_sweep_resumes_its_trial_without_a_second_run_folder(tmp_path):
     args = retriever_sweep_args(tmp_path, "k", trials=2, workers=1, max_steps=40)
     command = [sys.executable, str(REPO_ROOT / "sweep.py"), *args]
@@ -378,6 +400,9 @@ def test_a_run_claimed_for_other_flags_or_not_claimed_is_refused(tmp_path):
          "--storage sqlite:////nonexistent/dir/x.db: the study's database could not be opened or used (unable to "
          "open database file); check the URL, that a SQLite file's folder exists"),
         (["--storage", "notaurl"], [], "--storage notaurl: expected a database URL (sqlite:///path/to/study.db"),
+        (["--sampler", "grid"], [], "--sampler grid: --space bert_dropout is a range; expected only name=choice:a,b,c"),
+        (["--sampler", "grid", "--trials", "3", "--space", "bert_dropout=choice:0.1,0.2"], [],
+         "--trials 3: --sampler grid runs each of its 2 points once; pass --trials 2 or leave it out"),
         (["--storage", "postgresql+psycopg2://u:secret@localhost/db"], [],
          "--storage postgresql+psycopg2://u:***@localhost/db: its database driver is not installed (no module "
          "'psycopg2'); pip install psycopg2-binary"),
