@@ -196,7 +196,7 @@ def open_study(
     if flags.storage is None:
         folder.mkdir(parents=True, exist_ok=True)
     url = flags.storage or f"sqlite:///{folder / 'study.db'}"
-    # A grid's points are enqueued trials; the sampler then draws nothing (its params are fixed).
+    # A grid's points are enqueued trials (their params fixed): the sampler draws nothing for them.
     sampler_class = optuna.samplers.TPESampler if flags.sampler == "tpe" else optuna.samplers.RandomSampler
     pruner = (
         optuna.pruners.MedianPruner(
@@ -213,13 +213,15 @@ def open_study(
     folder.mkdir(parents=True, exist_ok=True)
     # A restarted sweep must not replay the random draws of its first start: the seed moves on with the study.
     study.sampler = sampler_class(seed=flags.sampler_seed + len(study.get_trials(deepcopy=False)))
-    settings = {"script": script, "fixed_flags": fixed, "space": flags.space}
+    # "grid": a grid study rejoined by another sampler would add drawn trials to it, and the reverse enqueue a grid.
+    settings = {"script": script, "fixed_flags": fixed, "space": flags.space, "grid": flags.sampler == "grid"}
     if not study.user_attrs:
         for key, value in settings.items():
             study.set_user_attr(key, value)
-    changed = [key for key, value in settings.items() if study.user_attrs.get(key) != value]
+    started = {"grid": False, **study.user_attrs}  # a study started before grids existed is not one
+    changed = [key for key, value in settings.items() if started.get(key) != value]
     if changed:
-        details = "; ".join(f"{key} {study.user_attrs.get(key)!r} -> {settings[key]!r}" for key in changed)
+        details = "; ".join(f"{key} {started.get(key)!r} -> {settings[key]!r}" for key in changed)
         raise InputError(f"--study {flags.study}: the study was started with other settings ({details}); "
                          "pass its own, or name another study")  # fmt: skip
     # The study's identity in the records of its runs (trainer/search.py claim_run): a study of the same name started

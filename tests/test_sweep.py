@@ -247,6 +247,23 @@ def test_a_study_refuses_other_settings(tmp_path, capsys):
         )
 
 
+def test_a_grid_study_and_a_drawn_one_refuse_each_other(tmp_path):
+    """Joining a grid study with --sampler tpe would add drawn trials to the grid; the reverse would enqueue a grid
+    into a drawn study."""
+    fixed = ["--dataset_code", "ml-100k"]
+    for first, then in (("grid", "tpe"), ("random", "grid")):
+        args = ["train_retriever.py", "--study", first, "--space", "bert_dropout=choice:0.1,0.3", "--sampler"]
+        folder = tmp_path / first
+        grid = [{"bert_dropout": "0.1"}, {"bert_dropout": "0.3"}]
+        sweep.open_study(
+            sweep_flags(args + [first, "--"]), "train_retriever.py", fixed, folder, grid * (first == "grid")
+        )
+        with pytest.raises(InputError, match=f"grid {first == 'grid'!r} -> {then == 'grid'!r}"):
+            sweep.open_study(sweep_flags(args + [then, "--"]), "train_retriever.py", fixed, folder)
+        study = sweep.open_study(sweep_flags(args + [first, "--"]), "train_retriever.py", fixed, folder)
+        assert len(study.get_trials()) == (2 if first == "grid" else 0)
+
+
 def sweep_flags(args):
     from config import SWEEP, parse_flags
 
