@@ -259,7 +259,9 @@ def test_a_grid_study_and_a_drawn_one_refuse_each_other(tmp_path):
             sweep_flags(args + [first, "--"]), "train_retriever.py", fixed, folder, grid * (first == "grid")
         )
         with pytest.raises(InputError, match=f"grid {first == 'grid'!r} -> {then == 'grid'!r}"):
-            sweep.open_study(sweep_flags(args + [then, "--"]), "train_retriever.py", fixed, folder)
+            sweep.open_study(
+                sweep_flags(args + [then, "--"]), "train_retriever.py", fixed, folder, grid * (then == "grid")
+            )
         study = sweep.open_study(sweep_flags(args + [first, "--"]), "train_retriever.py", fixed, folder)
         assert len(study.get_trials()) == (2 if first == "grid" else 0)
 
